@@ -1,0 +1,355 @@
+"""Settings: one TOML file (`modpo.toml`), every key overridable by a command-line flag.
+
+The dataclasses below are the single source of truth: `modpo-pipe init` writes its commented template
+from them and the CLI derives one flag per field from them, so a key can never exist in one place and
+not the other.
+
+Paths in the TOML are relative to the TOML's directory; paths given as flags are relative to the
+current directory. Model paths that do not exist locally are left alone (they may be hub ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modpo_pipe.errors import ModpoError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_NAME = "modpo.toml"
+
+
+def setting(default: Any, help: str, *, path: str | None = None, flag: str | None = None) -> Any:
+    """A config field. `path` is "model" (a local dir or a hub id) or "output"; `flag` renames the CLI flag."""
+    meta = {"help": help, "path": path, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelSettings:
+    dtype: str = setting("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    device: str = setting("auto", "Device for generate/score/train: auto (cuda if available), cpu, cuda, cuda:1 ...")
+    trust_remote_code: bool = setting(
+        False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load."
+    )
+
+
+@dataclass
+class GenerateSettings:
+    policy: str = setting("", "Policy that samples the pairs: a local directory or a hub id.", path="model")
+    backend: str = setting("auto", "Sampler: auto (vllm when it imports and a GPU is present), transformers, vllm.")
+    pairs_per_prompt: int = setting(1, "P: sample 2P responses per prompt and form P disjoint pairs.")
+    temperature: float = setting(1.0, "Sampling temperature (> 0).")
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
+    max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
+    max_prompt_tokens: int = setting(1024, "Longest rendered prompt in tokens; see long_prompts.")
+    long_prompts: str = setting("drop", "What to do with longer prompts: drop (counted) or truncate (keep the end).")
+    skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
+    chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
+    seed: int = setting(0, "Sampling seed; each batch derives its own seed from it, so reruns are reproducible.")
+    batch_size: int = setting(16, "Prompts per generation batch (transformers backend).")
+    out: str = setting("pairs.parquet", "Output file.", path="output")
+    vllm_max_model_len: int = setting(0, "vLLM max_model_len (0: prompt + response limit).")
+    vllm_gpu_memory_utilization: float = setting(0.9, "vLLM gpu_memory_utilization.")
+    vllm_tensor_parallel_size: int = setting(1, "vLLM tensor_parallel_size (GPUs per engine).")
+    vllm_enforce_eager: bool = setting(False, "vLLM enforce_eager (no CUDA graphs).")
+
+
+@dataclass
+class ScoreSettings:
+    rewards: dict[str, str] = setting(
+        {},
+        "Named reward models: NAME = a sequence-classification model (dir or hub id) or "
+        "py:package.module:function / py:path/to/file.py:function.",
+        flag="reward",
+    )
+    ref: str = setting("", "Reference model for ref_logp_*; empty: the policy that generated the pairs.", path="model")
+    batch_tokens: int = setting(8192, "Token budget of one reference forward batch (sequences sorted by length).")
+    reward_batch_size: int = setting(16, "Texts per reward-model batch.")
+    out: str = setting("scored.parquet", "Output file.", path="output")
+
+
+@dataclass
+class TrainSettings:
+    policy: str = setting("", "Policy to train; empty: the reference the file was scored with.", path="model")
+    weights: dict[str, float] = setting(
+        {}, "Weight per reward name, e.g. helpful=0.7,harmless=0.3; normalised to sum 1. Empty: equal weights."
+    )
+    loss: str = setting("rpo-sym", "rpo-sym (symmetric, lower variance), rpo (paper Eq. 19) or rebel (squared).")
+    beta: float = setting(0.1, "KL strength: the optimum is pi_ref * exp(r_w / beta).")
+    normalize: str = setting("zscore", "zscore: standardise each reward with the file's stored mean/std; none.")
+    lr: float = setting(1e-5, "Peak learning rate (AdamW). LoRA usually wants ~1e-4.")
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    epochs: int = setting(1, "Passes over the pairs.")
+    batch_size: int = setting(8, "Pairs per micro-batch.")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the cosine decay.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: off).")
+    seed: int = setting(0, "Seed for data order and initialisation of adapters.")
+    lora_r: int = setting(0, "LoRA rank; 0 trains all weights.")
+    lora_alpha: int = setting(16, "LoRA alpha.")
+    lora_dropout: float = setting(0.0, "LoRA dropout.")
+    lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
+    merge: bool = setting(False, "With LoRA, also write merged full weights to OUT/merged.")
+    gradient_checkpointing: bool = setting(False, "Trade compute for activation memory.")
+    log_every: int = setting(1, "Optimizer steps between metrics lines.")
+    save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).")
+    out: str = setting("checkpoints", "Output directory (final/, state/, metrics.jsonl).", path="output")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSettings,
+    "generate": GenerateSettings,
+    "score": ScoreSettings,
+    "train": TrainSettings,
+}
+
+
+@dataclass
+class Settings:
+    model: ModelSettings
+    generate: GenerateSettings
+    score: ScoreSettings
+    train: TrainSettings
+    config_path: Path | None = None
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one TOML or flag value to the field's type; `where` names the key for the error."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif origin is dict:
+        value_type = typing.get_args(tp)[1]
+        if isinstance(value, (str, list)):
+            value = _parse_pairs(value, where)
+        if isinstance(value, dict):
+            return {str(k): coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    raise ModpoError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _parse_pairs(value: str | list[str], where: str) -> dict[str, str]:
+    """`a=1,b=2` or a list of `a=x` items (repeated flags) into a dict."""
+    items = value if isinstance(value, list) else [value]
+    pairs: dict[str, str] = {}
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            name, sep, val = part.partition("=")
+            if not sep or not name.strip():
+                raise ModpoError(f"{where}: expected NAME=VALUE, got {part!r}")
+            if name.strip() in pairs:
+                raise ModpoError(f"{where}: {name.strip()!r} given twice")
+            pairs[name.strip()] = val.strip()
+    return pairs
+
+
+def _resolve_path(value: str, kind: str | None, base: Path) -> str:
+    if not value or kind is None:
+        return value
+    candidate = Path(value).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    if kind == "output" or candidate.exists():
+        return str(candidate)
+    return value  # not local: a hub id
+
+
+def _resolve_reward_spec(spec: str, base: Path) -> str:
+    if not spec.startswith("py:"):
+        return _resolve_path(spec, "model", base)
+    module, sep, function = spec[len("py:"):].rpartition(":")
+    if module.endswith(".py"):  # a file: relative to where the spec was written
+        return f"py:{_resolve_path(module, 'model', base)}{sep}{function}"
+    return spec
+
+
+def _section_from_mapping(name: str, raw: dict[str, Any], source: str, base: Path) -> dict[str, Any]:
+    cls = SECTIONS[name]
+    types = field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModpoError(f"{source}: unknown key [{name}].{key}{hint}")
+        value = coerce(value, types[key], f"{source}: [{name}].{key}")
+        kind = fields[key].metadata.get("path")
+        if kind and isinstance(value, str):
+            value = _resolve_path(value, kind, base)
+        elif name == "score" and key == "rewards":
+            value = {k: _resolve_reward_spec(v, base) for k, v in value.items()}
+        out[key] = value
+    return out
+
+
+def find_config(config: Path | None) -> Path | None:
+    if config is not None:
+        if not config.is_file():
+            raise ModpoError(f"config file not found: {config}")
+        return config
+    default = Path.cwd() / DEFAULT_CONFIG_NAME
+    return default if default.is_file() else None
+
+
+def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    """Read the TOML (explicit path, else ./modpo.toml if present), then apply flag overrides."""
+    path = find_config(config)
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ModpoError(f"{path}: not valid TOML: {e}") from None
+        for name, table in raw.items():
+            if name not in SECTIONS:
+                close = difflib.get_close_matches(name, SECTIONS, n=1)
+                hint = f" (did you mean [{close[0]}]?)" if close else ""
+                raise ModpoError(f"{path}: unknown section [{name}]{hint}")
+            if not isinstance(table, dict):
+                raise ModpoError(f"{path}: [{name}] must be a table")
+            values[name].update(_section_from_mapping(name, table, str(path), path.parent.resolve()))
+    for name, given in (overrides or {}).items():
+        given = {k: v for k, v in given.items() if v is not None}
+        values[name].update(_section_from_mapping(name, given, "command line", Path.cwd()))
+    sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
+    settings = Settings(**sections, config_path=path)
+    validate(settings)
+    return settings
+
+
+_CHOICES = {
+    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("generate", "backend"): ("auto", "transformers", "vllm"),
+    ("generate", "long_prompts"): ("drop", "truncate"),
+    ("train", "loss"): ("rpo-sym", "rpo", "rebel"),
+    ("train", "normalize"): ("zscore", "none"),
+}
+
+
+def validate(s: Settings) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(s, section), key)
+        if value not in choices:
+            raise ModpoError(f"[{section}].{key} must be one of {', '.join(choices)}; got {value!r}")
+    g, t = s.generate, s.train
+    positive = [
+        ("generate", "pairs_per_prompt", g.pairs_per_prompt), ("generate", "max_new_tokens", g.max_new_tokens),
+        ("generate", "max_prompt_tokens", g.max_prompt_tokens), ("generate", "batch_size", g.batch_size),
+        ("generate", "temperature", g.temperature), ("score", "batch_tokens", s.score.batch_tokens),
+        ("score", "reward_batch_size", s.score.reward_batch_size), ("train", "beta", t.beta),
+        ("train", "lr", t.lr), ("train", "epochs", t.epochs), ("train", "batch_size", t.batch_size),
+        ("train", "grad_accum", t.grad_accum),
+    ]
+    for section, key, value in positive:
+        if value <= 0:
+            raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    if not 0 < g.top_p <= 1:
+        raise ModpoError(f"[generate].top_p must be in (0, 1]; got {g.top_p}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ModpoError(f"[train].warmup_ratio must be in [0, 1); got {t.warmup_ratio}")
+    for name, w in t.weights.items():
+        if w < 0:
+            raise ModpoError(f"[train].weights.{name} must be >= 0; got {w}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> str:
+    """The commented `modpo.toml` that `modpo-pipe init` writes: every key, its default and what it does."""
+    lines = [
+        "# modpo-pipe settings. Every key can be overridden by the flag of the same name",
+        "# (e.g. [train].beta by `modpo-pipe train --beta 0.2`). Relative paths are relative to this file.",
+        "",
+    ]
+    rewards = rewards or {}
+    for name, cls in SECTIONS.items():
+        lines.append(f"[{name}]")
+        tables: list[str] = []
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if name == "generate" and f.name == "policy" and policy:
+                default = policy
+            if isinstance(default, dict):
+                tables.append(f.name)
+                continue
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"{f.name} = {_toml_value(default)}")
+        lines.append("")
+        for table in tables:
+            f = next(f for f in dataclasses.fields(cls) if f.name == table)
+            lines.append(f"# {f.metadata['help']}")
+            lines.append(f"[{name}.{table}]")
+            if table == "rewards":
+                for rname, spec in rewards.items():
+                    lines.append(f"{rname} = {_toml_value(spec)}")
+                if not rewards:
+                    lines.append('# helpful = "path/to/reward-model"')
+                    lines.append('# concise = "py:modpo_pipe.builtin_rewards:concision"')
+            else:
+                lines.append("# helpful = 0.7")
+                lines.append("# harmless = 0.3")
+            lines.append("")
+    return "\n".join(lines)

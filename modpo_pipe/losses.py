@@ -1,0 +1,76 @@
+"""The MODPO math, reward-model-only form. Pure tensor functions: no I/O, no models, nothing of ours imported.
+
+teacher margin  t = sum_k w_k (r_k(x, y1) - r_k(x, y2))
+student margin  s = beta * ((logp(y1) - ref_logp(y1)) - (logp(y2) - ref_logp(y2)))
+d = s - t;  rpo = -logsigmoid(d);  rpo-sym = -logsigmoid(d) - logsigmoid(-d);  rebel = d**2
+
+All three are minimised at d = 0 for every pair, i.e. at pi(y|x) ∝ pi_ref(y|x) exp(r_w(x, y) / beta).
+(For rpo that holds only in expectation over pairs drawn symmetrically; rpo-sym and rebel are
+symmetric in y1 <-> y2 pair by pair, which is why rpo-sym is the lower-variance default.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("rpo-sym", "rpo", "rebel")
+
+
+def teacher_margin(rewards_1: torch.Tensor, rewards_2: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted reward gap per pair. rewards_*: (pairs, K); weights: (K,) summing to 1."""
+    return (rewards_1 - rewards_2) @ weights
+
+
+def student_margin(
+    policy_logp_1: torch.Tensor,
+    policy_logp_2: torch.Tensor,
+    ref_logp_1: torch.Tensor,
+    ref_logp_2: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """The policy's implicit reward gap: beta times the difference of the two log-ratios."""
+    return beta * ((policy_logp_1 - ref_logp_1) - (policy_logp_2 - ref_logp_2))
+
+
+def pair_loss(student: torch.Tensor, teacher: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-pair loss of the student margin against the teacher margin."""
+    d = student - teacher
+    if loss == "rpo":
+        return -F.logsigmoid(d)
+    if loss == "rpo-sym":
+        return -F.logsigmoid(d) - F.logsigmoid(-d)
+    if loss == "rebel":
+        return d.square()
+    raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+
+
+def normalise_weights(weights: dict[str, float], names: list[str]) -> torch.Tensor:
+    """Weights in `names` order, scaled to sum 1. Raises ValueError on a name mismatch or an all-zero vector."""
+    if set(weights) != set(names):
+        missing = sorted(set(names) - set(weights))
+        unknown = sorted(set(weights) - set(names))
+        raise ValueError(f"weights must name exactly the rewards {names}; missing {missing}, unknown {unknown}")
+    w = torch.tensor([float(weights[n]) for n in names], dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+    return (w / w.sum()).to(torch.float32)
+
+
+def zscore(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Standardise each reward column with stored statistics; a constant reward (std 0) becomes 0."""
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, (rewards - mean) / safe_std, torch.zeros_like(rewards))
+
+
+def margin_stats(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Diagnostics logged every step: how well the student margin tracks the teacher margin."""
+    student, teacher = student.detach().double(), teacher.detach().double()
+    d = student - teacher
+    stats = {
+        "mean_abs_d": d.abs().mean().item(),
+        "sign_agreement": (torch.sign(student) == torch.sign(teacher)).double().mean().item(),
+    }
+    if student.numel() > 1 and student.std() > 0 and teacher.std() > 0:
+        stats["margin_corr"] = torch.corrcoef(torch.stack([student, teacher]))[0, 1].item()
+    return stats

@@ -1,0 +1,201 @@
+"""Loading policies, references, reward models and tokenizers safely, and fingerprinting them.
+
+Safe by default: safetensors weights only (no pickle), `trust_remote_code` only when the user asks.
+A directory holding a LoRA adapter (adapter_config.json) loads as its base model with the adapter
+merged, so a LoRA-trained round can sample and score the next one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modpo_pipe.errors import ModpoError
+
+# Files above this size are fingerprinted by sampling (size, head, tail and 16 blocks): hashing
+# hundreds of GB of weights on every stage would cost minutes, and a changed checkpoint changes them.
+_FULL_HASH_LIMIT = 64 << 20
+_BLOCK = 1 << 20
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModpoError(f"[model].device: not a device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModpoError(f"[model].device is {name!r} but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPU bf16 is slower here and costs log-prob precision
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for block in iter(lambda: f.read(_BLOCK * 4), b""):
+                h.update(block)
+        else:
+            offsets = [0, size - 4 * _BLOCK] + [size * i // 17 for i in range(1, 17)]
+            for offset in offsets:
+                f.seek(offset)
+                h.update(f.read(4 * _BLOCK if offset in (0, size - 4 * _BLOCK) else _BLOCK))
+    return h.hexdigest()
+
+
+_FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
+
+
+def fingerprint(path_or_id: str) -> str:
+    """Content fingerprint of a model directory (config, weights, tokenizer files); hub ids use their
+    cached snapshot when there is one, else the id itself (marked as such)."""
+    path = Path(path_or_id)
+    if not path.is_dir():
+        snapshot = _cached_snapshot(path_or_id)
+        if snapshot is None:
+            return "id:" + path_or_id
+        path = snapshot
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES):
+        if f.name.startswith("."):
+            continue
+        h.update(f.name.encode())
+        h.update(_file_digest(f).encode())
+    return h.hexdigest()[:32]
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def identity(path_or_id: str) -> dict[str, str]:
+    """What metadata records about a model: where it came from and what it contained."""
+    return {"path": str(path_or_id), "fingerprint": fingerprint(path_or_id)}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Fingerprint of what maps text to ids (vocabulary, merges, normalisation, special tokens); the chat
+    template is left out since stored ids, not rendering, are what later stages depend on."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    text += json.dumps(
+        {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id, "pad": tokenizer.pad_token_id},
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _adapter_base(path_or_id: str) -> str | None:
+    config = Path(path_or_id) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def _check_loadable(path_or_id: str, what: str) -> None:
+    path = Path(path_or_id)
+    looks_local = path.is_absolute() or path_or_id.startswith((".", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModpoError(f"{what}: {path_or_id}: no such model directory")
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ModpoError(f"{what}: {path_or_id}: no config.json (not a Hugging Face model directory)")
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, what: str = "tokenizer") -> Any:
+    from transformers import AutoTokenizer
+
+    _check_loadable(path_or_id, what)
+    source = path_or_id
+    if _adapter_base(path_or_id) and not (Path(path_or_id) / "tokenizer_config.json").is_file():
+        source = _adapter_base(path_or_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModpoError(f"{what}: cannot load tokenizer from {path_or_id}: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out, so any id works; EOS is the conventional choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_causal_lm(
+    path_or_id: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    trust_remote_code: bool = False,
+    what: str = "policy",
+) -> torch.nn.Module:
+    """A causal LM in eval mode; an adapter directory comes back merged into its base."""
+    from transformers import AutoModelForCausalLM
+
+    _check_loadable(path_or_id, what)
+    base = _adapter_base(path_or_id)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+        if base is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path_or_id).merge_and_unload()
+    except (OSError, ValueError) as e:
+        raise ModpoError(f"{what}: cannot load {path_or_id}: {_first_line(e)}") from None
+    return model.to(device).eval()
+
+
+def load_reward_model(
+    path_or_id: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool = False, what: str
+) -> tuple[torch.nn.Module, Any]:
+    """A sequence-classification reward model with one output (its logit is the reward) and its own tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    _check_loadable(path_or_id, what)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModpoError(f"{what}: cannot load {path_or_id}: {_first_line(e)}") from None
+    if model.config.num_labels != 1:
+        raise ModpoError(f"{what}: {path_or_id} has {model.config.num_labels} labels; a reward model needs exactly 1")
+    tokenizer = load_tokenizer(path_or_id, trust_remote_code, what)
+    if model.config.pad_token_id is None:
+        # Sequence classification pools at the last non-pad token, which it finds via pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+def set_threads() -> None:
+    """Respect an explicit OMP_NUM_THREADS; torch's default already uses all cores otherwise."""
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

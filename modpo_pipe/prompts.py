@@ -1,0 +1,132 @@
+"""Reading prompts (JSONL, Parquet, a saved `datasets` directory) and rendering them for the policy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modpo_pipe.errors import ModpoError
+
+
+@dataclass
+class PromptRecord:
+    id: str
+    prompt: str | None = None  # plain text ...
+    messages: list[dict[str, str]] | None = None  # ... or a chat
+
+
+@dataclass
+class PromptStats:
+    read: int = 0
+    skipped_invalid: int = 0
+
+
+def _record(obj: Any, where: str, index: int) -> PromptRecord:
+    if not isinstance(obj, dict):
+        raise ModpoError(f"{where}: expected an object with 'prompt' or 'messages'")
+    pid = obj.get("id")
+    pid = f"row-{index:06d}" if pid is None else str(pid)
+    if "messages" in obj and obj["messages"] is not None:
+        messages = obj["messages"]
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages)
+        ):
+            raise ModpoError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+        return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+    if "prompt" not in obj:
+        raise ModpoError(f"{where}: missing field 'prompt' (or 'messages')")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise ModpoError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ModpoError(f"{where}: field 'prompt' is empty")
+    return PromptRecord(pid, prompt=prompt)
+
+
+def _rows(path: Path) -> list[tuple[str, Any]]:
+    """(location, raw object) per row, the location naming file and line or row for errors."""
+    if path.is_dir():
+        try:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+        except Exception as e:
+            raise ModpoError(f"{path}: not a saved datasets directory: {e}") from None
+        if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
+            splits = list(ds.keys())
+            if len(splits) != 1:
+                raise ModpoError(f"{path}: holds splits {splits}; save the one to use on its own")
+            ds = ds[splits[0]]
+        return [(f"{path}: row {i}", row) for i, row in enumerate(ds)]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise ModpoError(f"{path}: not a readable Parquet file: {e}") from None
+        return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ModpoError(f"{path}:{line}: not valid UTF-8") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            rows.append((f"{path}:{lineno}", ModpoError(f"{path}:{lineno}: invalid JSON: {e.msg}")))
+    return rows
+
+
+def read_prompts(path: Path, skip_invalid: bool = False) -> tuple[list[PromptRecord], PromptStats]:
+    """All prompts of a file, validated; with skip_invalid, bad rows are counted instead of fatal."""
+    path = Path(path)
+    if not path.exists():
+        raise ModpoError(f"{path}: no such file")
+    stats = PromptStats()
+    records: list[PromptRecord] = []
+    seen: dict[str, str] = {}
+    for index, (where, obj) in enumerate(_rows(path)):
+        try:
+            if isinstance(obj, ModpoError):
+                raise obj
+            record = _record(obj, where, index)
+            if record.id in seen:
+                raise ModpoError(f"{where}: duplicate id {record.id!r} (first at {seen[record.id]})")
+        except ModpoError:
+            if not skip_invalid:
+                raise
+            stats.skipped_invalid += 1
+            continue
+        seen[record.id] = where
+        records.append(record)
+    if not records:
+        raise ModpoError(f"{path}: no prompts" + (f" ({stats.skipped_invalid} invalid rows skipped)"
+                                                  if stats.skipped_invalid else ""))
+    stats.read = len(records)
+    return records, stats
+
+
+def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool) -> tuple[str, list[int]]:
+    """Prompt text as the policy sees it, and its token ids (what generation continues from)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if record.messages is not None and not has_template:
+        raise ModpoError(f"prompt {record.id!r} is a chat but the policy's tokenizer has no chat template")
+    if record.messages is not None or (use_chat_template and has_template):
+        messages = record.messages or [{"role": "user", "content": record.prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The template writes its own special tokens (BOS included); adding them again would double them.
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        text = record.prompt or ""
+        ids = tokenizer(text)["input_ids"]
+    return text, list(ids)

@@ -1,0 +1,165 @@
+"""Reward specs: a sequence-classification model (its single logit is the reward) or a Python callable.
+
+    helpful  = "path/or/hub-id"                      a model, reading prompt + response through ITS OWN
+                                                      tokenizer and chat template
+    concise  = "py:package.module:function"          a callable (prompts, responses) -> list[float]
+    positive = "py:path/to/file.py:function"
+
+A `py:` spec runs code the user chose: it is imported and called like any other Python they run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from modpo_pipe.errors import ModpoError
+
+
+@dataclass
+class RewardInput:
+    messages: list[dict[str, str]]  # the conversation before the response, un-rendered
+    response: str
+
+    @property
+    def prompt(self) -> str:
+        """What a callable sees as the prompt: the last user turn (for plain prompts, the prompt itself)."""
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+
+class Reward:
+    """One named reward; `score` returns one finite float per input, or raises ModpoError."""
+
+    def __init__(self, name: str, spec: str):
+        self.name, self.spec = name, spec
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False) -> list[float]:
+        scores: list[float] = []
+        for start in tqdm(range(0, len(inputs), batch_size), desc=f"reward {self.name}", unit="batch",
+                          disable=not progress):
+            chunk = inputs[start : start + batch_size]
+            scores += self._check(self._score_batch(chunk), len(chunk), start)
+        return scores
+
+    def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
+        raise NotImplementedError
+
+    def _check(self, values: Any, expected: int, offset: int) -> list[float]:
+        where = f"reward {self.name!r} ({self.spec})"
+        try:
+            values = list(values)
+        except TypeError:
+            raise ModpoError(f"{where} returned {type(values).__name__}, expected a list of floats") from None
+        if len(values) != expected:
+            raise ModpoError(f"{where} returned {len(values)} scores for {expected} responses")
+        checked = []
+        for i, value in enumerate(values):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ModpoError(f"{where}: response {offset + i}: score {value!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ModpoError(f"{where}: response {offset + i}: score is {value}")
+            checked.append(value)
+        return checked
+
+
+class CallableReward(Reward):
+    def __init__(self, name: str, spec: str):
+        super().__init__(name, spec)
+        self.fn, self.source = load_callable(spec[len("py:"):], f"reward {name!r}")
+
+    def fingerprint(self) -> str:
+        if self.source and Path(self.source).is_file():
+            return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:32]
+        return "callable:" + self.spec
+
+    def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
+        try:
+            return self.fn([x.prompt for x in inputs], [x.response for x in inputs])
+        except Exception as e:
+            raise ModpoError(f"reward {self.name!r} ({self.spec}) raised {type(e).__name__}: {e}") from e
+
+
+class ModelReward(Reward):
+    def __init__(self, name: str, spec: str, *, dtype: torch.dtype, device: torch.device,
+                 trust_remote_code: bool, max_length: int = 4096):
+        from modpo_pipe import models
+
+        super().__init__(name, spec)
+        self.model, self.tokenizer = models.load_reward_model(
+            spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code, what=f"reward {name!r}"
+        )
+        self.device = device
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
+        self._fingerprint = models.fingerprint(spec)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def render(self, x: RewardInput) -> str:
+        conversation = [*x.messages, {"role": "assistant", "content": x.response}]
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False)
+        return "\n".join(m["content"] for m in conversation)
+
+    @torch.inference_mode()
+    def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
+        texts = [self.render(x) for x in inputs]
+        # A chat template already writes the special tokens; plain text gets the tokenizer's own.
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length, add_special_tokens=not has_template)
+        logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
+        return logits[:, 0].float().cpu().tolist()
+
+
+def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
+    """`package.module:function` or `path/to/file.py:function` -> (function, its source file)."""
+    module_name, sep, function_name = target.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise ModpoError(f"{what}: expected py:module:function or py:file.py:function, got py:{target}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ModpoError(f"{what}: {path}: no such file")
+            spec = importlib.util.spec_from_file_location(f"modpo_reward_{path.stem}", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ModpoError:
+        raise
+    except Exception as e:
+        raise ModpoError(f"{what}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ModpoError(f"{what}: {module_name} has no function {function_name!r}")
+    return fn, getattr(module, "__file__", None)
+
+
+def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device,
+                trust_remote_code: bool) -> Reward:
+    if spec.startswith("py:"):
+        return CallableReward(name, spec)
+    return ModelReward(name, spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def reward_inputs(prompt_messages: Sequence[str], responses: Sequence[str]) -> list[RewardInput]:
+    return [RewardInput(json.loads(m), r) for m, r in zip(prompt_messages, responses)]

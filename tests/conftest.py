@@ -1,0 +1,123 @@
+"""Tiny local models built on the spot: no hub, no network, a few seconds per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POLICY_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# The reward model reads conversations through a different template, as real reward models do.
+REWARD_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}Human: {% else %}Bot: {% endif %}"
+    "{{ m['content'] }}\n{% endfor %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? Paris is the capital of France.",
+    "I love sunny days and I hate rain. Rainy days make me sad.",
+    "Tell me a short story about a brave little robot who learns to paint.",
+    "Explain why the sky is blue in one sentence.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000.",
+    "Please write a kind note to a friend who is feeling down today.",
+] * 20
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a story about a robot.",
+    "Why is the sky blue?",
+    "Write a kind note to a friend.",
+    "Do you like rainy days?",
+    "Count from one to five.",
+]
+
+
+def make_tokenizer(template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                      bos_token="<|endoftext|>")
+    wrapped.chat_template = template
+    return wrapped
+
+
+def llama_config(vocab_size: int, pad_id: int, eos_id: int, **extra):
+    from transformers import LlamaConfig
+
+    # head_dim 32: a size vLLM's CPU attention supports, so the same fixtures serve the vLLM tests.
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                       pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=None, tie_word_embeddings=False,
+                       **extra)
+
+
+@dataclass
+class TinyModels:
+    root: Path
+    policy: Path
+    reward: Path
+    reward_fn: str  # a py: spec
+    prompts: Path
+
+
+def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(POLICY_TEMPLATE)
+    policy_dir = root / "policy"
+    model = LlamaForCausalLM(llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
+    with torch.no_grad():
+        # Make the end-of-turn token likely enough that short samples end with "stop" as well as "length".
+        model.lm_head.weight[tokenizer.eos_token_id] = model.model.norm.weight * 0.5
+    model.save_pretrained(policy_dir, safe_serialization=True)
+    tokenizer.save_pretrained(policy_dir)
+
+    reward_tokenizer = make_tokenizer(REWARD_TEMPLATE)
+    reward_dir = root / "reward"
+    reward = LlamaForSequenceClassification(
+        llama_config(len(reward_tokenizer), reward_tokenizer.pad_token_id, reward_tokenizer.eos_token_id,
+                     num_labels=1)
+    )
+    reward.save_pretrained(reward_dir, safe_serialization=True)
+    reward_tokenizer.save_pretrained(reward_dir)
+
+    fn_file = root / "reward_fns.py"
+    fn_file.write_text(
+        "def length(prompts, responses):\n"
+        "    return [len(r) / 10.0 for r in responses]\n"
+    )
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    return TinyModels(root, policy_dir, reward_dir, f"py:{fn_file}:length", prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> TinyModels:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny.policy)
