@@ -55,9 +55,9 @@ def concision(prompts: list[str], responses: list[str]) -> list[float]:
     approaching -1 for very long replies. So it (a) spans the same [-1, 1] range as
     :func:`positivity`, making equal weights a fair starting point; (b) strongly prefers shorter
     answers, penalising each extra word most when the reply is short (about 0.02 per word at first,
-    0.008 at 100 words); and (c) never goes flat: unlike a clipped linear penalty such as
-    ``1 - min(words, 200) / 100``, two long replies (common when both samples of a pair run to the
-    token limit) still get a preference for the shorter one, so pairs keep a nonzero margin.
+    0.008 at 100 words, 0.003 at 200); and (c) never goes completely flat: unlike a clipped linear
+    penalty such as ``1 - min(words, 200) / 100``, of two long replies the shorter still scores higher
+    (small margins past ~300 words; pairs that both hit the token limit at equal length tie anyway).
     An empty or whitespace-only response gets exactly -1, strictly below every real answer,
     so the policy cannot win the objective by saying nothing.
     """

