@@ -25,6 +25,7 @@ from modpo_pipe.errors import ModpoError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # help texts name keys as [section].key, which rich markup would swallow
     help="Align one policy to several reward models (MODPO, reward-model-only form): generate -> score -> train.",
 )
 
@@ -43,11 +44,15 @@ def user_errors() -> Iterator[None]:
 
 def _setting_parameters(sections: list[str]) -> list[inspect.Parameter]:
     params = []
+    seen: set[str] = set()
     for section in sections:
         cls = cfg.SECTIONS[section]
         types = cfg.field_types(cls)
         for f in dataclasses.fields(cls):
             flag, tp = cfg.flag_name(f), types[f.name]
+            if flag in seen:  # a command spanning sections exposes a shared name (out) once, for the first
+                continue
+            seen.add(flag)
             help_text = f"[{section}].{f.name}: {f.metadata['help']}"
             if tp is bool:
                 option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
@@ -70,22 +75,25 @@ CONFIG_PARAM = inspect.Parameter(
 )
 
 
-def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, help: str) -> Callable:
-    """Register a command whose flags are `inputs`, --config and one flag per setting of `sections`."""
+def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, help: str,
+                  extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
+    """Register a command whose flags are `inputs`, --config, `extra` (passed to the command by name) and
+    one flag per setting of `sections`."""
 
-    def register(run: Callable[[cfg.Settings, Any], None]) -> Callable:
+    def register(run: Callable[..., None]) -> Callable:
         def command(**kwargs: Any) -> None:
             config_path = kwargs.pop("config")
             given = kwargs.pop(inputs.name)
+            extras = {p.name: kwargs.pop(p.name) for p in extra}
             overrides: dict[str, dict[str, Any]] = {s: {} for s in cfg.SECTIONS}
             for key, value in kwargs.items():
                 section, field_name = key.split("__", 1)
                 overrides[section][field_name] = value
             with user_errors():
                 settings = cfg.load_settings(config_path, overrides)
-                run(settings, given)
+                run(settings, given, **extras)
 
-        params = [inputs, CONFIG_PARAM, *_setting_parameters(sections)]
+        params = [inputs, CONFIG_PARAM, *extra, *_setting_parameters(sections)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = help
@@ -121,6 +129,7 @@ def generate_command(settings: cfg.Settings, prompts: Path) -> None:
         "prompts": report.prompts, "pairs": report.pairs, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
         "long prompts truncated": report.long_prompts_truncated,
+        "chunks (reused from a killed run)": f"{report.chunks} ({report.resumed_chunks})",
         "response tokens/s": report.response_tokens / max(report.seconds, 1e-9), "seconds": report.seconds,
     })
 
@@ -138,6 +147,10 @@ def score_command(settings: cfg.Settings, pairs: Path) -> None:
     _print_summary(f"wrote {report.out}", {
         "pairs": report.pairs, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
+        "dropped (NaN/inf/None reward)": str(report.dropped_invalid_reward)
+        + (f" ({', '.join(f'{n}: {k}' for n, k in report.invalid_by_reward.items() if k)})"
+           if report.dropped_invalid_reward else ""),
+        "parts reused from a killed run": report.resumed_parts,
     })
 
 
@@ -157,6 +170,104 @@ def train_command(settings: cfg.Settings, scored: list[Path]) -> None:
         "first loss": report.first_loss, "last loss": report.last_loss,
         "first-batch |policy - ref| log-prob gap": report.first_batch_ref_gap, "seconds": report.seconds,
     })
+
+
+def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, flag, help=help))
+
+
+@stage_command(
+    "sweep", ["train", "model"],
+    inspect.Parameter("scored", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
+                      default=typer.Argument(..., help="One or more scored.parquet files.")),
+    help="Train one policy per weight vector (a Pareto front) into OUT/w-<weights>/.",
+    extra=(
+        extra_option("grid", int, 3, "--grid", "With two rewards: this many evenly spaced weight vectors."),
+        extra_option("vectors", Optional[list[str]], None, "--vector",
+                     "A weight vector NAME=W,NAME=W (repeatable); overrides --grid."),
+    ),
+)
+def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors: list[str] | None) -> None:
+    import pyarrow.parquet as pq
+
+    from modpo_pipe.evaluate import weight_grid
+    from modpo_pipe.schema import reward_names_of
+    from modpo_pipe.train import train
+
+    names = reward_names_of(pq.read_schema(scored[0]))  # column order: the order rewards were given in
+    grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
+                    else weight_grid(names, grid))
+    root = output_path(settings.train.out)
+    for weights in grid_vectors:
+        label = "w-" + "-".join(f"{k}{v:.2f}" for k, v in weights.items())
+        run_settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, weights=weights))
+        report = train(run_settings, list(scored), root / label)
+        _print_summary(f"wrote {report.out}/final", {"weights": weights, "last loss": report.last_loss})
+
+
+@stage_command(
+    "eval", ["generate", "score", "model"],
+    inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                      default=typer.Argument(..., help="Held-out prompts (JSONL, Parquet or datasets dir).")),
+    help="Sample from policies on held-out prompts, score them, estimate KL to the reference -> eval.json.",
+    extra=(
+        extra_option("policies", Optional[list[str]], None, "--policies",
+                     "Policies to evaluate: PATH or LABEL=PATH (repeatable). The reference is always included."),
+        extra_option("samples_per_prompt", int, 1, "--samples-per-prompt", "Samples per prompt and policy."),
+        extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries."),
+    ),
+)
+def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | None, samples_per_prompt: int,
+                 summary_out: Path) -> None:
+    from modpo_pipe.evaluate import evaluate, format_table, write_summaries
+
+    ref = settings.score.ref or settings.generate.policy
+    if not ref:
+        raise ModpoError("eval needs a reference: --ref or [generate].policy")
+    labelled = {}
+    for item in policies or []:
+        label, sep, path = item.partition("=")
+        path = path if sep else item
+        labelled[label if sep else Path(item).name] = str(Path(path).resolve()) if Path(path).exists() else path
+    summaries = evaluate(settings, prompts, labelled, ref, samples_per_prompt)
+    write_summaries(summaries, summary_out)
+    from modpo_pipe.evaluate import read_summaries
+
+    typer.echo(format_table(read_summaries([summary_out])))
+    typer.echo(f"wrote {summary_out}")
+
+
+@app.command("front")
+def front_command(
+    summaries: list[Path] = typer.Argument(..., help="eval.json files written by `modpo-pipe eval`."),
+    x: str = typer.Option("", "--x", help="Reward on the x axis (default: the first)."),
+    y: str = typer.Option("", "--y", help="Reward on the y axis (default: the second)."),
+    out: Path = typer.Option(Path("front"), "--out", help="Output path without suffix: writes .png and .svg."),
+) -> None:
+    """Plot reward vs reward, one labelled point per policy, the non-dominated ones joined."""
+    from modpo_pipe.evaluate import plot_front, read_summaries
+
+    with user_errors():
+        entries = read_summaries(summaries)
+        names = list(entries[0]["rewards"])
+        if len(names) < 2 and not (x and y):
+            raise ModpoError("a front needs two rewards")
+        written = plot_front(entries, x or names[0], y or names[1], out)
+    typer.echo("wrote " + ", ".join(map(str, written)))
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
+) -> None:
+    """The whole method on a real model, offline: SmolLM2-135M-Instruct, positivity vs concision, three
+    weight vectors, evaluated on held-out prompts, with the front plotted."""
+    from modpo_pipe.demo import run_demo
+
+    with user_errors():
+        run_demo(out, quick=quick)
 
 
 @app.command("init")
@@ -194,6 +305,134 @@ def inspect_command(
     for key, value in summary.items():
         if key not in ("stage", "schema_version", "rows"):
             typer.echo(f"{key}: {json.dumps(value, indent=2) if isinstance(value, (dict, list)) else value}")
+
+
+# --- iterative rounds: `run` and `status` (modpo_pipe/rounds.py) ---
+
+# Settings `run` sets per round itself, so they get no flag there.
+_RUN_MANAGED = {("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy")}
+
+
+def _run_setting_parameters() -> list[inspect.Parameter]:
+    """[run] and [model] flags as in every command; [generate], [score] and [train] flags prefixed with their
+    section (--generate-seed, --score-reward, --train-beta), since those sections share field names."""
+    params = _setting_parameters(["run", "model"])
+    for section in ("generate", "score", "train"):
+        cls = cfg.SECTIONS[section]
+        types = cfg.field_types(cls)
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in _RUN_MANAGED:
+                continue
+            flag, tp = f"--{section}-{cfg.flag_name(f)[2:]}", types[f.name]
+            help_text = f"[{section}].{f.name}: {f.metadata['help']}"
+            if tp is bool:
+                option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+                annotation: Any = Optional[bool]
+            elif typing.get_origin(tp) in (list, dict):
+                option = typer.Option(None, flag, help=help_text + " (repeatable or comma-separated)",
+                                      show_default=False)
+                annotation = Optional[list[str]]
+            else:
+                option = typer.Option(None, flag, help=help_text, show_default=False)
+                annotation = Optional[tp]
+            params.append(inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
+                                            default=option, annotation=annotation))
+    return params
+
+
+_WORKDIR_PARAM = inspect.Parameter(
+    "workdir", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+    default=typer.Option(..., "--workdir", "-w", help="The run directory (round-000/, state.json, .lock)."),
+)
+_RUN_CONFIG_PARAM = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+    default=typer.Option(None, "--config", "-c", help="Settings file (default: WORKDIR/modpo.toml)."),
+)
+
+
+def _run_settings(workdir: Path, config: Path | None, kwargs: dict[str, Any]) -> cfg.Settings:
+    overrides: dict[str, dict[str, Any]] = {s: {} for s in cfg.SECTIONS}
+    for key, value in kwargs.items():
+        section, field_name = key.split("__", 1)
+        overrides[section][field_name] = value
+    if config is None:
+        config = workdir / cfg.DEFAULT_CONFIG_NAME
+        if not config.is_file():
+            raise ModpoError(f"no {config}: write one with `modpo-pipe init {config}`, or pass --config")
+    return cfg.load_settings(config, overrides)
+
+
+@contextmanager
+def _run_exit_codes() -> Iterator[None]:
+    """rounds.EXIT_*: 75 when another invocation holds the lock, 78 for a refused settings change, 1 else."""
+    from modpo_pipe import rounds
+
+    try:
+        yield
+    except rounds.LockHeld as e:
+        typer.secho(f"locked: {e}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(rounds.EXIT_LOCKED) from None
+    except rounds.ConfigChanged as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(rounds.EXIT_CONFIG_CHANGED) from None
+    except ModpoError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _register_run_commands() -> None:
+    from modpo_pipe import rounds  # light: no torch
+
+    def run_command(**kwargs: Any) -> None:
+        workdir, config = kwargs.pop("workdir"), kwargs.pop("config")
+        max_stages, until = kwargs.pop("max_stages"), kwargs.pop("until")
+        allow = kwargs.pop("allow_config_change")
+        with _run_exit_codes():
+            settings = _run_settings(workdir, config, kwargs)
+            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow)
+
+    run_params = [
+        _WORKDIR_PARAM, _RUN_CONFIG_PARAM,
+        inspect.Parameter("max_stages", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
+                          default=typer.Option(None, "--max-stages", help="Run at most N stages, then exit.")),
+        inspect.Parameter("until", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("end", "--until",
+                                               help="end: every due round; round: finish the current round.")),
+        inspect.Parameter("allow_config_change", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--allow-config-change",
+                                               help="Redo finished stages whose settings changed.")),
+        *_run_setting_parameters(),
+    ]
+    run_help = (f"Advance the run directory by what is due: generate, score, train for round k, then round k+1, "
+                f"until the configured number of rounds (--rounds). Safe to start from cron. "
+                f"Exit {rounds.EXIT_OK}: advanced or nothing to do; "
+                f"{rounds.EXIT_LOCKED}: another invocation holds the lock (nothing touched); "
+                f"{rounds.EXIT_CONFIG_CHANGED}: a settings change would redo finished stages; "
+                f"{rounds.EXIT_FAILURE}: a failure.")
+    run_command.__signature__ = inspect.Signature(run_params)  # type: ignore[attr-defined]
+    run_command.__annotations__ = {p.name: p.annotation for p in run_params}
+    app.command("run", help=run_help)(run_command)
+
+    def status_command(**kwargs: Any) -> None:
+        workdir, config, as_json = kwargs.pop("workdir"), kwargs.pop("config"), kwargs.pop("as_json")
+        with _run_exit_codes():
+            settings = _run_settings(workdir, config, kwargs)
+            report = rounds.status(workdir, settings)
+        typer.echo(json.dumps(report, indent=2) if as_json else rounds.format_status(report))
+
+    status_params = [
+        _WORKDIR_PARAM, _RUN_CONFIG_PARAM,
+        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--json", help="Print one JSON object instead of a table.")),
+        *_run_setting_parameters(),
+    ]
+    status_command.__signature__ = inspect.Signature(status_params)  # type: ignore[attr-defined]
+    status_command.__annotations__ = {p.name: p.annotation for p in status_params}
+    app.command("status", help="Per round and stage: done / pending / failed, rows, wall time, mean rewards, "
+                "loss and KL proxy. Read-only; give it the flags `run` gets.")(status_command)
+
+
+_register_run_commands()
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ current directory. Model paths that do not exist locally are left alone (they ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -59,6 +61,10 @@ class GenerateSettings:
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each batch derives its own seed from it, so reruns are reproducible.")
     batch_size: int = setting(16, "Prompts per generation batch (transformers backend).")
+    shard_size: int = setting(
+        256, "Prompts per resumable chunk: finished chunks wait in OUT.parts/ until all are done, so a killed "
+        "run loses at most one chunk. Each chunk's seed derives from its index: a resumed run writes the same rows."
+    )
     out: str = setting("pairs.parquet", "Output file.", path="output")
     vllm_max_model_len: int = setting(0, "vLLM max_model_len (0: prompt + response limit).")
     vllm_gpu_memory_utilization: float = setting(0.9, "vLLM gpu_memory_utilization.")
@@ -71,12 +77,21 @@ class ScoreSettings:
     rewards: dict[str, str] = setting(
         {},
         "Named reward models: NAME = a sequence-classification model (dir or hub id) or "
-        "py:package.module:function / py:path/to/file.py:function.",
+        "py:package.module:function / py:path/to/file.py:function. A py: callable is code you chose to run: "
+        "modpo-pipe imports and calls it like any script of yours.",
         flag="reward",
     )
     ref: str = setting("", "Reference model for ref_logp_*; empty: the policy that generated the pairs.", path="model")
     batch_tokens: int = setting(8192, "Token budget of one reference forward batch (sequences sorted by length).")
     reward_batch_size: int = setting(16, "Texts per reward-model batch.")
+    shard_size: int = setting(
+        1024, "Pairs per resumable chunk: finished chunks (per reward and for the reference) wait in OUT.parts/ "
+        "until all are done, so a killed run recomputes at most one chunk."
+    )
+    on_invalid_reward: str = setting(
+        "error", "A reward that is NaN, inf or None: error (stop, naming the pair) or drop (drop the pair, counted). "
+        "A reward that raises or returns the wrong number of scores is always an error."
+    )
     out: str = setting("scored.parquet", "Output file.", path="output")
 
 
@@ -108,11 +123,37 @@ class TrainSettings:
     out: str = setting("checkpoints", "Output directory (final/, state/, metrics.jsonl).", path="output")
 
 
+@dataclass
+class RunSettings:
+    """[run]: iterative rounds in a run directory (`modpo-pipe run`); see modpo_pipe/rounds.py."""
+
+    rounds: int = setting(3, "Rounds of generate -> score -> train; round k+1 samples with round k's trained policy.")
+    # An input, but resolved like an output: always against the TOML's directory, so a typo is reported with
+    # the full path it looked at.
+    prompts: str = setting("", "Prompts every round samples from (JSONL, Parquet or a datasets dir).", path="output")
+    prompts_per_round: int = setting(
+        0, "0: every round uses all prompts; N: round k uses the next N prompts (a slice rotating through the file)."
+    )
+    reference: str = setting(
+        "fixed", "fixed: score every round against the initial policy ([score].ref when set, else "
+        "[generate].policy); previous: against the policy that sampled the round."
+    )
+    replay: int = setting(
+        0, "Earlier rounds whose scored pairs round k also trains on: 0 none, N the last N, -1 all "
+        "(needs reference = fixed)."
+    )
+    keep_train_state: bool = setting(
+        False, "Keep each finished round's resumable training state (optimizer moments; several times the "
+        "model's size) instead of deleting it once the round's policy is written."
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelSettings,
     "generate": GenerateSettings,
     "score": ScoreSettings,
     "train": TrainSettings,
+    "run": RunSettings,
 }
 
 
@@ -123,6 +164,7 @@ class Settings:
     score: ScoreSettings
     train: TrainSettings
     config_path: Path | None = None
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -134,6 +176,8 @@ def field_types(cls: type) -> dict[str, Any]:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is not None:  # list[str].__name__ is just "list"
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -154,21 +198,25 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ModpoError(f"{where} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+            # repeated flags arrive as a list, each item possibly comma-separated
+            return [part.strip() for item in value for part in item.split(",") if part.strip()]
     elif origin is dict:
         value_type = typing.get_args(tp)[1]
         if isinstance(value, (str, list)):
@@ -274,6 +322,7 @@ _CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("generate", "backend"): ("auto", "transformers", "vllm"),
     ("generate", "long_prompts"): ("drop", "truncate"),
+    ("score", "on_invalid_reward"): ("error", "drop"),
     ("train", "loss"): ("rpo-sym", "rpo", "rebel"),
     ("train", "normalize"): ("zscore", "none"),
 }
@@ -290,6 +339,7 @@ def validate(s: Settings) -> None:
         ("generate", "max_prompt_tokens", g.max_prompt_tokens), ("generate", "batch_size", g.batch_size),
         ("generate", "temperature", g.temperature), ("score", "batch_tokens", s.score.batch_tokens),
         ("score", "reward_batch_size", s.score.reward_batch_size), ("train", "beta", t.beta),
+        ("generate", "shard_size", g.shard_size), ("score", "shard_size", s.score.shard_size),
         ("train", "lr", t.lr), ("train", "epochs", t.epochs), ("train", "batch_size", t.batch_size),
         ("train", "grad_accum", t.grad_accum),
     ]
