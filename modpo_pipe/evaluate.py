@@ -75,6 +75,10 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
             raise ModpoError(f"policy {label!r} ({path}) uses another tokenizer than the reference {ref}")
         per_prompt = sample(settings, path, tokenizer, prompt_ids, samples_per_prompt, backend, progress=progress)
         samples[label] = [(i, smp) for i, row in enumerate(per_prompt) for smp in row]
+    if backend == "vllm":
+        from modpo_pipe.generate.vllm import shutdown_vllm
+
+        shutdown_vllm()  # the engine holds the last policy (and GPU memory); scoring comes next
 
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
