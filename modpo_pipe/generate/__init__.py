@@ -35,7 +35,9 @@ class GenerateReport:
     long_prompts_truncated: int
     backend: str
     seconds: float
-    response_tokens: int
+    response_tokens: int  # sampled by this invocation (a resumed run does not count the chunks it reused)
+    chunks: int = 1
+    resumed_chunks: int = 0  # chunks found finished in OUT.parts/ from a killed run
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -61,20 +63,23 @@ def choose_backend(name: str) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
 
 
-def render_prompts(records, tokenizer, settings: Settings) -> tuple[list, list[str], list[list[int]], int, int]:
-    """Render and tokenise prompts, applying the long-prompt policy; returns the kept records too."""
+def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | None = None,
+                   ) -> tuple[list, list[str], list[list[int]], int, int]:
+    """Render and tokenise prompts, applying the long-prompt policy to prompts longer than `max_tokens`
+    (default [generate].max_prompt_tokens); returns the kept records too."""
     g = settings.generate
+    limit = g.max_prompt_tokens if max_tokens is None else max_tokens
     kept, texts, ids_list = [], [], []
     dropped = truncated = 0
     from modpo_pipe.prompts import render
 
     for record in records:
         text, ids = render(record, tokenizer, g.chat_template)
-        if len(ids) > g.max_prompt_tokens:
+        if len(ids) > limit:
             if g.long_prompts == "drop":
                 dropped += 1
                 continue
-            ids = ids[-g.max_prompt_tokens:]  # keep the end: it holds the question and the generation prompt
+            ids = ids[-limit:]  # keep the end: it holds the question and the generation prompt
             text = tokenizer.decode(ids)
             truncated += 1
         kept.append(record)
@@ -83,14 +88,106 @@ def render_prompts(records, tokenizer, settings: Settings) -> tuple[list, list[s
     return kept, texts, ids_list, dropped, truncated
 
 
+def sample(settings: Settings, policy: str, tokenizer, prompt_ids: list[list[int]], n: int, backend: str,
+           progress: bool = True, *, seed: int | None = None, model=None) -> list[list[Sample]]:
+    """n samples per prompt from `policy` with the [generate] sampling settings, on the chosen backend.
+    `seed` defaults to [generate].seed; `model` is an already loaded transformers policy (loaded if None)."""
+    g, m = settings.generate, settings.model
+    seed = g.seed if seed is None else seed
+    if backend == "vllm":
+        from modpo_pipe.generate.vllm import sample_vllm
+
+        try:
+            return sample_vllm(
+                policy, prompt_ids, n, temperature=g.temperature, top_p=g.top_p,
+                max_new_tokens=g.max_new_tokens, seed=seed, dtype=m.dtype, max_model_len=g.vllm_max_model_len,
+                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                tensor_parallel_size=g.vllm_tensor_parallel_size, enforce_eager=g.vllm_enforce_eager,
+                trust_remote_code=m.trust_remote_code,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModpoError(f"vllm backend: {e}") from e
+    from modpo_pipe.generate.hf import sample_transformers
+
+    if model is None:
+        model = load_policy(settings, policy)
+    return sample_transformers(
+        model, tokenizer, prompt_ids, n, temperature=g.temperature, top_p=g.top_p,
+        max_new_tokens=g.max_new_tokens, seed=seed, batch_size=g.batch_size, progress=progress,
+    )
+
+
+def load_policy(settings: Settings, policy: str, what: str = "policy"):
+    """The transformers policy on the configured device and dtype."""
+    from modpo_pipe import models
+
+    m = settings.model
+    device = models.resolve_device(m.device)
+    return models.load_causal_lm(policy, dtype=models.resolve_dtype(m.dtype, device), device=device,
+                                 trust_remote_code=m.trust_remote_code, what=what)
+
+
 def raw_messages(record) -> list[dict[str, str]]:
     """The un-rendered conversation, for reward models that apply their own chat template."""
     return record.messages if record.messages is not None else [{"role": "user", "content": record.prompt}]
 
 
+def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
+    """The policy's context window in tokens, from its config; None when the config does not say."""
+    from transformers import AutoConfig
+
+    source = policy
+    adapter = Path(policy) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA adapter directory: the base model's config
+        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or policy
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # loading the model itself reports what is wrong
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def prompt_token_limit(settings: Settings, context: int | None, backend: str = "transformers") -> int:
+    """Longest prompt kept as is: max_prompt_tokens, and never more than the context leaves for a response."""
+    g = settings.generate
+    if backend == "vllm" and g.vllm_max_model_len > 0:
+        context = min(context or g.vllm_max_model_len, g.vllm_max_model_len)
+    if context is None:
+        return g.max_prompt_tokens
+    room = context - g.max_new_tokens
+    if room <= 0:
+        raise ModpoError(f"[generate].max_new_tokens={g.max_new_tokens} leaves no room for a prompt in the "
+                         f"policy's context of {context} tokens")
+    return min(g.max_prompt_tokens, room)
+
+
+def prompts_fingerprint(records, prompt_ids: list[list[int]]) -> str:
+    """What the prompts of a run are, as the policy sees them: ids, texts and token ids, in order."""
+    h = hashlib.sha256()
+    for record, ids in zip(records, prompt_ids):
+        h.update(json.dumps([record.id, record.prompt, record.messages, ids]).encode())
+    return h.hexdigest()[:32]
+
+
 def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index: int = 0,
-                 progress: bool = True) -> GenerateReport:
-    from modpo_pipe import models
+                 progress: bool = True, shard: tuple[int, int] | None = None) -> GenerateReport:
+    """Sample every prompt and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of
+    OUT.shards/ (see shards.py; `modpo-pipe merge` joins them).
+
+    Resumable: the prompts are cut into chunks of [generate].shard_size, each finished chunk is kept as a
+    part file in OUT.parts/ (see parts.py), and the parts are merged into `out` once all exist. Chunk c
+    samples with seed batch_seed(seed, c), so a rerun after a kill writes exactly the rows an uninterrupted
+    run would, with no pair_id missing or twice.
+    """
+    from tqdm.auto import tqdm
+
+    from modpo_pipe import models, parts, shards
     from modpo_pipe.prompts import read_prompts
 
     g, m = settings.generate, settings.model
@@ -99,50 +196,84 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     started = time.time()
     records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
-    records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings)
-    if not records:
-        raise ModpoError(f"{prompts_path}: every prompt is longer than max_prompt_tokens={g.max_prompt_tokens}")
-    n = 2 * g.pairs_per_prompt
     backend = choose_backend(g.backend)
-    if backend == "vllm":
-        from modpo_pipe.generate.vllm import sample_vllm
+    context = context_length(g.policy, m.trust_remote_code)
+    limit = prompt_token_limit(settings, context, backend)
+    records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit)
+    if not records:
+        raise ModpoError(f"{prompts_path}: every prompt is longer than {limit} tokens (max_prompt_tokens="
+                         f"{g.max_prompt_tokens}, policy context {context}, max_new_tokens={g.max_new_tokens})")
+    n = 2 * g.pairs_per_prompt
+    sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
+                "max_new_tokens": g.max_new_tokens, "pairs_per_prompt": g.pairs_per_prompt,
+                "chat_template": g.chat_template, "max_prompt_tokens": g.max_prompt_tokens,
+                "prompt_token_limit": limit, "dtype": m.dtype}
+    policy = models.identity(g.policy)
+    tokenizer_fingerprint = models.tokenizer_fingerprint(tokenizer)
+    chunks = parts.chunk_ranges(len(records), g.shard_size)
+    # What a part must have been made with to be reused. Batch sizes are left out on purpose: lowering one
+    # after an out-of-memory kill must not throw the finished chunks away.
+    out_file = shards.shard_path(out, shard) if shard else out
+    work = parts.Parts(out_file, {
+        "stage": "pairs", "prompts": prompts_fingerprint(records, prompt_ids), "policy": policy["fingerprint"],
+        "tokenizer": tokenizer_fingerprint, "sampling": sampling, "seed": g.seed, "round": round_index,
+        "shard_size": g.shard_size,
+        "dtype": str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))),
+    }).open()
+    selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's
+    if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
+        return GenerateReport(str(out_file), len(records), sum(meta[shards.SHARD_KEY]["chunk_rows"]),
+                              prompt_stats.skipped_invalid, dropped, truncated, backend, time.time() - started, 0,
+                              len(selected), len(selected))
+    names = [f"part-{c:05d}" for c in range(len(chunks))]
+    tables: dict[int, pa.Table] = {}
+    for c in selected:
+        table = work.read(names[c], len(chunks[c]) * g.pairs_per_prompt)
+        if table is not None:
+            tables[c] = table
+    todo = [c for c in selected if c not in tables]
+    if tables:
+        parts.warn(f"resuming: {len(tables)} of {len(selected)} chunks already done in {work.dir}")
+    response_tokens = 0
+    if todo:
+        model = load_policy(settings, g.policy, "[generate].policy") if backend != "vllm" else None
+        prompts_here = sum(len(chunks[c]) for c in selected)
+        with tqdm(total=prompts_here, initial=prompts_here - sum(len(chunks[c]) for c in todo),
+                  desc="generate", unit="prompt", disable=not progress) as bar:
+            for c in todo:
+                rows = slice(chunks[c].start, chunks[c].stop)
+                samples = sample(settings, g.policy, tokenizer, prompt_ids[rows], n, backend, progress=False,
+                                 seed=batch_seed(g.seed, c), model=model)
+                table = pairs_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
+                                    round_index)
+                tables[c] = work.write(names[c], table)
+                response_tokens += sum(len(s.ids) for per_prompt in samples for s in per_prompt)
+                bar.update(len(chunks[c]))
+        if backend == "vllm":
+            from modpo_pipe.generate.vllm import shutdown_vllm
 
-        samples = sample_vllm(
-            g.policy, prompt_ids, n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-            seed=g.seed, dtype=m.dtype, max_model_len=g.vllm_max_model_len,
-            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-            tensor_parallel_size=g.vllm_tensor_parallel_size, enforce_eager=g.vllm_enforce_eager,
-            trust_remote_code=m.trust_remote_code,
-        )
-    else:
-        from modpo_pipe.generate.hf import sample_transformers
-
-        device = models.resolve_device(m.device)
-        model = models.load_causal_lm(g.policy, dtype=models.resolve_dtype(m.dtype, device), device=device,
-                                      trust_remote_code=m.trust_remote_code, what="[generate].policy")
-        samples = sample_transformers(
-            model, tokenizer, prompt_ids, n, temperature=g.temperature, top_p=g.top_p,
-            max_new_tokens=g.max_new_tokens, seed=g.seed, batch_size=g.batch_size, progress=progress,
-        )
-    table = pairs_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index)
+            shutdown_vllm()  # free the engine (and its GPU memory) before this process scores or trains
+    # Every chunk of this invocation is here (a shard's: `modpo-pipe merge` joins the shards).
+    table = pa.concat_tables([tables[c] for c in selected]) if selected else schema.pairs_schema().empty_table()
     metadata = schema.make_metadata(
         "pairs",
-        policy=models.identity(g.policy),
-        tokenizer_fingerprint=models.tokenizer_fingerprint(tokenizer),
-        sampling={"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
-                  "max_new_tokens": g.max_new_tokens, "pairs_per_prompt": g.pairs_per_prompt,
-                  "chat_template": g.chat_template, "max_prompt_tokens": g.max_prompt_tokens,
-                  "dtype": m.dtype},
+        policy=policy,
+        tokenizer_fingerprint=tokenizer_fingerprint,
+        sampling=sampling,
         seed=g.seed,
         round=round_index,
         prompts_file=str(prompts_path),
         counts={"prompts": len(records), "skipped_invalid": prompt_stats.skipped_invalid,
-                "long_prompts_dropped": dropped, "long_prompts_truncated": truncated},
+                "long_prompts_dropped": dropped, "long_prompts_truncated": truncated,
+                "chunks": len(chunks), "resumed_chunks": len(selected) - len(todo)},
     )
-    schema.write_table(table, out, metadata)
-    response_tokens = sum(len(s.ids) for per_prompt in samples for s in per_prompt)
-    return GenerateReport(str(out), len(records), table.num_rows, prompt_stats.skipped_invalid, dropped,
-                          truncated, backend, time.time() - started, response_tokens)
+    if shard:
+        metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected,
+                                                       [tables[c].num_rows for c in selected], len(chunks))
+    work.write_output(table, metadata)
+    return GenerateReport(str(out_file), len(records), table.num_rows, prompt_stats.skipped_invalid, dropped,
+                          truncated, backend, time.time() - started, response_tokens, len(selected),
+                          len(selected) - len(todo))
 
 
 def pairs_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:
