@@ -59,7 +59,7 @@ class GenerateSettings:
     long_prompts: str = setting("drop", "What to do with longer prompts: drop (counted) or truncate (keep the end).")
     skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
-    seed: int = setting(0, "Sampling seed; each batch derives its own seed from it, so reruns are reproducible.")
+    seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
     batch_size: int = setting(16, "Prompts per generation batch (transformers backend).")
     shard_size: int = setting(
         256, "Prompts per resumable chunk: finished chunks wait in OUT.parts/ until all are done, so a killed "

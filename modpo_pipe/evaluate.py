@@ -51,7 +51,7 @@ def trained_weights(policy: str) -> dict[str, float] | None:
 def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
              samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
     """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""
-    from modpo_pipe.generate import choose_backend, render_prompts, sample
+    from modpo_pipe.generate import choose_backend, context_length, prompt_token_limit, render_prompts, sample
     from modpo_pipe.logprobs import batched_sequence_logps
     from modpo_pipe.prompts import read_prompts
     from modpo_pipe.rewards import RewardInput, load_reward
@@ -63,8 +63,9 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
         print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
     tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
     records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
-    records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings)
     backend = choose_backend(g.backend)
+    limit = prompt_token_limit(settings, context_length(ref, m.trust_remote_code), backend)
+    records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings, limit)
     all_policies = {"reference": ref, **{k: v for k, v in policies.items() if v != ref}}
 
     # Sample with each policy in turn (one model in memory at a time).

@@ -123,6 +123,13 @@ def _check_loadable(path_or_id: str, what: str) -> None:
         raise ModpoError(f"{what}: {path_or_id}: no such model directory")
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModpoError(f"{what}: {path_or_id}: no config.json (not a Hugging Face model directory)")
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+                         and p.name != "training_args.bin")
+        if pickled:
+            raise ModpoError(f"{what}: {path_or_id} holds only pickle weights ({', '.join(pickled)}), which can run "
+                             "code when loaded; modpo-pipe loads safetensors only. Convert them to safetensors "
+                             "with code you trust")
 
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, what: str = "tokenizer") -> Any:
@@ -168,8 +175,9 @@ def load_causal_lm(
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path_or_id).merge_and_unload()
-    except (OSError, ValueError) as e:
-        raise ModpoError(f"{what}: cannot load {path_or_id}: {_first_line(e)}") from None
+    except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
+        kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+        raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
     return model.to(device).eval()
 
 
@@ -184,8 +192,9 @@ def load_reward_model(
         model = AutoModelForSequenceClassification.from_pretrained(
             path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
-    except (OSError, ValueError) as e:
-        raise ModpoError(f"{what}: cannot load {path_or_id}: {_first_line(e)}") from None
+    except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
+        kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+        raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
     if model.config.num_labels != 1:
         raise ModpoError(f"{what}: {path_or_id} has {model.config.num_labels} labels; a reward model needs exactly 1")
     tokenizer = load_tokenizer(path_or_id, trust_remote_code, what)

@@ -71,19 +71,25 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
         except Exception as e:
             raise ModpoError(f"{path}: not a readable Parquet file: {e}") from None
         return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ModpoError(f"{path}:{line}: not valid UTF-8") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSONL: split on "\n" only (U+2028 and friends are legal inside JSON strings), decode line by line so
+    # a bad line is an error of that line (skippable with skip_invalid) rather than of the whole file.
+    rows: list[tuple[str, Any]] = []
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        data = data[3:]
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            rows.append((where, ModpoError(f"{where}: not valid UTF-8")))
+            continue
         if not line.strip():
             continue
         try:
-            rows.append((f"{path}:{lineno}", json.loads(line)))
+            rows.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
-            rows.append((f"{path}:{lineno}", ModpoError(f"{path}:{lineno}: invalid JSON: {e.msg}")))
+            rows.append((where, ModpoError(f"{where}: invalid JSON: {e.msg}")))
     return rows
 
 

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,18 +48,24 @@ class Reward:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False) -> list[float]:
+    def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False, *,
+              labels: Sequence[str] | None = None, allow_invalid: bool = False) -> list[float]:
+        """One float per input. A NaN, inf or None score raises, naming the input (`labels[i]`, else
+        "response i"), or with allow_invalid comes back as NaN for the caller to drop and count. A callable
+        that raises, returns something other than a list, the wrong count or a non-number always raises."""
         scores: list[float] = []
         for start in tqdm(range(0, len(inputs), batch_size), desc=f"reward {self.name}", unit="batch",
                           disable=not progress):
             chunk = inputs[start : start + batch_size]
-            scores += self._check(self._score_batch(chunk), len(chunk), start)
+            scores += self._check(self._score_batch(chunk), len(chunk), start, labels=labels,
+                                  allow_invalid=allow_invalid)
         return scores
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
         raise NotImplementedError
 
-    def _check(self, values: Any, expected: int, offset: int) -> list[float]:
+    def _check(self, values: Any, expected: int, offset: int, *, labels: Sequence[str] | None = None,
+               allow_invalid: bool = False) -> list[float]:
         where = f"reward {self.name!r} ({self.spec})"
         try:
             values = list(values)
@@ -66,14 +73,22 @@ class Reward:
             raise ModpoError(f"{where} returned {type(values).__name__}, expected a list of floats") from None
         if len(values) != expected:
             raise ModpoError(f"{where} returned {len(values)} scores for {expected} responses")
+        hint = '; [score].on_invalid_reward = "drop" drops such pairs instead (counted)'
         checked = []
         for i, value in enumerate(values):
+            at = labels[offset + i] if labels is not None else f"response {offset + i}"
+            if value is None and allow_invalid:
+                checked.append(math.nan)
+                continue
             try:
                 value = float(value)
             except (TypeError, ValueError):
-                raise ModpoError(f"{where}: response {offset + i}: score {value!r} is not a number") from None
+                extra = hint if value is None else ""
+                raise ModpoError(f"{where}: {at}: score {value!r} is not a number{extra}") from None
             if not math.isfinite(value):
-                raise ModpoError(f"{where}: response {offset + i}: score is {value}")
+                if not allow_invalid:
+                    raise ModpoError(f"{where}: {at}: score is {value}{hint}")
+                value = math.nan
             checked.append(value)
         return checked
 
@@ -138,10 +153,19 @@ def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
             path = Path(module_name)
             if not path.is_file():
                 raise ModpoError(f"{what}: {path}: no such file")
-            spec = importlib.util.spec_from_file_location(f"modpo_reward_{path.stem}", path)
+            # A unique module name per file, registered before it runs (as `import` does): dataclasses and
+            # pickling look their module up in sys.modules.
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            name = f"modpo_reward_{path.stem}_{digest}"
+            spec = importlib.util.spec_from_file_location(name, path)
             assert spec is not None and spec.loader is not None
             module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
         else:
             module = importlib.import_module(module_name)
     except ModpoError:

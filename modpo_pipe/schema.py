@@ -134,28 +134,36 @@ def expected_schema(stage: str, schema: pa.Schema) -> pa.Schema:
 
 def validate_table(table: pa.Table, stage: str, where: str) -> dict[str, Any]:
     """Check metadata, columns, types and row invariants; return the metadata."""
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    meta = validate_schema(table.schema, stage, where)
+    if table.num_rows == 0:
+        if "shard" in meta:  # a shard whose chunks were all dropped, or one with no chunks (N > chunks)
+            return meta
+        raise ModpoError(f"{where}: has no rows")
+    _check_rows(table, where)
+    return meta
+
+
+def validate_schema(schema: pa.Schema, stage: str, where: str) -> dict[str, Any]:
+    """Check metadata, columns and types; return the metadata."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ModpoError(f"{where}: not a modpo-pipe file (no '{METADATA_KEY.decode()}' metadata)")
-    meta = json.loads(raw)
+    meta = parse_metadata(raw, where)
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ModpoError(f"{where}: schema version {version} is not supported (this modpo-pipe reads {SCHEMA_VERSION})")
     if meta.get("stage") != stage:
         raise ModpoError(f"{where}: is a {meta.get('stage')!r} file, expected a {stage!r} file")
-    want = expected_schema(stage, table.schema)
+    want = expected_schema(stage, schema)
     for f in want:
-        if f.name not in table.schema.names:
+        if f.name not in schema.names:
             raise ModpoError(f"{where}: missing column {f.name!r}")
-        got = table.schema.field(f.name).type
+        got = schema.field(f.name).type
         if got != f.type:
             raise ModpoError(f"{where}: column {f.name!r} has type {got}, expected {f.type}")
-    extra = [n for n in table.schema.names if n not in want.names]
+    extra = [n for n in schema.names if n not in want.names]
     if extra:
         raise ModpoError(f"{where}: unexpected columns {extra}")
-    if table.num_rows == 0:
-        raise ModpoError(f"{where}: has no rows")
-    _check_rows(table, where)
     return meta
 
 
@@ -174,17 +182,22 @@ def _check_rows(table: pa.Table, where: str) -> None:
                 raise ModpoError(f"{where}: row {row}: duplicate pair_id {pid!r}")
             seen.add(pid)
     for col in ("finish_reason_1", "finish_reason_2"):
+        if col not in table.column_names:  # read_columns: not read
+            continue
         bad = pc.invert(pc.is_in(table.column(col), pa.array(FINISH_REASONS)))
         if pc.any(bad).as_py():
             row = bad.to_pylist().index(True)
             raise ModpoError(f"{where}: row {row}: {col} must be one of {FINISH_REASONS}")
     for col in ("prompt_ids", "response_ids_1", "response_ids_2"):
+        if col not in table.column_names:
+            continue
         lengths = pc.list_value_length(table.column(col))
         if pc.any(pc.equal(lengths, 0)).as_py():
             row = pc.equal(lengths, 0).to_pylist().index(True)
             raise ModpoError(f"{where}: row {row}: {col} is empty")
         if pc.min(pc.list_flatten(table.column(col))).as_py() < 0:
-            raise ModpoError(f"{where}: {col} holds negative token ids")
+            row = next(i for i, ids in enumerate(table.column(col).to_pylist()) if min(ids) < 0)
+            raise ModpoError(f"{where}: row {row}: {col} holds negative token ids")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -197,7 +210,17 @@ def read_metadata(path: Path) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ModpoError(f"{path}: not a modpo-pipe file (no '{METADATA_KEY.decode()}' metadata)")
-    return json.loads(raw)
+    return parse_metadata(raw, str(path))
+
+
+def parse_metadata(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        meta = None
+    if not isinstance(meta, dict):
+        raise ModpoError(f"{where}: its '{METADATA_KEY.decode()}' metadata is not a JSON object (corrupt file?)")
+    return meta
 
 
 def read_table(path: Path, stage: str) -> tuple[pa.Table, dict[str, Any]]:
@@ -210,6 +233,27 @@ def read_table(path: Path, stage: str) -> tuple[pa.Table, dict[str, Any]]:
     except (pa.ArrowInvalid, OSError) as e:
         raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
     meta = validate_table(table, stage, str(path))
+    return table, meta
+
+
+def read_columns(path: Path, stage: str, columns: list[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """Read only `columns` (pair_id among them) of a stage file: its metadata and whole schema are checked as
+    read_table checks them, and the rows of the columns read. A stage that never looks at the text columns
+    need not hold them in memory."""
+    path = Path(path)
+    if not path.exists():
+        raise ModpoError(f"{path}: no such file")
+    try:
+        file = pq.ParquetFile(path)
+        meta = validate_schema(file.schema_arrow, stage, str(path))
+        # Row group by row group: reading the whole file at once needs several times the memory of the result.
+        table = pa.concat_tables([file.schema_arrow.empty_table().select(columns)]
+                                 + [file.read_row_group(i, columns=columns) for i in range(file.num_row_groups)])
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+    if table.num_rows == 0 and "shard" not in meta:
+        raise ModpoError(f"{path}: has no rows")
+    _check_rows(table, str(path))
     return table, meta
 
 
