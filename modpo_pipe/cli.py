@@ -42,14 +42,21 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_FAILURE) from None
 
 
-def _setting_parameters(sections: list[str]) -> list[inspect.Parameter]:
+def _setting_parameters(sections: list[str], prefixed: bool = False,
+                        skip: frozenset[tuple[str, str]] = frozenset()) -> list[inspect.Parameter]:
+    """One flag per setting of `sections`; `prefixed` names them --SECTION-KEY (for commands spanning
+    sections that share key names), `skip` leaves (section, key) pairs out."""
     params = []
     seen: set[str] = set()
     for section in sections:
         cls = cfg.SECTIONS[section]
         types = cfg.field_types(cls)
         for f in dataclasses.fields(cls):
+            if (section, f.name) in skip:
+                continue
             flag, tp = cfg.flag_name(f), types[f.name]
+            if prefixed:
+                flag = f"--{section}-{flag[2:]}"
             if flag in seen:  # a command spanning sections exposes a shared name (out) once, for the first
                 continue
             seen.add(flag)
@@ -115,16 +122,40 @@ def output_path(setting: str) -> Path:
     return Path(setting).resolve()
 
 
+def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, flag, help=help))
+
+
+def shard_option(output: str) -> inspect.Parameter:
+    return extra_option(
+        "shard", Optional[str], None, "--shard",
+        f"I/N: compute only shard I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/N) into {output}.shards/I-of-N.parquet; "
+        f"run all N (anywhere, side by side), then join them with `modpo-pipe merge {output}.shards`.")
+
+
+def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
+    _print_summary(f"wrote shard {shard[0]}/{shard[1]}: {report.out}", {
+        "pairs": report.pairs, "seconds": report.seconds,
+        "next": f"once all {shard[1]} shards are written: modpo-pipe merge {Path(report.out).parent}",
+    })
+
+
 @stage_command(
     "generate", ["generate", "model"],
     inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                       default=typer.Argument(..., help="Prompts: JSONL, Parquet or a saved datasets directory.")),
     help="Sample 2 responses per prompt from the policy -> pairs.parquet.",
+    extra=(shard_option("pairs"),),
 )
-def generate_command(settings: cfg.Settings, prompts: Path) -> None:
+def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -> None:
     from modpo_pipe.generate import run_generate
+    from modpo_pipe.shards import parse_shard
 
-    report = run_generate(settings, prompts, output_path(settings.generate.out))
+    part = parse_shard(shard) if shard else None
+    report = run_generate(settings, prompts, output_path(settings.generate.out), shard=part)
+    if part:
+        return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
         "prompts": report.prompts, "pairs": report.pairs, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
@@ -139,11 +170,16 @@ def generate_command(settings: cfg.Settings, prompts: Path) -> None:
     inspect.Parameter("pairs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                       default=typer.Argument(..., help="A pairs.parquet written by generate.")),
     help="Score both responses of every pair with every reward, and cache reference log-probs -> scored.parquet.",
+    extra=(shard_option("scored"),),
 )
-def score_command(settings: cfg.Settings, pairs: Path) -> None:
+def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> None:
     from modpo_pipe.score import run_score
+    from modpo_pipe.shards import parse_shard
 
-    report = run_score(settings, pairs, output_path(settings.score.out))
+    part = parse_shard(shard) if shard else None
+    report = run_score(settings, pairs, output_path(settings.score.out), shard=part)
+    if part:
+        return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
         "pairs": report.pairs, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
@@ -158,23 +194,98 @@ def score_command(settings: cfg.Settings, pairs: Path) -> None:
     "train", ["train", "model"],
     inspect.Parameter("scored", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
                       default=typer.Argument(..., help="One or more scored.parquet files.")),
-    help="Train the policy on cached pairs with the RPO loss (no reference model loaded) -> checkpoint.",
+    help="Train the policy on cached pairs with the RPO loss (no reference model loaded) -> checkpoint. "
+         "Data-parallel on several processes under `accelerate launch -m modpo_pipe train ...` (DDP, FSDP or "
+         "DeepSpeed, from the accelerate config), or with --num-processes N.",
+    extra=(extra_option("num_processes", int, 1, "--num-processes",
+                        "N > 1: train data-parallel on N processes on this machine (one per GPU; CPU processes "
+                        "without GPUs) by running this command under `accelerate launch`. A step then takes "
+                        "batch_size * grad_accum * N pairs. FSDP, DeepSpeed, several machines: call "
+                        "`accelerate launch` yourself."),
+           inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
 )
-def train_command(settings: cfg.Settings, scored: list[Path]) -> None:
+def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int, ctx: typer.Context) -> None:
     from modpo_pipe.train import train
 
+    if num_processes != 1:
+        launch_train(num_processes, given_arguments(ctx, drop={"num_processes"}))
+        return
     report = train(settings, list(scored), output_path(settings.train.out))
+    end_processes()
+    if not report.main_process:
+        return
     _print_summary(f"wrote {report.out}/final", {
         "pairs": report.pairs, "dropped (identical responses)": report.dropped_identical,
         "optimizer steps": report.steps, "resumed from step": report.resumed_from,
         "first loss": report.first_loss, "last loss": report.last_loss,
         "first-batch |policy - ref| log-prob gap": report.first_batch_ref_gap, "seconds": report.seconds,
+        **({"processes": report.processes} if report.processes > 1 else {}),
     })
 
 
-def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, flag, help=help))
+def launch_train(num_processes: int, arguments: list[str]) -> None:
+    """`train --num-processes N`: this very command line, without the flag, on N processes started by
+    accelerate's own launcher (torchrun underneath); its exit status is ours."""
+    import os
+    import socket
+    import subprocess
+
+    if num_processes < 1:
+        raise ModpoError(f"--num-processes must be >= 1; got {num_processes}")
+    if os.environ.get("LOCAL_RANK") is not None:
+        raise ModpoError("--num-processes starts `accelerate launch` itself; under a launcher, leave it out")
+    with socket.socket() as probe:  # a free port for the processes' rendezvous, so runs side by side never clash
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
+    typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
+
+
+def given_arguments(ctx: typer.Context, drop: set[str]) -> list[str]:
+    """The arguments and flags this invocation was given (not their defaults), as a command line."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in drop or source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            args += [str(v) for v in values]
+        elif param.is_flag:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in values:
+                args += [param.opts[0], str(v)]
+    return args
+
+
+def end_processes() -> None:
+    """Close the process group of a multi-process run (a no-op for one process)."""
+    from accelerate import PartialState
+
+    if PartialState().use_distributed:
+        PartialState().destroy_process_group()
+
+
+@app.command("merge")
+def merge_command(
+    shards: list[Path] = typer.Argument(..., help="The shard files, or directories of them (OUT.shards/)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The merged file (default for one NAME.shards "
+                                                           "directory: NAME.parquet beside it)."),
+) -> None:
+    """Join the shards that `generate --shard I/N` or `score --shard I/N` wrote into one pairs or scored file:
+    the rows an unsharded run writes, in its order. Refuses missing, duplicate and mismatched shards."""
+    from modpo_pipe.shards import default_output, merge
+
+    with user_errors():
+        report = merge(list(shards), out or default_output(list(shards)))
+    _print_summary(f"wrote {report.out}", {"stage": report.stage, "shards": report.shards, "pairs": report.rows})
 
 
 @stage_command(
@@ -203,7 +314,9 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
         label = "w-" + "-".join(f"{k}{v:.2f}" for k, v in weights.items())
         run_settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, weights=weights))
         report = train(run_settings, list(scored), root / label)
-        _print_summary(f"wrote {report.out}/final", {"weights": weights, "last loss": report.last_loss})
+        if report.main_process:  # under `accelerate launch`, one summary
+            _print_summary(f"wrote {report.out}/final", {"weights": weights, "last loss": report.last_loss})
+    end_processes()
 
 
 @stage_command(
@@ -310,34 +423,14 @@ def inspect_command(
 # --- iterative rounds: `run` and `status` (modpo_pipe/rounds.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
-_RUN_MANAGED = {("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy")}
+_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy")})
 
 
 def _run_setting_parameters() -> list[inspect.Parameter]:
     """[run] and [model] flags as in every command; [generate], [score] and [train] flags prefixed with their
     section (--generate-seed, --score-reward, --train-beta), since those sections share field names."""
-    params = _setting_parameters(["run", "model"])
-    for section in ("generate", "score", "train"):
-        cls = cfg.SECTIONS[section]
-        types = cfg.field_types(cls)
-        for f in dataclasses.fields(cls):
-            if (section, f.name) in _RUN_MANAGED:
-                continue
-            flag, tp = f"--{section}-{cfg.flag_name(f)[2:]}", types[f.name]
-            help_text = f"[{section}].{f.name}: {f.metadata['help']}"
-            if tp is bool:
-                option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-                annotation: Any = Optional[bool]
-            elif typing.get_origin(tp) in (list, dict):
-                option = typer.Option(None, flag, help=help_text + " (repeatable or comma-separated)",
-                                      show_default=False)
-                annotation = Optional[list[str]]
-            else:
-                option = typer.Option(None, flag, help=help_text, show_default=False)
-                annotation = Optional[tp]
-            params.append(inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
-                                            default=option, annotation=annotation))
-    return params
+    return _setting_parameters(["run", "model"]) + _setting_parameters(["generate", "score", "train"],
+                                                                       prefixed=True, skip=_RUN_MANAGED)
 
 
 _WORKDIR_PARAM = inspect.Parameter(
