@@ -153,7 +153,7 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_generate(settings, prompts, output_path(settings.generate.out), shard=part)
+    report = run_generate(settings, prompts, output_path(settings.generate.out), **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
@@ -177,7 +177,7 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_score(settings, pairs, output_path(settings.score.out), shard=part)
+    report = run_score(settings, pairs, output_path(settings.score.out), **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
@@ -479,9 +479,14 @@ def _register_run_commands() -> None:
     def run_command(**kwargs: Any) -> None:
         workdir, config = kwargs.pop("workdir"), kwargs.pop("config")
         max_stages, until = kwargs.pop("max_stages"), kwargs.pop("until")
-        allow = kwargs.pop("allow_config_change")
+        allow, shard = kwargs.pop("allow_config_change"), kwargs.pop("shard")
         with _run_exit_codes():
             settings = _run_settings(workdir, config, kwargs)
+            if shard:
+                from modpo_pipe.shards import parse_shard
+
+                rounds.work_shard(workdir, settings, parse_shard(shard))
+                return
             rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow)
 
     run_params = [
@@ -494,6 +499,11 @@ def _register_run_commands() -> None:
         inspect.Parameter("allow_config_change", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--allow-config-change",
                                                help="Redo finished stages whose settings changed.")),
+        inspect.Parameter("shard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--shard", help=(
+                              "I/N (0-based; N = [run].shards): be a shard worker: compute shard I of the generate "
+                              "or score stage that the plain `run` opened, then exit. Start one per shard, from any "
+                              "batch system; the plain `run` merges them."))),
         *_run_setting_parameters(),
     ]
     run_help = (f"Advance the run directory by what is due: generate, score, train for round k, then round k+1, "

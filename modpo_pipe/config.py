@@ -146,6 +146,11 @@ class RunSettings:
         False, "Keep each finished round's resumable training state (optimizer moments; several times the "
         "model's size) instead of deleting it once the round's policy is written."
     )
+    shards: int = setting(
+        1, "N > 1: each round's generate and score are split into N shards, computed by `modpo-pipe run --shard "
+        "I/N` workers (any batch system, hosts sharing the run directory); the plain `run` opens those stages, "
+        "merges the shards and trains. The result does not depend on N."
+    )
 
 
 SECTIONS: dict[str, type] = {

@@ -30,7 +30,7 @@ def demo_settings(policy: str, quick: bool) -> cfg.Settings:
         model=cfg.ModelSettings(dtype="float32", device="auto"),
         generate=cfg.GenerateSettings(
             policy=policy, backend="transformers", pairs_per_prompt=1, temperature=1.0, top_p=1.0,
-            max_new_tokens=24 if quick else 48, seed=0, batch_size=32,
+            max_new_tokens=24 if quick else 40, seed=0, batch_size=32,
         ),
         score=cfg.ScoreSettings(rewards=dict(REWARDS), batch_tokens=16384, reward_batch_size=64),
         train=cfg.TrainSettings(
@@ -56,7 +56,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
 
     if not (EXAMPLES / "prompts.jsonl").is_file():
         raise ModpoError(f"the demo's prompts are not at {EXAMPLES}; run it from a checkout of the repository")
-    train_prompts, eval_prompts = (24, 16) if quick else (128, 48)
+    train_prompts, eval_prompts = (16, 12) if quick else (64, 48)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 

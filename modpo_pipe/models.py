@@ -158,11 +158,12 @@ def load_causal_lm(
     path_or_id: str,
     *,
     dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device | None,
     trust_remote_code: bool = False,
     what: str = "policy",
 ) -> torch.nn.Module:
-    """A causal LM in eval mode; an adapter directory comes back merged into its base."""
+    """A causal LM in eval mode; an adapter directory comes back merged into its base. `device` None: where
+    the loader put it (FSDP's memory-efficient loading leaves all but one process's weights on `meta`)."""
     from transformers import AutoModelForCausalLM
 
     _check_loadable(path_or_id, what)
@@ -178,7 +179,7 @@ def load_causal_lm(
     except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
         kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
         raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
-    return model.to(device).eval()
+    return (model.to(device) if device is not None else model).eval()
 
 
 def load_reward_model(

@@ -11,9 +11,9 @@ every part that reads back whole and carries this run's key, and redoes the rest
 from the start of the input and each chunk's randomness derives from its number, so a resumed run writes
 exactly the rows an uninterrupted one would.
 
-Chunks are independent of each other: a worker could compute a disjoint, deterministic subset of them
-(`select_chunks(n, (i, N))`, chunks i, i+N, ...), and the merge runs once every chunk's part exists,
-whoever wrote it.
+Chunks are independent of each other: `--shard I/N` computes the disjoint, deterministic subset
+`select_chunks(n, (I, N))` (chunks I, I+N, ...) into a shard file, and `modpo-pipe merge` joins the N shard
+files (shards.py).
 """
 
 from __future__ import annotations

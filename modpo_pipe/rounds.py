@@ -27,6 +27,13 @@ A change of settings that would redo finished stages (other reward models, weigh
 with `ConfigChanged` unless the caller allows it. Settings that cannot change a result (device, batch sizes of
 scoring, logging and saving intervals, vLLM memory knobs) are not compared.
 
+Shards ([run].shards = N > 1): the plain `run` (the coordinator) opens a round's generate or score stage and
+leaves it `waiting`; `run --shard I/N` workers (cron on several hosts sharing the run directory, a Slurm
+array, Kubernetes jobs) each compute shard I of the opened stage into round-k/pairs-KEY.shards/ (KEY: the
+stage's resume key, so shards made with other settings never mix in), holding only their own
+.lock-shard-I-of-N while they work. The coordinator's next invocation merges the N shards (shards.py) and
+marks the stage done; training stays with the coordinator. The rows do not depend on N.
+
 This module imports no torch at import time: a second invocation that finds the lock held exits in well
 under a second.
 """
@@ -74,6 +81,8 @@ _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tenso
                      "vllm_enforce_eager", "vllm_max_model_len"}
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every"}  # as train.run_fingerprint
+# The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
+SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
 # and train/ are kept when a killed attempt is resumed, removed when the stage starts afresh.
 _STAGE_FILES = {"generate": ["prompts.jsonl", "pairs.parquet"], "score": ["scored.parquet"],
@@ -88,6 +97,10 @@ class ConfigChanged(ModpoError):
     """The settings differ from those finished stages ran with."""
 
 
+class ShardsPending(ModpoError):
+    """A sharded stage is open and not every shard is written yet: the stage waits for its workers."""
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -96,11 +109,12 @@ def now() -> str:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive flock on RUN/.lock for the block. The kernel drops it when the holder dies, so a
-    lock left by a killed process never blocks. A second holder gets LockHeld without writing anything."""
+def run_lock(run_dir: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold an exclusive flock on RUN/.lock (or RUN/`name`) for the block. The kernel drops it when the holder
+    dies, so a lock left by a killed process never blocks. A second holder gets LockHeld without writing
+    anything."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -108,7 +122,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise LockHeld(f"{run_dir}: another invocation holds the lock ({holder or 'holder unknown'}); "
+            raise LockHeld(f"{run_dir / name}: another invocation holds the lock ({holder or 'holder unknown'}); "
                            "nothing done") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
@@ -334,6 +348,8 @@ def check_run_settings(settings: Settings) -> None:
         raise ModpoError(f"[run].prompts_per_round must be >= 0; got {r.prompts_per_round}")
     if r.reference not in REFERENCES:
         raise ModpoError(f"[run].reference must be one of {', '.join(REFERENCES)}; got {r.reference!r}")
+    if r.shards < 1:
+        raise ModpoError(f"[run].shards must be >= 1; got {r.shards}")
     if r.replay < -1:
         raise ModpoError(f"[run].replay must be -1 (all), 0 (none) or N > 0; got {r.replay}")
     if r.replay and r.reference == "previous":
@@ -486,6 +502,8 @@ class Run:
                     st.reason = "" if lock_held_elsewhere else "interrupted (the process died)"
                 elif record["status"] == "failed":
                     st.status, st.reason = "failed", record.get("error", "")
+                elif record["status"] == "waiting":
+                    st.status, st.reason = "waiting", record.get("waiting", "")
                 elif st.changed:
                     st.status, st.reason = "redo", "settings changed: " + "; ".join(st.changed)
                 elif not chain_ok:
@@ -508,12 +526,14 @@ class Run:
         # A killed or failed attempt with these very inputs and settings left work to continue from (train's
         # state/, generate's and score's finished chunks); anything else starts afresh.
         key = self.resume_key(k, stage, st.inputs)
-        resume = (previous is not None and previous["status"] in ("running", "failed")
+        resume = (previous is not None and previous["status"] in ("running", "failed", "waiting")
                   and previous.get("resume_key") == key)
         round_dir = self.round_dir(k)
         round_dir.mkdir(parents=True, exist_ok=True)
         self._clear(k, stage, fresh=not resume)
         attempt = previous.get("attempt", 0) + 1 if previous and previous["status"] != "done" else 1
+        if resume and previous and previous["status"] == "waiting":  # checking on the shards is no new attempt
+            attempt -= 1
         record: dict[str, Any] = {"status": "running", "settings": st.settings, "inputs": st.inputs,
                                   "resume_key": key, "started": now(), "pid": os.getpid(), "host": socket.gethostname(),
                                   "attempt": attempt}
@@ -523,7 +543,12 @@ class Run:
         log(f"{st.name}: {'resuming' if resume else 'starting'}" + (f" (attempt {attempt})" if attempt > 1 else ""))
         started = time.time()
         try:
-            outputs, summary = getattr(self, f"_run_{stage}")(k, resume)
+            outputs, summary = getattr(self, f"_run_{stage}")(k, resume, key)
+        except ShardsPending as e:
+            record.update(status="waiting", waiting=str(e), seconds=earlier_seconds + time.time() - started)
+            manifest.save()
+            log(f"{st.name}: {e}")
+            return record
         except BaseException as e:
             text = str(e).strip().splitlines()
             record.update(status="failed", error=f"{type(e).__name__}: {text[0] if text else ''}"[:500],
@@ -535,6 +560,7 @@ class Run:
         manifest.save()
         if stage == "train" and not self.settings.run.keep_train_state:
             shutil.rmtree(round_dir / "train" / "state", ignore_errors=True)
+        self._remove_shards(k, stage)
         log(f"{st.name}: done in {record['seconds']:.1f}s ({_headline(stage, summary)})")
         return record
 
@@ -571,11 +597,57 @@ class Run:
                 trash = round_dir / f".{name}.trash"
                 (round_dir / name).rename(trash)
                 shutil.rmtree(trash)
+        self._remove_shards(k, stage)
 
-    def _run_generate(self, k: int, resume: bool) -> tuple[dict, dict]:
+    def _remove_shards(self, k: int, stage: str) -> None:
+        """The shard directories of a stage (of any opening): merged, or of settings no longer current."""
+        if stage not in SHARDED_OUTPUTS:
+            return
+        for path in self.round_dir(k).glob(f"{SHARDED_OUTPUTS[stage]}-*.shards"):
+            trash = path.with_name(f".{path.name}.trash")
+            shutil.rmtree(trash, ignore_errors=True)
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def shard_output(self, k: int, stage: str, key: str) -> Path:
+        """The output path shard workers of this opening of a stage are given: their shards go to
+        round-k/NAME-KEY.shards/ (shards.shard_dir)."""
+        return self.round_dir(k) / f"{SHARDED_OUTPUTS[stage]}-{key[:16]}.parquet"
+
+    def merge_shards(self, k: int, stage: str, key: str, out: Path) -> None:
+        """Merge the N shards of this opening into `out`, or raise ShardsPending while some are missing."""
+        from modpo_pipe import shards
+
+        count = self.settings.run.shards
+        directory = shards.shard_dir(self.shard_output(k, stage, key))
+        done = sorted(directory.glob(f"*-of-{count:05d}.parquet")) if directory.is_dir() else []
+        if len(done) < count:
+            have = {p.name for p in done}
+            missing = [f"{i}/{count}" for i in range(count) if shards.shard_name((i, count)) not in have]
+            raise ShardsPending(f"waiting for shard workers: {len(done)} of {count} shards written (missing "
+                                f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); they run as "
+                                f"`modpo-pipe run --workdir {self.dir} --shard I/{count}`")
+        shards.merge(done, out)
+
+    def stage_job(self, k: int, stage: str, key: str | None = None) -> tuple[Settings, Path, Path]:
+        """The settings, input and output of round k's generate or score; with `key`, the output a shard
+        worker of that opening is given."""
+        round_dir = self.round_dir(k)
+        if stage == "generate":
+            g, source, out = self.settings.generate, round_dir / "prompts.jsonl", round_dir / "pairs.parquet"
+            out = self.shard_output(k, stage, key) if key else out
+            # Each round draws other samples: the seed is offset by the round.
+            return dataclasses.replace(self.settings, generate=dataclasses.replace(
+                g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out))), source, out
+        source, out = round_dir / "pairs.parquet", round_dir / "scored.parquet"
+        out = self.shard_output(k, stage, key) if key else out
+        return dataclasses.replace(self.settings, score=dataclasses.replace(
+            self.settings.score, ref=self.reference(k), out=str(out))), source, out
+
+    def _run_generate(self, k: int, resume: bool, key: str) -> tuple[dict, dict]:
         from modpo_pipe.generate import run_generate
 
-        round_dir, g = self.round_dir(k), self.settings.generate
+        round_dir = self.round_dir(k)
         prompts_path = round_dir / "prompts.jsonl"
         lines = []
         for r in self.prompt_slice(k):
@@ -583,32 +655,35 @@ class Run:
             row.update({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt})
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         write_atomic(prompts_path, "".join(lines))
-        out = round_dir / "pairs.parquet"
-        # Each round draws other samples: the seed is offset by the round.
-        settings = dataclasses.replace(self.settings, generate=dataclasses.replace(
-            g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out)))
-        report = run_generate(settings, prompts_path, out, round_index=k, progress=self.progress)
-        outputs = {"prompts.jsonl": file_info(prompts_path), "pairs.parquet": {**file_info(out), "rows": report.pairs}}
-        summary = {"rows": report.pairs, "prompts": report.prompts, "backend": report.backend,
-                   "long_prompts_dropped": report.long_prompts_dropped,
-                   "response_tokens": report.response_tokens}
+        settings, _, out = self.stage_job(k, "generate")
+        if self.settings.run.shards > 1:
+            self.merge_shards(k, "generate", key, out)
+            summary = merged_summary(out)
+        else:
+            report = run_generate(settings, prompts_path, out, round_index=k, progress=self.progress)
+            summary = {"rows": report.pairs, "prompts": report.prompts, "backend": report.backend,
+                       "long_prompts_dropped": report.long_prompts_dropped,
+                       "response_tokens": report.response_tokens}
+        outputs = {"prompts.jsonl": file_info(prompts_path),
+                   "pairs.parquet": {**file_info(out), "rows": summary["rows"]}}
         return outputs, summary
 
-    def _run_score(self, k: int, resume: bool) -> tuple[dict, dict]:
+    def _run_score(self, k: int, resume: bool, key: str) -> tuple[dict, dict]:
         from modpo_pipe.score import run_score
 
-        round_dir = self.round_dir(k)
-        out = round_dir / "scored.parquet"
-        settings = dataclasses.replace(self.settings, score=dataclasses.replace(
-            self.settings.score, ref=self.reference(k), out=str(out)))
-        report = run_score(settings, round_dir / "pairs.parquet", out, progress=self.progress)
-        outputs = {"scored.parquet": {**file_info(out), "rows": report.pairs}}
-        summary = {"rows": report.pairs, "dropped_invalid_reward": getattr(report, "dropped_invalid_reward", 0),
-                   "reward_mean": {n: s["mean"] for n, s in report.rewards.items()},
-                   "reward_std": {n: s["std"] for n, s in report.rewards.items()}}
+        settings, pairs, out = self.stage_job(k, "score")
+        if self.settings.run.shards > 1:
+            self.merge_shards(k, "score", key, out)
+            summary = merged_summary(out)
+        else:
+            report = run_score(settings, pairs, out, progress=self.progress)
+            summary = {"rows": report.pairs, "dropped_invalid_reward": getattr(report, "dropped_invalid_reward", 0),
+                       "reward_mean": {n: s["mean"] for n, s in report.rewards.items()},
+                       "reward_std": {n: s["std"] for n, s in report.rewards.items()}}
+        outputs = {"scored.parquet": {**file_info(out), "rows": summary["rows"]}}
         return outputs, summary
 
-    def _run_train(self, k: int, resume: bool) -> tuple[dict, dict]:
+    def _run_train(self, k: int, resume: bool, key: str) -> tuple[dict, dict]:
         from modpo_pipe.train import train
 
         round_dir, t = self.round_dir(k), self.settings.train
@@ -632,6 +707,22 @@ class Run:
         summary = {"rows": report.pairs, "dropped_identical": report.dropped_identical, "steps": report.steps,
                    "resumed_from": report.resumed_from, **metrics_summary(round_dir / "metrics.jsonl")}
         return outputs, summary
+
+
+def merged_summary(path: Path) -> dict[str, Any]:
+    """A merged stage file's summary, as the unsharded stage reports it, from its metadata."""
+    import pyarrow.parquet as pq
+
+    from modpo_pipe import schema
+
+    meta, rows = schema.read_metadata(path), pq.read_metadata(path).num_rows
+    if meta["stage"] == "pairs":
+        counts = meta.get("counts", {})
+        return {"rows": rows, "prompts": counts.get("prompts"), "backend": meta.get("sampling", {}).get("backend"),
+                "long_prompts_dropped": counts.get("long_prompts_dropped"), "shards": meta.get("merged_shards")}
+    return {"rows": rows, "dropped_invalid_reward": meta["score_counts"]["dropped_invalid_reward"],
+            "reward_mean": {n: r["mean"] for n, r in meta["rewards"].items()},
+            "reward_std": {n: r["std"] for n, r in meta["rewards"].items()}, "shards": meta.get("merged_shards")}
 
 
 def metrics_summary(path: Path) -> dict[str, Any]:
@@ -742,9 +833,57 @@ def advance(run_dir: Path, settings: Settings, *, max_stages: int | None = None,
                 log(f"stopping as asked; next due: {due.name}")
                 return AdvanceReport(ran, due.name, settings.run.rounds)
             target_round = due.round if target_round is None else target_round
-            run.execute(due, manifest, log)
+            if run.execute(due, manifest, log)["status"] == "waiting":  # its shard workers have work to do
+                return AdvanceReport(ran, due.name, settings.run.rounds)
             ran.append(due.name)
             states = run.survey(manifest)
+
+
+def work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
+               log: Callable[[str], None] = _log_stderr, progress: bool | None = None) -> str | None:
+    """`run --shard I/N`: compute shard I of the generate or score stage the coordinating `run` opened (status
+    `waiting`). Holds the run's lock only to read the manifest, then RUN/.lock-shard-I-of-N while it works.
+    Returns the stage's name, or None when no stage waits for shards (nothing is touched then)."""
+    from modpo_pipe import shards
+
+    index, count = shard
+    if settings.run.shards != count:
+        raise ModpoError(f"--shard {index}/{count}: the run is split into [run].shards = {settings.run.shards}")
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        run = Run(run_dir, settings, progress)
+        if not run.progress:
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        manifest = Manifest.load(run.dir)
+        states = run.survey(manifest)
+        if any(s.changed for s in states):
+            raise ConfigChanged(config_change_message(states))
+        due = next((s for s in states if not s.valid), None)
+        if due is None or due.status != "waiting" or due.record is None or due.inputs is None:
+            log(f"shard {index}/{count}: nothing to do now; "
+                + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
+            return None
+        key = run.resume_key(due.round, due.stage, due.inputs)
+        if due.record.get("resume_key") != key:  # opened with other settings: the coordinator reopens it
+            log(f"shard {index}/{count}: {due.name} was opened with other settings; nothing to do until the "
+                "coordinating `run` opens it again")
+            return None
+        stage_settings, source, out = run.stage_job(due.round, due.stage, key)
+    with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
+        log(f"{due.name}: shard {index}/{count}: starting")
+        started = time.time()
+        if due.stage == "generate":
+            from modpo_pipe.generate import run_generate
+
+            report = run_generate(stage_settings, source, out, round_index=due.round, progress=run.progress,
+                                  shard=shard)
+        else:
+            from modpo_pipe.score import run_score
+
+            report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
+        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} pairs in "
+            f"{report.out})")
+    return due.name
 
 
 # ----------------------------------------------------------------------------------------------- status

@@ -3,18 +3,20 @@ summed log-prob of both, on exactly the stored token ids."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from modpo_pipe import models, schema
+from modpo_pipe import models, parts, schema, shards
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import batched_sequence_logps
-from modpo_pipe.rewards import load_reward, reward_inputs
+from modpo_pipe.rewards import CallableReward, load_reward, reward_inputs
 
 
 @dataclass
@@ -23,16 +25,34 @@ class ScoreReport:
     pairs: int
     rewards: dict[str, dict[str, float]]  # name -> {"mean", "std"}
     seconds: float
+    dropped_invalid_reward: int = 0  # pairs dropped for a NaN/inf/None reward (on_invalid_reward = "drop")
+    invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> pairs it made invalid
+    chunks: int = 1
+    resumed_parts: int = 0  # (component, chunk) parts found finished in OUT.parts/ from a killed run
 
 
-def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = True) -> ScoreReport:
+def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = True,
+              shard: shards.Shard | None = None) -> ScoreReport:
+    """Score every pair and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of
+    OUT.shards/ (see shards.py; `modpo-pipe merge` joins them).
+
+    Resumable: the pairs are cut into chunks of [score].shard_size; every reward and the reference write
+    one part per chunk into OUT.parts/ (see parts.py), each model is loaded only while it has chunks left,
+    and the parts are merged into `out` once all exist. A rerun after a kill recomputes no finished part.
+    """
+    from tqdm.auto import tqdm
+
     s, m = settings.score, settings.model
     if not s.rewards:
         raise ModpoError("no reward models: add a [score.rewards] table to modpo.toml or pass --reward NAME=SPEC")
     for name in s.rewards:
         schema.check_reward_name(name)
+    drop_invalid = s.on_invalid_reward == "drop"
     started = time.time()
     table, pairs_meta = schema.read_table(pairs_path, "pairs")
+    if shards.SHARD_KEY in pairs_meta:
+        raise ModpoError(f"{pairs_path} is one shard of a pairs file: join the shards first (modpo-pipe merge "
+                         f"{pairs_path.parent})")
     ref_path = s.ref or pairs_meta["policy"]["path"]
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
@@ -43,44 +63,138 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                          "its stored ids would mean other tokens")
     schema.check_token_ids(table, len(tokenizer), str(pairs_path))
 
-    columns: dict[str, list[float]] = {}
-    stats: dict[str, dict[str, float]] = {}
-    specs: dict[str, dict[str, str]] = {}
+    # Callables load (import) here, so a broken one fails before any work; models load when they have work.
+    callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}
+    specs = {name: {"spec": spec, "fingerprint": callables[name].fingerprint() if name in callables
+                    else models.fingerprint(spec)} for name, spec in s.rewards.items()}
+    ref_identity = {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")}
     n = table.num_rows
-    messages = table.column("prompt_messages").to_pylist()
-    responses_1, responses_2 = table.column("response_1").to_pylist(), table.column("response_2").to_pylist()
-    for name, spec in s.rewards.items():
-        reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
-        # Both responses in one pass: batches stay full, and the stats are over all responses.
-        inputs = reward_inputs(messages * 2, responses_1 + responses_2)
-        both = reward.score(inputs, s.reward_batch_size, progress=progress)
-        col_1, col_2 = schema.reward_columns(name)
-        columns[col_1], columns[col_2] = both[:n], both[n:]
-        stats[name] = {"mean": statistics.fmean(both), "std": statistics.pstdev(both)}
-        specs[name] = {"spec": spec, "fingerprint": reward.fingerprint()}
-        del reward  # free a reward model before loading the next one
+    chunks = parts.chunk_ranges(n, s.shard_size)
+    out_file = shards.shard_path(out, shard) if shard else out
+    work = parts.Parts(out_file, {"stage": "scored", "pairs": parts.file_fingerprint(pairs_path),
+                                  "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size}).open()
+    if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
+        return ScoreReport(str(out_file), meta["score_counts"]["pairs_out"], {}, time.time() - started,
+                           meta["score_counts"]["dropped_invalid_reward"], meta["score_counts"]["invalid_by_reward"],
+                           len(chunks), meta["score_counts"]["resumed_parts"])
+    selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's
+    n = sum(len(chunks[c]) for c in selected)
+    if shard:  # from here on, the rows of the selected chunks
+        table = pa.concat_tables([table.slice(0, 0)] + [table.slice(chunks[c].start, len(chunks[c]))
+                                                        for c in selected])
+    starts = dict(zip(selected, [0, *itertools.accumulate(len(chunks[c]) for c in selected)]))
 
-    ref = models.load_causal_lm(ref_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-                                what="[score].ref")
-    prompt_ids = table.column("prompt_ids").to_pylist()
-    response_ids = table.column("response_ids_1").to_pylist() + table.column("response_ids_2").to_pylist()
-    ref_logps = batched_sequence_logps(ref, prompt_ids * 2, response_ids, tokenizer.pad_token_id,
-                                       s.batch_tokens, progress=progress, desc="reference log-probs")
-    columns["ref_logp_1"], columns["ref_logp_2"] = ref_logps[:n], ref_logps[n:]
+    def column(name: str, c: int) -> list:
+        """Chunk c's values of one column, as Python objects: never the whole column at once."""
+        return table.column(name).slice(starts[c], len(chunks[c])).to_pylist()
+
+    def compute_parts(component: str, columns: tuple[str, str], load, compute) -> list[pa.Table]:
+        """The parts of one component (a reward or the reference): reuse finished ones, compute the rest."""
+        names = {c: f"{component}-{c:05d}" for c in selected}
+        done = {c: t for c, t in ((c, work.read(names[c], len(chunks[c]))) for c in selected) if t is not None}
+        todo = [c for c in selected if c not in done]
+        if todo:
+            model = load()
+            with tqdm(total=n, initial=n - sum(len(chunks[c]) for c in todo), desc=component, unit="pair",
+                      disable=not progress) as bar:
+                for c in todo:
+                    first, second = compute(model, c)
+                    part = pa.table({columns[0]: pa.array(first, pa.float32()),
+                                     columns[1]: pa.array(second, pa.float32())})
+                    done[c] = work.write(names[c], part)
+                    bar.update(len(chunks[c]))
+            del model  # free a model before loading the next one
+        return [done[c] for c in selected]
+
+    columns: dict[str, pa.ChunkedArray] = {}
+    for name, spec in s.rewards.items():
+        def load_this(name=name, spec=spec):
+            return callables.get(name) or load_reward(name, spec, dtype=dtype, device=device,
+                                                      trust_remote_code=m.trust_remote_code)
+
+        def score_rows(reward, c):
+            k = len(chunks[c])
+            # Both responses in one pass: batches stay full.
+            inputs = reward_inputs(column("prompt_messages", c) * 2,
+                                   column("response_1", c) + column("response_2", c))
+            labels = [f"pair {pid!r} response {j}" for j in (1, 2) for pid in column("pair_id", c)]
+            both = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid)
+            return both[:k], both[k:]
+
+        cols = schema.reward_columns(name)
+        done = compute_parts(f"reward-{name}", cols, load_this, score_rows)
+        for col in cols:
+            columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
+
+    def load_ref():
+        return models.load_causal_lm(ref_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+                                     what="[score].ref")
+
+    def ref_rows(ref, c):
+        k = len(chunks[c])
+        logps = batched_sequence_logps(ref, column("prompt_ids", c) * 2,
+                                       column("response_ids_1", c) + column("response_ids_2", c),
+                                       tokenizer.pad_token_id, s.batch_tokens, progress=False)
+        return logps[:k], logps[k:]
+
+    done = compute_parts("ref", ("ref_logp_1", "ref_logp_2"), load_ref, ref_rows)
+    for col in ("ref_logp_1", "ref_logp_2"):
+        columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
+        bad = pc.invert(pc.is_finite(columns[col]))
+        if pc.any(bad).as_py():
+            row = bad.to_pylist().index(True)
+            raise ModpoError(f"reference {ref_path}: pair {table.column('pair_id')[row].as_py()!r}: {col} is not "
+                             "finite")
+
+    # Pairs with a non-finite reward: an error, or dropped and counted.
+    keep = pa.array([True] * n)
+    invalid_by_reward: dict[str, int] = {}
+    for name in s.rewards:
+        col_1, col_2 = schema.reward_columns(name)
+        valid = pc.and_(pc.is_finite(columns[col_1]), pc.is_finite(columns[col_2]))
+        invalid_by_reward[name] = n - pc.sum(valid.cast(pa.int64())).as_py()
+        if invalid_by_reward[name] and not drop_invalid:  # parts made by an earlier run with "drop"
+            row = valid.to_pylist().index(False)
+            raise ModpoError(f"reward {name!r}: pair {table.column('pair_id')[row].as_py()!r} has a non-finite "
+                             f"score (computed by an "
+                             f"earlier run with on_invalid_reward = \"drop\"; set it again, or delete {work.dir})")
+        keep = pc.and_(keep, valid)
+    kept = pc.sum(keep.cast(pa.int64())).as_py()
+    if kept == 0 and not shard:  # (a shard may hold no pairs: the merge checks that some shard does)
+        raise ModpoError(f"{pairs_path}: every pair has a NaN, inf or None reward "
+                         f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)}); nothing to write")
 
     scored = table.select(schema.pairs_schema().names)
-    for name in s.rewards:
-        for col in schema.reward_columns(name):
-            scored = scored.append_column(col, pa.array(columns[col], pa.float32()))
-    for col in ("ref_logp_1", "ref_logp_2"):
-        scored = scored.append_column(col, pa.array(columns[col], pa.float32()))
-    scored = scored.cast(schema.scored_schema(s.rewards))
+    for col, values in columns.items():
+        scored = scored.append_column(col, values)
+    scored = scored.filter(keep).cast(schema.scored_schema(s.rewards))
+    stats = reward_stats(scored, list(s.rewards))
     metadata = {
         **pairs_meta,
         **schema.make_metadata("scored"),
         "pairs_file": str(pairs_path),
-        "ref": {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")},
+        "ref": ref_identity,
         "rewards": {name: {**specs[name], **stats[name]} for name in s.rewards},
+        "score_counts": {"pairs_in": n, "pairs_out": kept, "dropped_invalid_reward": n - kept,
+                         "invalid_by_reward": invalid_by_reward, "on_invalid_reward": s.on_invalid_reward,
+                         "chunks": len(chunks), "resumed_parts": work.reused},
     }
-    schema.write_table(scored, out, metadata)
-    return ScoreReport(str(out), scored.num_rows, stats, time.time() - started)
+    if shard:
+        kept_rows = [pc.sum(keep.slice(starts[c], len(chunks[c])).cast(pa.int64())).as_py() or 0 for c in selected]
+        metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected, kept_rows,
+                                                       len(chunks))
+    work.write_output(scored, metadata)
+    return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
+                       len(chunks), work.reused)
+
+
+def reward_stats(scored: pa.Table, names: list[str]) -> dict[str, dict[str, float | None]]:
+    """Mean and standard deviation of each reward over both responses of every pair (train's z-score);
+    None for a table with no rows (an empty shard)."""
+    stats: dict[str, dict[str, float | None]] = {}
+    for name in names:
+        col_1, col_2 = schema.reward_columns(name)
+        both = scored.column(col_1).to_pylist() + scored.column(col_2).to_pylist()
+        stats[name] = ({"mean": statistics.fmean(both), "std": statistics.pstdev(both)} if both
+                       else {"mean": None, "std": None})
+    return stats

@@ -6,22 +6,35 @@ Read `train()` top to bottom: data, model, optimizer, then one loop. Output dire
     OUT/merged/         with LoRA and --merge: base + adapter merged into full weights
     OUT/state/          resumable state (weights, optimizer moments, step), safetensors + JSON
     OUT/metrics.jsonl   one line per logging step
+
+Several processes (`accelerate launch -m modpo_pipe train ...`, or `--num-processes N`) train data-parallel:
+an optimizer step takes batch_size * grad_accum * processes pairs, each process computes the gradient of its
+own share of them, the gradients are averaged, and only the main process writes files. One process without
+a launcher is the same loop with nothing distributed.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modpo_pipe import models, schema
@@ -35,12 +48,43 @@ from modpo_pipe.losses import margin_stats, normalise_weights, pair_loss, studen
 REF_GAP_TOLERANCE = 1e-3
 
 
+class TokenLists(Sequence):
+    """Token-id lists held in Arrow, 4 bytes a token (as Python ints they take about ten times that), so that
+    10^6 pairs fit in memory; item i is a list of ints."""
+
+    def __init__(self, columns: list[pa.ChunkedArray]):
+        self.chunks = [chunk for column in columns for chunk in column.chunks if len(chunk)]
+        self.starts = list(itertools.accumulate((len(chunk) for chunk in self.chunks), initial=0))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        c = bisect.bisect_right(self.starts, i) - 1
+        return self.chunks[c][i - self.starts[c]].as_py()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk in self.chunks:
+            yield from chunk.to_pylist()
+
+    def __add__(self, other: Sequence[list[int]]) -> list[list[int]]:
+        return list(self) + list(other)
+
+    def __mul__(self, times: int) -> list[list[int]]:
+        return list(self) * times
+
+
 @dataclass
 class TrainingPairs:
     pair_ids: list[str]
-    prompt_ids: list[list[int]]
-    response_ids_1: list[list[int]]
-    response_ids_2: list[list[int]]
+    prompt_ids: TokenLists
+    response_ids_1: TokenLists
+    response_ids_2: TokenLists
     ref_logp_1: torch.Tensor  # (N,)
     ref_logp_2: torch.Tensor
     teacher: torch.Tensor  # (N,) weighted (normalised) reward margin
@@ -54,19 +98,31 @@ class TrainingPairs:
         return len(self.pair_ids)
 
 
+TOKEN_COLUMNS = ("prompt_ids", "response_ids_1", "response_ids_2")
+
+
 def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str) -> TrainingPairs:
-    """Read scored files, compute each pair's teacher margin, drop pairs with identical responses."""
+    """Read scored files, compute each pair's teacher margin, drop pairs with identical responses. Only the
+    columns training needs are read (no text), and token ids stay in Arrow."""
+    import pyarrow.parquet as pq
+
     if not paths:
         raise ModpoError("train needs at least one scored file")
-    columns: dict[str, list] = {k: [] for k in ("pair_id", "prompt_ids", "response_ids_1", "response_ids_2")}
+    pair_ids: list[str] = []
+    tokens: dict[str, list[pa.ChunkedArray]] = {col: [] for col in TOKEN_COLUMNS}
     ref_1, ref_2, teachers, fingerprints = [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
     w = None
     dropped = 0
     for path in paths:
-        table, meta = schema.read_table(path, "scored")
-        file_names = schema.reward_names_of(table.schema)
+        schema.read_metadata(path)  # a readable modpo-pipe file
+        file_schema = pq.read_schema(path)
+        meta = schema.validate_schema(file_schema, "scored", str(path))
+        if "shard" in meta:  # its reward statistics are the shard's own, not the run's
+            raise ModpoError(f"{path} is one shard of a scored file: join the shards first (modpo-pipe merge "
+                             f"{path.parent})")
+        file_names = schema.reward_names_of(file_schema)
         if names is None:
             names, first_meta = file_names, meta
             try:
@@ -77,35 +133,58 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
             raise ModpoError(f"{path}: tokenised with another tokenizer than {paths[0]}")
-        r1 = torch.tensor([table.column(schema.reward_columns(n)[0]).to_pylist() for n in names]).T
-        r2 = torch.tensor([table.column(schema.reward_columns(n)[1]).to_pylist() for n in names]).T
+        numbers = [c for n in names for c in schema.reward_columns(n)] + ["ref_logp_1", "ref_logp_2"]
+        table, meta = schema.read_columns(path, "scored", ["pair_id", *TOKEN_COLUMNS, *numbers])
+        check_finite(table, numbers, path)
+        r1 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[0]).to_numpy() for n in names])).T
+        r2 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[1]).to_numpy() for n in names])).T
         if normalize == "zscore":
             mean = torch.tensor([meta["rewards"][n]["mean"] for n in names])
             std = torch.tensor([meta["rewards"][n]["std"] for n in names])
             r1, r2 = zscore(r1, mean, std), zscore(r2, mean, std)
         teacher = teacher_margin(r1, r2, w)
-        ids_1, ids_2 = table.column("response_ids_1").to_pylist(), table.column("response_ids_2").to_pylist()
-        keep = [i for i in range(table.num_rows) if ids_1[i] != ids_2[i]]  # identical: no signal
-        dropped += table.num_rows - len(keep)
-        prompt_ids, pair_ids = table.column("prompt_ids").to_pylist(), table.column("pair_id").to_pylist()
-        columns["pair_id"] += [pair_ids[i] for i in keep]
-        columns["prompt_ids"] += [prompt_ids[i] for i in keep]
-        columns["response_ids_1"] += [ids_1[i] for i in keep]
-        columns["response_ids_2"] += [ids_2[i] for i in keep]
-        ref_1.append(torch.tensor(table.column("ref_logp_1").to_pylist())[keep])
-        ref_2.append(torch.tensor(table.column("ref_logp_2").to_pylist())[keep])
-        teachers.append(teacher[keep])
+        keep = [not same for same in identical_responses(table)]  # identical: no signal
+        dropped += table.num_rows - sum(keep)
+        rows = table.filter(pa.array(keep)) if not all(keep) else table
+        pair_ids += rows.column("pair_id").to_pylist()
+        for col in TOKEN_COLUMNS:
+            tokens[col].append(rows.column(col))
+        keep_mask = torch.tensor(keep, dtype=torch.bool)
+        ref_1.append(torch.tensor(table.column("ref_logp_1").to_numpy())[keep_mask])
+        ref_2.append(torch.tensor(table.column("ref_logp_2").to_numpy())[keep_mask])
+        teachers.append(teacher[keep_mask])
         fingerprints.append(f"{meta['created']}:{table.num_rows}:{meta.get('ref', {}).get('fingerprint')}")
-    if len(set(columns["pair_id"])) != len(columns["pair_id"]):
+    if len(set(pair_ids)) != len(pair_ids):
         raise ModpoError("the scored files share pair_ids: the same pairs given twice")
-    if not columns["pair_id"]:
+    if not pair_ids:
         raise ModpoError(f"no pairs left to train on ({dropped} had identical responses)")
     assert names is not None and w is not None
+    pa.default_memory_pool().release_unused()  # what reading needed beyond the columns kept
     return TrainingPairs(
-        columns["pair_id"], columns["prompt_ids"], columns["response_ids_1"], columns["response_ids_2"],
+        pair_ids, *(TokenLists(tokens[col]) for col in TOKEN_COLUMNS),
         torch.cat(ref_1), torch.cat(ref_2), torch.cat(teachers), names,
         {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints,
     )
+
+
+def identical_responses(table: pa.Table, rows_at_once: int = 8192) -> list[bool]:
+    """Per row, whether both responses have the same ids; a few thousand rows at a time as Python lists."""
+    same: list[bool] = []
+    for batch in table.select(["response_ids_1", "response_ids_2"]).to_batches(max_chunksize=rows_at_once):
+        same += [a == b for a, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())]
+    return same
+
+
+def check_finite(table: Any, columns: list[str], path: Path) -> None:
+    """Never train on NaN: a non-finite reward or reference log-prob names its file, row and column."""
+    import pyarrow.compute as pc
+
+    for col in columns:
+        bad = pc.invert(pc.is_finite(table.column(col)))
+        if pc.any(bad).as_py():
+            row = bad.to_pylist().index(True)
+            raise ModpoError(f"{path}: row {row} (pair {table.column('pair_id')[row].as_py()!r}): {col} is "
+                             f"{table.column(col)[row].as_py()}; rescore the pairs")
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float) -> float:
@@ -122,20 +201,35 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def optimizer_steps(n_pairs: int, t: TrainSettings) -> list[tuple[int, list[list[int]]]]:
-    """Every optimizer step as (epoch, its micro-batches of pair indices), in training order."""
+def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
+    """Every optimizer step as (epoch, its pair indices), in training order. A step takes the global batch,
+    batch_size * grad_accum * processes pairs; the last step of an epoch takes what is left."""
+    per_step = t.batch_size * t.grad_accum * processes
     steps = []
     for epoch in range(t.epochs):
         order = epoch_order(n_pairs, t.seed, epoch)
-        micro = [order[i : i + t.batch_size] for i in range(0, n_pairs, t.batch_size)]
-        steps += [(epoch, micro[i : i + t.grad_accum]) for i in range(0, len(micro), t.grad_accum)]
+        steps += [(epoch, order[i : i + per_step]) for i in range(0, n_pairs, per_step)]
     return steps
 
 
-def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: str) -> str:
-    """What a resumable state must match: data, policy and every setting that changes the result."""
+def micro_batches(step_pairs: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
+    """Process `rank`'s share of one step (every processes-th pair from the rank-th), in micro-batches. Every
+    process gets as many micro-batches as the busiest one, padded with empty ones: the gradient reductions
+    of DDP, FSDP and DeepSpeed need each process to run the same number of backward passes."""
+    mine = step_pairs[rank::processes]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    busiest = math.ceil(math.ceil(len(step_pairs) / processes) / batch_size)
+    return batches + [[] for _ in range(busiest - len(batches))]
+
+
+def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
+    """What a resumable state must match: data, policy and every setting that changes the result. The batch
+    enters as the global batch only, so a state resumes under another number of processes (or another
+    micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
     settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
-                                                                           "merge", "policy")}
+                                                                           "merge", "policy", "batch_size",
+                                                                           "grad_accum")}
+    settings["global_batch"] = t.batch_size * t.grad_accum * processes
     blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -152,11 +246,16 @@ class TrainReport:
     last_loss: float | None
     first_batch_ref_gap: float | None
     seconds: float
+    processes: int = 1
+    main_process: bool = True  # False on the other processes of a multi-process run: they print nothing
 
 
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
     t, m = settings.train, settings.model
     started = time.time()
+    accelerator = make_accelerator(m.device)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    sharded = is_sharded(accelerator)  # FSDP or DeepSpeed: weights and optimizer are split across processes
 
     # --- data: teacher margins and cached reference log-probs; no reference model anywhere ---
     data = load_training_pairs(scored_paths, t.weights, t.normalize)
@@ -169,15 +268,18 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         raise ModpoError(f"{scored_paths[0]}: tokenised with another tokenizer than the policy {policy_path}'s")
     policy_fingerprint = models.fingerprint(policy_path)
     policy_is_ref = policy_fingerprint == ref_identity.get("fingerprint")
-    steps = optimizer_steps(len(data), t)
-    fingerprint = run_fingerprint(data, t, policy_fingerprint)
+    steps = optimizer_steps(len(data), t, processes)
+    fingerprint = run_fingerprint(data, t, policy_fingerprint, processes)
 
     # --- model ---
-    device = models.resolve_device(m.device)
+    # Alone: [model].device. Under a launcher: the device it gave this process (FSDP and DeepSpeed place the
+    # weights themselves).
+    device = accelerator.device if accelerator.distributed_type != DistributedType.NO else models.resolve_device(
+        m.device)
     dtype = models.resolve_dtype(m.dtype, device)
     torch.manual_seed(t.seed)
-    model = models.load_causal_lm(policy_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-                                  what="[train].policy")
+    model = models.load_causal_lm(policy_path, dtype=dtype, device=None if sharded else device,
+                                  trust_remote_code=m.trust_remote_code, what="[train].policy")
     if t.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -185,58 +287,91 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                           target_modules=t.lora_targets, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Reentrant checkpointing breaks DDP's gradient hooks; one process keeps the library's default.
+        model.gradient_checkpointing_enable(**({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+                                               if processes > 1 else {}))
         if t.lora_r > 0:
             model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-    # --- resume ---
+    # --- resume: the state loads into the plain model and optimizer, before the engine wraps them ---
     out.mkdir(parents=True, exist_ok=True)
-    start_step = load_state(out / "state", model, optimizer, fingerprint)
-    if start_step == len(steps) and (out / "final" / "modpo_pipe.json").is_file():
+    if sharded:
+        start_step = 0
+        if (out / "state").exists():
+            raise ModpoError(f"{out / 'state'} holds a resumable state, which FSDP and DeepSpeed runs can neither "
+                             f"load nor write; resume it with one process or DDP, or use another --out")
+    else:
+        start_step = load_state(out / "state", model, optimizer, fingerprint)
+    saved_step = start_step if start_step > 0 else None  # the step of the state on disk, if any
+    merged_due = t.lora_r > 0 and t.merge and not (out / "merged" / "config.json").is_file()
+    if start_step == len(steps) and (out / "final" / "modpo_pipe.json").is_file() and not merged_due:
         return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, None, None,
-                           None, time.time() - started)
+                           None, time.time() - started, processes, accelerator.is_main_process)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, t)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        params = list(model.parameters())  # the engine's own (flat or sharded) parameters
+    unwrapped = accelerator.unwrap_model(model)
     metrics_path = out / "metrics.jsonl"
-    truncate_metrics(metrics_path, start_step)
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_path, start_step)
 
     # --- loop ---
     pad_id = tokenizer.pad_token_id
     first_loss = last_loss = ref_gap = None
-    bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step",
+               disable=not progress or not accelerator.is_main_process)
     for step in range(start_step, len(steps)):
-        epoch, micro_batches = steps[step]
+        epoch, step_pairs = steps[step]
         lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(t.seed * 1_000_003 + step)  # dropout noise depends on the step alone: resumable
+        # Dropout noise depends on the step (resumable) and the process (each draws its own).
+        torch.manual_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007)
         step_started = time.time()
-        pairs_in_step = sum(len(mb) for mb in micro_batches)
+        pairs_in_step = len(step_pairs)
+        batches = micro_batches(step_pairs, t.batch_size, rank, processes)
         loss_sum, tokens, students, teachers, log_ratios = 0.0, 0, [], [], []
-        for idx in micro_batches:
-            # One forward over both responses of every pair: y1 rows then y2 rows.
-            prompts = [data.prompt_ids[i] for i in idx]
-            batch = build_batch(prompts * 2, [data.response_ids_1[i] for i in idx]
-                                + [data.response_ids_2[i] for i in idx], pad_id).to(device)
-            logps = sequence_logps(model, batch)
-            logp_1, logp_2 = logps[: len(idx)], logps[len(idx):]
-            ref_1, ref_2 = data.ref_logp_1[idx].to(device), data.ref_logp_2[idx].to(device)
-            if step == start_step and ref_gap is None and policy_is_ref and start_step == 0:
-                ref_gap = check_reference_gap(logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu())
-            student = student_margin(logp_1, logp_2, ref_1, ref_2, t.beta)
-            teacher = data.teacher[idx].to(device)
-            loss = pair_loss(student, teacher, t.loss).sum() / pairs_in_step
-            loss.backward()
+        for j, idx in enumerate(batches):
+            padding = not idx  # this process has no pairs left in the step: a zero-weight pass over one
+            idx = idx or step_pairs[:1]
+            with gradient_sync(accelerator, model, last=j == len(batches) - 1):
+                # One forward over both responses of every pair: y1 rows then y2 rows.
+                prompts = [data.prompt_ids[i] for i in idx]
+                batch = build_batch(prompts * 2, [data.response_ids_1[i] for i in idx]
+                                    + [data.response_ids_2[i] for i in idx], pad_id).to(device)
+                logps = sequence_logps(model, batch)
+                logp_1, logp_2 = logps[: len(idx)], logps[len(idx):]
+                ref_1, ref_2 = data.ref_logp_1[idx].to(device), data.ref_logp_2[idx].to(device)
+                if (step == start_step and ref_gap is None and policy_is_ref and start_step == 0 and not padding
+                        and accelerator.is_main_process):
+                    ref_gap = check_reference_gap(logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu())
+                student = student_margin(logp_1, logp_2, ref_1, ref_2, t.beta)
+                teacher = data.teacher[idx].to(device)
+                loss = pair_loss(student, teacher, t.loss).sum() / pairs_in_step
+                # Averaging over processes divides the summed gradient by their number: scale it back.
+                accelerator.backward(loss * (0 if padding else processes))
+            if padding:
+                continue
             loss_sum += loss.item()
             tokens += batch.num_tokens
             students.append(student.detach().cpu())
             teachers.append(teacher.cpu())
             log_ratios.append(torch.cat([logp_1 - ref_1, logp_2 - ref_2]).detach().cpu())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        if not math.isfinite(loss_sum) or not torch.isfinite(grad_norm):
+        loss_sum, tokens = sum_over_processes(accelerator, loss_sum, tokens)
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        bad_gradient = grad_norm is not None and not math.isfinite(float(grad_norm))  # None: DeepSpeed clips
+        if not math.isfinite(loss_sum) or bad_gradient:
+            # Stop before the update: no bad weights reach a state or final/, and the last good state stays.
+            kept = (f"the last good state (step {saved_step}) is kept in {out / 'state'}" if saved_step
+                    else f"no state was saved yet (save_every={t.save_every})")
             raise ModpoError(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at step "
-                             f"{step + 1}; not applied. The last good state is in {out / 'state'}")
+                             f"{step + 1} (epoch {epoch}); the update was not applied and {kept}. Lower lr or "
+                             f"check the scored data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         first_loss = loss_sum if first_loss is None else first_loss
@@ -245,21 +380,25 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         bar.set_postfix(loss=f"{loss_sum:.4f}")
 
         if (step + 1) % t.log_every == 0 or step + 1 == len(steps):
-            student_all, teacher_all = torch.cat(students), torch.cat(teachers)
+            student_all, teacher_all, ratio_all = (gather_over_processes(accelerator, x)
+                                                   for x in (students, teachers, log_ratios))
             record = {
                 "step": step + 1, "epoch": epoch, "loss": loss_sum, **margin_stats(student_all, teacher_all),
-                "kl_proxy": torch.cat(log_ratios).mean().item(), "grad_norm": float(grad_norm), "lr": lr,
-                "tokens_per_s": tokens / max(time.time() - step_started, 1e-9), "pairs": pairs_in_step,
+                "kl_proxy": ratio_all.mean().item(), "grad_norm": None if grad_norm is None else float(grad_norm),
+                "lr": lr, "tokens_per_s": tokens / max(time.time() - step_started, 1e-9), "pairs": pairs_in_step,
             }
             if ref_gap is not None and step == 0:
                 record["first_batch_ref_gap"] = ref_gap
-            append_jsonl(metrics_path, record)
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
-            save_state(out / "state", model, optimizer, step + 1, fingerprint)
+            if accelerator.is_main_process:
+                append_jsonl(metrics_path, record)
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps) and not sharded:
+            on_main(accelerator, save_state, out / "state", unwrapped, optimizer, step + 1, fingerprint)
+            saved_step = step + 1
     bar.close()
 
-    # --- outputs ---
-    save_state(out / "state", model, optimizer, len(steps), fingerprint)
+    # --- outputs: written by the main process alone ---
+    if not sharded:
+        on_main(accelerator, save_state, out / "state", unwrapped, optimizer, len(steps), fingerprint)
     info = {
         "weights": data.weights, "beta": t.beta, "loss": t.loss, "normalize": t.normalize,
         "scored_files": [str(p) for p in scored_paths],
@@ -267,11 +406,92 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "ref": ref_identity, "pairs": len(data), "dropped_identical": data.dropped_identical,
         "steps": len(steps), "lora_r": t.lora_r,
     }
-    save_final(out / "final", model, tokenizer, info)
+    full_state = accelerator.get_state_dict(model) if sharded else None  # gathered from every process
+    on_main(accelerator, save_final, out / "final", unwrapped, tokenizer, info, full_state)
     if t.lora_r > 0 and t.merge:
-        save_final(out / "merged", model.merge_and_unload(), tokenizer, info)
+        def merged() -> torch.nn.Module:
+            if not sharded:
+                return unwrapped.merge_and_unload()
+            # The live adapter is split across processes: the one just written, merged on the CPU.
+            return models.load_causal_lm(str(out / "final"), dtype=dtype, device=torch.device("cpu"),
+                                         trust_remote_code=m.trust_remote_code, what="the trained adapter")
+
+        on_main(accelerator, lambda: save_final(out / "merged", merged(), tokenizer, info))
     return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, first_loss,
-                       last_loss, ref_gap, time.time() - started)
+                       last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process)
+
+
+# --- several processes (accelerate): none of this does anything with one process and no launcher ---
+
+def make_accelerator(device_setting: str) -> Accelerator:
+    """The processes `accelerate launch` started (DDP, FSDP or DeepSpeed, from its config), or one process.
+    One process needs no accelerate config; device placement stays ours ([model].device)."""
+    cpu = device_setting == "cpu" or (device_setting == "auto" and not torch.cuda.is_available())
+    return Accelerator(cpu=cpu, device_placement=False)
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def configure_deepspeed(accelerator: Accelerator, t: TrainSettings) -> None:
+    """DeepSpeed wants its micro-batch size before it starts (there is no DataLoader to read it from), and
+    must not accumulate on its own: modpo-pipe marks the last micro-batch of every step itself."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, value in (("train_micro_batch_size_per_gpu", t.batch_size), ("gradient_accumulation_steps", 1),
+                       ("gradient_clipping", t.max_grad_norm)):
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+        elif key == "gradient_accumulation_steps" and config[key] != 1:
+            raise ModpoError("the DeepSpeed config sets gradient_accumulation_steps; leave it at auto (or 1) and "
+                             "set [train].grad_accum instead")
+
+
+@contextmanager
+def gradient_sync(accelerator: Accelerator, model: torch.nn.Module, last: bool) -> Iterator[None]:
+    """Gradients are reduced across processes once a step, in the backward pass of its last micro-batch."""
+    accelerator.sync_gradients = last  # also DeepSpeed's accumulation boundary
+    if last:
+        yield
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+def sum_over_processes(accelerator: Accelerator, loss: float, tokens: int) -> tuple[float, int]:
+    if accelerator.num_processes == 1:
+        return loss, tokens
+    total = accelerator.reduce(torch.tensor([loss, tokens], dtype=torch.float64, device=accelerator.device), "sum")
+    return total[0].item(), int(total[1].item())
+
+
+def gather_over_processes(accelerator: Accelerator, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Every process's values of one step, concatenated (for the metrics line)."""
+    local = torch.cat(tensors) if tensors else torch.empty(0)
+    if accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    return torch.cat(gather_object([local]))
+
+
+def on_main(accelerator: Accelerator, write: Callable[..., None], *args: Any) -> None:
+    """Run `write(*args)` on the main process; the others wait for it, and raise the same one-line error if it
+    fails (a full disk...), so no process trains on alone."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            write(*args)
+        except ModpoError as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([str(error) if error else None])[0]
+        if message is not None and error is None:
+            raise ModpoError(message)
+    if error is not None:
+        raise error
 
 
 def check_reference_gap(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> float:
@@ -295,12 +515,33 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def _saving(tmp: Path, final: Path, what: str) -> Iterator[None]:
+    """Write into `tmp`; on any failure (a full disk...) delete it and say that `final` is untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            before = "the previous one is untouched" if final.exists() else "there was none before"
+            raise ModpoError(f"cannot save {what} to {final}: {e.strerror or e}; {before}. Free space and "
+                             f"rerun the same command to resume") from None
+        raise
+
+
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                fingerprint: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with _saving(tmp, path, f"the training state of step {step}"):
+        _write_state(tmp, model, optimizer, step, fingerprint)
+        _replace_dir(tmp, path)
+
+
+def _write_state(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                 fingerprint: str) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -310,7 +551,6 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     save_file(moments, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
                                                 "param_groups": opt["param_groups"]}))
-    _replace_dir(tmp, path)
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str) -> int:
@@ -339,13 +579,16 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     return int(state["step"])
 
 
-def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any]) -> None:
+def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any],
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`state_dict`: the full weights gathered from FSDP or DeepSpeed processes (None: the model's own)."""
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2))
-    _replace_dir(tmp, path)
+    with _saving(tmp, path, "the trained policy"):
+        model.save_pretrained(str(tmp), safe_serialization=True,
+                              **({"state_dict": state_dict} if state_dict is not None else {}))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2))
+        _replace_dir(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

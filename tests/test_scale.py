@@ -1,0 +1,374 @@
+"""Scaling out: data-parallel training on several processes, sharded generate and score, and merging.
+
+Two CPU processes (gloo), started by accelerate's own launcher, must train to the weights one process reaches
+with the same global batch (within float tolerance); N=3 shards of generate and score, merged, must hold the
+rows of the unsharded run, in its order; a bad set of shards is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from modpo_pipe import schema, shards
+from modpo_pipe.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parent.parent
+# Float tolerance of the two-process run: batch composition (padding) and the all-reduce change float
+# rounding; Adam turns that into weight differences around 1e-5 here, against updates of about 2e-3.
+WEIGHT_TOLERANCE = 1e-4
+
+
+def cli(args: list, cwd: Path | None = None):
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return runner.invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def ok(args: list, cwd: Path | None = None) -> str:
+    result = cli(args, cwd)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def fails(args: list, fragment: str) -> str:
+    """Exit 1 with exactly one `error:` line holding `fragment`, and no traceback."""
+    result = cli(args)
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
+    assert len(errors) == 1 and fragment in errors[0], result.output
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def env(tiny, tmp_path_factory) -> Path:
+    """A modpo.toml on the CPU; an unsharded pairs.parquet (6 chunks of 1 prompt, 3 pairs each) and
+    scored.parquet (6 chunks of 3 pairs) to compare the sharded runs with."""
+    work = tmp_path_factory.mktemp("scale")
+    (work / "modpo.toml").write_text(f"""
+[model]
+device = "cpu"
+dtype = "float32"
+
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = 8
+pairs_per_prompt = 3
+shard_size = 1
+
+[score]
+shard_size = 3
+
+[score.rewards]
+rm = "{tiny.reward}"
+length = "{tiny.reward_fn}"
+
+[train]
+lr = 0.0005
+epochs = 2
+save_every = 2
+""")
+    shutil.copy(tiny.prompts, work / "prompts.jsonl")
+    ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
+    ok(["score", "pairs.parquet", "--out", "scored.parquet"], work)
+    return work
+
+
+def config(env: Path) -> list:
+    return ["--config", env / "modpo.toml"]
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def steps_logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------ data-parallel training
+
+
+def test_micro_batches_split_every_step_across_processes_and_pad_the_short_ones():
+    from modpo_pipe.train import micro_batches
+
+    step = list(range(100, 109))  # 9 pairs, 2 processes, micro-batches of 2
+    rank_0, rank_1 = micro_batches(step, 2, 0, 2), micro_batches(step, 2, 1, 2)
+    assert rank_0 == [[100, 102], [104, 106], [108]]
+    assert rank_1 == [[101, 103], [105, 107], []]  # as many backward passes as rank 0
+    assert sorted(i for mb in rank_0 + rank_1 for i in mb) == step
+    assert micro_batches([7], 4, 1, 2) == [[]]  # a last step of one pair: the second process only pads
+    assert micro_batches(step, 4) == [step[:4], step[4:8], step[8:]]  # one process: as before
+
+
+def test_one_process_steps_are_the_global_batch_of_many():
+    from modpo_pipe.config import TrainSettings
+    from modpo_pipe.train import optimizer_steps
+
+    one = optimizer_steps(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
+    two = optimizer_steps(17, TrainSettings(batch_size=2, grad_accum=2, epochs=2), processes=2)
+    assert one == two and [len(pairs) for _, pairs in one] == [8, 8, 1, 8, 8, 1]
+
+
+@pytest.fixture(scope="module")
+def odd_scored(env) -> Path:
+    """17 pairs: with a global batch of 8, every epoch ends with a one-pair step, which one of two processes
+    takes alone while the other runs a zero-weight pass."""
+    table, meta = schema.read_table(env / "scored.parquet", "scored")
+    path = env / "scored-17.parquet"
+    schema.write_table(table.slice(0, 17), path, meta)
+    return path
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored, tiny, tmp_path):
+    """`--num-processes 2` runs this command under `accelerate launch` (torchrun, gloo on the CPU): 2 processes
+    x 2 micro-batches x 2 pairs per step against 1 process x 2 x 4. Same steps, losses, final weights."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(["train", odd_scored, *config(env), "--batch-size", 4, "--grad-accum", 2, "--out", one])
+    result = subprocess.run(
+        [sys.executable, "-m", "modpo_pipe", "train", str(odd_scored), *map(str, config(env)), "--batch-size", "2",
+         "--grad-accum", "2", "--num-processes", "2", "--out", str(two)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "processes: 2" in result.stderr and result.stderr.count("wrote ") == 1  # the main process reports
+
+    a, b = steps_logged(one), steps_logged(two)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # one metrics line a step: only the main process writes
+    assert [m["pairs"] for m in b] == [m["pairs"] for m in a] == [8, 8, 1, 8, 8, 1]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        assert y["sign_agreement"] == x["sign_agreement"]
+    wa, wb = weights(one / "final"), weights(two / "final")
+    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    moved = max((wa[k] - v).abs().max().item() for k, v in weights(tiny.policy).items())
+    print(f"\ntwo processes vs one, same global batch: max |weight gap| {gap:.3g} (largest update {moved:.3g})")
+    assert gap < WEIGHT_TOLERANCE
+    assert json.loads((two / "state" / "state.json").read_text())["step"] == 6
+    assert not list(two.glob("*.tmp")) and not list(two.glob("*.old"))
+
+
+def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(env, odd_scored, tmp_path,
+                                                                              monkeypatch):
+    """A one-process run killed in step 5 resumes on two processes at step 4: global batch 8 both times."""
+    import modpo_pipe.train as train_module
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["train", odd_scored, *config(env)]
+    ok([*common, "--batch-size", 8, "--out", full])
+    real, calls = train_module.pair_loss, {"n": 0}
+
+    def dies_in_step_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # one micro-batch a step
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "pair_loss", dies_in_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.invoke(app, [str(a) for a in [*common, "--batch-size", 8, "--out", part]], catch_exceptions=False)
+    monkeypatch.undo()
+    assert json.loads((part / "state" / "state.json").read_text())["step"] == 4
+    # Another global batch is another run: refused, nothing touched.
+    fails([*common, "--batch-size", 2, "--out", part], "holds a training state for other data or settings")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "modpo_pipe", "train", str(odd_scored), *map(str, config(env)), "--batch-size", "4",
+         "--num-processes", "2", "--out", str(part)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from step: 4" in result.stderr
+    assert [m["step"] for m in steps_logged(part)] == [1, 2, 3, 4, 5, 6]
+    wa, wb = weights(full / "final"), weights(part / "final")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_TOLERANCE
+
+
+def test_num_processes_is_refused_under_a_launcher(env, odd_scored, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fails(["train", odd_scored, *config(env), "--num-processes", 2, "--out", tmp_path / "x"],
+          "--num-processes starts `accelerate launch` itself")
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml"])
+def test_example_accelerate_configs_load(name):
+    """The shipped configs parse as accelerate config files (FSDP and DeepSpeed need GPUs to run)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "examples" / "accelerate" / name))
+    assert config.distributed_type.value in {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP",
+                                              "deepspeed_zero2.yaml": "DEEPSPEED"}[name]
+    assert config.num_processes >= 2
+
+
+# ------------------------------------------------------------------------------------------ sharded stages
+
+
+def rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def sharded(env) -> dict[str, Path]:
+    """generate and score, each as 3 shards (0-based), merged."""
+    out = env / "sharded"
+    out.mkdir()
+    for i in range(3):
+        ok(["generate", env / "prompts.jsonl", *config(env), "--shard", f"{i}/3", "--out", out / "pairs.parquet"])
+    ok(["merge", out / "pairs.shards"])  # default output: pairs.parquet beside the directory
+    for i in range(3):
+        ok(["score", out / "pairs.parquet", *config(env), "--shard", f"{i}/3", "--out", out / "scored.parquet"])
+    ok(["merge", *sorted((out / "scored.shards").glob("*.parquet")), "--out", out / "scored.parquet"])
+    return {"dir": out, "pairs": out / "pairs.parquet", "scored": out / "scored.parquet"}
+
+
+def test_three_shards_merge_to_the_unsharded_rows(env, sharded):
+    """Each chunk samples with its own seed and is scored on its own: the merged files hold exactly the rows
+    (ids, token ids, texts, rewards, reference log-probs) of the unsharded run, in its order."""
+    pair_shards = sorted((sharded["dir"] / "pairs.shards").glob("*.parquet"))
+    assert [p.name for p in pair_shards] == ["00000-of-00003.parquet", "00001-of-00003.parquet",
+                                             "00002-of-00003.parquet"]
+    # Shard i holds chunks i and i+3 of the 6: disjoint, deterministic slices.
+    held = [schema.read_metadata(p)["shard"]["chunks"] for p in pair_shards]
+    assert held == [[0, 3], [1, 4], [2, 5]]
+    assert sorted(r["pair_id"] for p in pair_shards for r in rows(p)) == sorted(
+        r["pair_id"] for r in rows(env / "pairs.parquet"))
+    assert rows(sharded["pairs"]) == rows(env / "pairs.parquet")
+    assert rows(sharded["scored"]) == rows(env / "scored.parquet")
+    unsharded, merged = schema.read_metadata(env / "scored.parquet"), schema.read_metadata(sharded["scored"])
+    assert merged["rewards"] == unsharded["rewards"]  # statistics over all rows, as train's z-score needs
+    assert merged["score_counts"]["pairs_in"] == merged["score_counts"]["pairs_out"] == 18
+    assert "shard" not in merged and merged["merged_shards"] == 3
+
+
+def test_a_finished_shard_is_not_redone(env, sharded):
+    path = sharded["dir"] / "pairs.shards" / "00001-of-00003.parquet"
+    before = path.stat().st_mtime_ns
+    output = ok(["generate", env / "prompts.jsonl", *config(env), "--shard", "1/3", "--out",
+                 sharded["dir"] / "pairs.parquet"])
+    assert "wrote shard 1/3" in output and path.stat().st_mtime_ns == before
+
+
+def test_more_shards_than_chunks_leave_empty_shards_that_merge(env, tmp_path):
+    out = tmp_path / "pairs.parquet"
+    for i in range(4):  # 3 chunks of 2 prompts: shard 3 has none
+        ok(["generate", env / "prompts.jsonl", *config(env), "--shard-size", 2, "--shard", f"{i}/4", "--out", out])
+    assert pq.read_metadata(shards.shard_path(out, (3, 4))).num_rows == 0
+    ok(["merge", shards.shard_dir(out)])
+    assert len({r["pair_id"] for r in rows(out)}) == 18
+
+
+def test_shard_files_are_not_stage_inputs(env, sharded):
+    shard = sharded["dir"] / "pairs.shards" / "00000-of-00003.parquet"
+    fails(["score", shard, *config(env), "--out", sharded["dir"] / "x.parquet"],
+          "is one shard of a pairs file: join the shards first (modpo-pipe merge")
+    scored_shard = sharded["dir"] / "scored.shards" / "00000-of-00003.parquet"
+    fails(["train", scored_shard, *config(env), "--out", sharded["dir"] / "ckpt"],
+          "is one shard of a scored file: join the shards first")
+
+
+@pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0"])
+def test_bad_shard_specs_are_refused(env, text, tmp_path):
+    fails(["generate", env / "prompts.jsonl", *config(env), "--shard", text, "--out", tmp_path / "p.parquet"],
+          "--shard must be I/N with 0 <= I < N")
+
+
+def _copy(files: list[Path], where: Path) -> Path:
+    where.mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, where / f.name)
+    return where
+
+
+def test_merge_refuses_missing_duplicate_and_mismatched_shards(env, sharded, tmp_path):
+    pair_shards = sorted((sharded["dir"] / "pairs.shards").glob("*.parquet"))
+    out = tmp_path / "merged.parquet"
+    # missing
+    fails(["merge", _copy([pair_shards[0], pair_shards[2]], tmp_path / "missing"), "--out", out],
+          "missing 1 of 3 shards: 1/3")
+    # duplicate: the same shard twice
+    twice = _copy(pair_shards, tmp_path / "twice")
+    shutil.copy(pair_shards[1], twice / "copy-of-1.parquet")
+    fails(["merge", twice, "--out", out], "shard 1/3 given twice")
+    # mismatched: a shard of another run (another seed), of another N, of another stage, not a shard at all
+    other = tmp_path / "other" / "pairs.parquet"
+    ok(["generate", env / "prompts.jsonl", *config(env), "--seed", 7, "--shard", "1/3", "--out", other])
+    fails(["merge", pair_shards[0], shards.shard_path(other, (1, 3)), pair_shards[2], "--out", out],
+          "are shards of different runs (they differ in: seed)")
+    ok(["generate", env / "prompts.jsonl", *config(env), "--shard", "1/2", "--out", other])
+    fails(["merge", pair_shards[0], shards.shard_path(other, (1, 2)), pair_shards[2], "--out", out],
+          "is shard 1/2 but")
+    fails(["merge", pair_shards[0], sharded["dir"] / "scored.shards" / "00001-of-00003.parquet", pair_shards[2],
+           "--out", out], "is a 'scored' shard but")
+    fails(["merge", pair_shards[0], env / "pairs.parquet", "--out", out], "not a shard file (written without --shard)")
+    fails(["merge", *pair_shards], "give --out")
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------- rounds with shards
+
+
+def _run_config(run_dir: Path, tiny, prompts: Path, **run: object) -> None:
+    from modpo_pipe.config import _toml_value
+
+    sections = {
+        "model": {"device": "cpu", "dtype": "float32"},
+        "generate": {"policy": str(tiny.policy), "backend": "transformers", "max_new_tokens": 8,
+                     "pairs_per_prompt": 1, "seed": 3, "shard_size": 1},
+        "score": {"shard_size": 1},
+        "score.rewards": {"rm": str(tiny.reward), "length": tiny.reward_fn},
+        "train": {"lr": 5e-4, "epochs": 1, "batch_size": 2, "save_every": 1},
+        "run": {"rounds": 2, "prompts": str(prompts), **run},
+    }
+    run_dir.mkdir(parents=True)
+    (run_dir / "modpo.toml").write_text("".join(
+        f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()) for name, values in
+        sections.items()))
+
+
+def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
+    """[run].shards = 2: the plain `run` opens generate and score and waits; two `run --shard I/2` workers
+    compute the shards; the next `run` merges them and goes on. Every round's files equal an unsharded run's."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(tiny.prompts.read_text().splitlines(keepends=True)[:4]))
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    _run_config(plain, tiny, prompts)
+    _run_config(sharded, tiny, prompts, shards=2)
+    ok(["run", "--workdir", plain])
+
+    waited = 0
+    for _ in range(8):  # each pass: the coordinator, then both workers
+        output = ok(["run", "--workdir", sharded])
+        if "all 2 rounds done" in output:
+            break
+        assert "waiting for shard workers: 0 of 2 shards written (missing 0/2, 1/2)" in output, output
+        waited += 1
+        status = ok(["status", "--workdir", sharded])
+        assert "waiting" in status
+        for i in range(2):
+            assert "shard" in ok(["run", "--workdir", sharded, "--shard", f"{i}/2"])
+    assert waited == 4  # generate and score of both rounds
+    assert "nothing to do now; every round is done" in ok(["run", "--workdir", sharded, "--shard", "0/2"])
+    fails(["run", "--workdir", sharded, "--shard", "0/3"], "the run is split into [run].shards = 2")
+    for k in range(2):
+        for name in ("pairs.parquet", "scored.parquet"):
+            assert rows(sharded / f"round-00{k}" / name) == rows(plain / f"round-00{k}" / name)
+        assert not list((sharded / f"round-00{k}").glob("*.shards"))  # merged, then removed
+        wa, wb = weights(plain / f"round-00{k}" / "policy"), weights(sharded / f"round-00{k}" / "policy")
+        assert all((wa[n] == wb[n]).all() for n in wa)
