@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from modpo_pipe import rounds
@@ -122,7 +123,11 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert sa.column(column).to_pylist() == pytest.approx(sb.column(column).to_pylist(), abs=1e-5)
         wa = load_file(str(ra / "policy" / "model.safetensors"))
         wb = load_file(str(rb / "policy" / "model.safetensors"))
-        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) < 1e-6
+        # Adam turns float noise (reduction order under thread contention) into up to a fraction of one lr
+        # step on weights whose gradients are near zero; a skipped or repeated step would move most weights
+        # by about lr (5e-4). So: the worst weight within half a step, the mean far below it.
+        diffs = torch.cat([(wa[n] - wb[n]).abs().flatten() for n in wa])
+        assert diffs.max().item() < 2.5e-4 and diffs.mean().item() < 1e-6, (diffs.max(), diffs.mean())
         steps = [json.loads(line)["step"] for line in (rb / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, len(steps) + 1)) and steps
         assert (rb / "metrics.jsonl").read_text() == (rb / "train" / "metrics.jsonl").read_text()
