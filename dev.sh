@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite, `./dev.sh demo` runs the
-# whole pipeline on the embedded default model. Both create .venv and install everything on first use.
+# whole pipeline on the embedded default model, `./dev.sh bench [--quick]` runs the benchmarks. Each creates
+# .venv and installs everything on first use.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -40,8 +41,13 @@ case "${1:-}" in
     shift
     modpo-pipe demo "$@"
     ;;
+  bench)
+    setup
+    shift
+    python -m benchmarks.run "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args]" >&2
+    echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args] | ./dev.sh bench [--quick]" >&2
     exit 2
     ;;
 esac

@@ -226,3 +226,36 @@ def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
 
     # Second call: cached, immediate.
     assert embedded.embedded_policy_dir(tmp_path, progress=False) == out
+
+
+# ---------------------------------------------------------------- the demo itself
+
+
+def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
+    """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2: three trained
+    policies plus the reference evaluated, the table printed, the front drawn; a rerun redoes nothing."""
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("matplotlib")
+    from modpo_pipe import demo
+
+    monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
+    out = tmp_path / "demo"
+    demo.run_demo(out, quick=True)
+    first = capsys.readouterr().out
+    summaries = json.loads((out / "eval.json").read_text())
+    assert [s["label"] for s in summaries] == ["reference", "w_positivity=0.0", "w_positivity=0.5",
+                                               "w_positivity=1.0"]
+    assert [s["weights"] for s in summaries[1:]] == [{"positivity": w, "concision": 1.0 - w} for w in (0.0, 0.5, 1.0)]
+    assert all(s["samples"] == 12 and set(s["rewards"]) == {"positivity", "concision"} for s in summaries)
+    assert (out / "front.png").stat().st_size > 0 and (out / "front.svg").is_file()
+    # The system message reached the rendered prompts the pairs were sampled from.
+    first_prompt = json.loads((out / "train-prompts.jsonl").read_text().splitlines()[0])
+    assert first_prompt["messages"][0] == {"role": "system", "content": demo.SYSTEM_MESSAGE}
+    assert "w_positivity=1.0" in first and "== train" in first
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"
+              and p.suffix != ".svg"}
+    demo.run_demo(out, quick=True)
+    again = capsys.readouterr().out
+    assert "== train" not in again and "== generate" not in again and "== eval" not in again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

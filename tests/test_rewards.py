@@ -234,6 +234,22 @@ def test_model_reward_does_not_depend_on_batching_or_padding(reward_model):
     assert batched == pytest.approx(alone, abs=1e-4)
 
 
+def test_model_reward_batches_by_length_and_answers_in_input_order(reward_model, monkeypatch):
+    responses = ["A long answer that goes on and on about many things, " * 3, "Hi", "Medium answer here.", "Ok"]
+    batch_lengths = []
+    original = reward_model._score_batch
+
+    def spy(batch):
+        batch_lengths.append([len(x.response) for x in batch])
+        return original(batch)
+
+    monkeypatch.setattr(reward_model, "_score_batch", spy)
+    scores = reward_model.score(inputs(*responses), batch_size=2)
+    assert batch_lengths == [[2, 2], [19, len(responses[0])]]  # the two short ones share a batch
+    alone = [reward_model.score(inputs(r), batch_size=1)[0] for r in responses]
+    assert scores == pytest.approx(alone, abs=1e-4)
+
+
 def test_reward_model_with_two_labels_is_refused(tmp_path):
     from conftest import REWARD_TEMPLATE, llama_config, make_tokenizer  # tests/ is on sys.path (rootdir conftest)
     from transformers import LlamaForSequenceClassification

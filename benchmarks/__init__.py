@@ -1,0 +1,1 @@
+"""Benchmarks of the three stages against plain baselines: `python -m benchmarks.run [--quick]`."""

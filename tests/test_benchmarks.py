@@ -1,0 +1,50 @@
+"""Smoke test of the benchmark (benchmarks/run.py): the --quick code path on a tiny model runs every variant
+and reports every row. Timings are never asserted: they depend on the machine."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+run = pytest.importorskip("benchmarks.run")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench")
+    run.build_workload(run.SIZES["tiny"], root)
+    return root
+
+
+def test_benchmark_runs_every_variant_and_reports(workdir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert run.main(["--size", "tiny", "--no-isolate", "--workdir", str(workdir), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    expected = set(run.SECTIONS["train"] + run.SECTIONS["score"] + run.SECTIONS["generate"]
+                   + run.EXTRAS["train"] + run.EXTRAS["score"])
+    assert expected <= set(results["runs"])
+    for name, runs in results["runs"].items():
+        assert all("error" not in r for r in runs), (name, runs)
+    metrics = {row["metric"] for row in results["rows"]}
+    for metric in ("full FT: pairs/s", "LoRA: pairs/s", "LoRA: peak RSS (loop)",
+                   "pairs/s (ref log-probs + 2 reward models)", "real-token share, reference log-probs",
+                   "tokens/s, transformers backend", "full FT FLOP/s (6*params*tokens computed) / fp32 matmul FLOP/s"):
+        assert metric in metrics
+        assert metric in table
+    rows = {row["metric"]: row for row in results["rows"]}
+    assert rows["full FT: pairs/s"]["ratio"] > 0
+    assert 0 < float(rows["real-token share, reference log-probs"]["ours"]) <= 1
+
+
+def test_child_process_reports_json(workdir):
+    """The isolated form: one variant in a child process, its result read back as JSON."""
+    result = run.spawn("score-base", workdir / "workload.json", isolate=True)
+    assert "error" not in result, result
+    assert result["pairs"] == run.SIZES["tiny"].score_pairs
+    assert result["reward_slots"] >= result["reward_tokens"] > 0
