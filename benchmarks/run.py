@@ -2,7 +2,7 @@
 measured in the same run.
 
     python -m benchmarks.run --quick     # small model: a few minutes on 2 CPU cores
-    python -m benchmarks.run             # a Llama config of SmolLM2-135M's size (about 15-20 min on 2 cores)
+    python -m benchmarks.run             # a Llama config of SmolLM2-135M's size (about 30 min on 2 cores)
 
 Options: --repeats N (interleave the variants N times; ratios are medians over repeats), --only
 train,score,generate, --workdir DIR (keep the workload and per-variant JSON), --json FILE, --markdown.

@@ -6,9 +6,9 @@ samples pairs once from the reference, scores them once, trains one policy per w
 same cached pairs, evaluates every policy and the reference on held-out prompts, and plots the front.
 
 Sized for about 10 minutes on 2 CPU cores (the README lists measured times and results): LoRA on every
-linear layer (1.5x faster per step than full fine-tuning here, and it learns faster at few steps), 40-token
-replies, 96 training pairs, 40 held-out prompts. Every step skips work whose output already exists, so an
-interrupted demo continues where it stopped.
+linear layer (cheaper steps: on the same 8 pairs an attention-only LoRA step took 7.2 s on 2 cores, a full
+fine-tuning step 10.9 s), 40-token replies, 96 training pairs, 40 held-out prompts. Every step skips work
+whose output already exists, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from modpo_pipe import config as cfg
 from modpo_pipe.errors import ModpoError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-# Without it SmolLM2-135M runs past a 40-token limit in 9 of 10 replies, and a pair of two truncated replies
+# Without it SmolLM2-135M ran past a 40-token limit in 125 of 128 replies, and a pair of two truncated replies
 # carries no length signal for concision to learn from; with it about half the replies end on their own.
 SYSTEM_MESSAGE = "You are a terse assistant. Reply in under 15 words."
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
