@@ -1,0 +1,72 @@
+"""The transformers backend's decode loop: left padding, position ids, the KV cache and rows leaving the batch
+when they stop must give every row exactly what it would get alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def policy(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny.policy, dtype=torch.float32).eval()
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def test_batched_rows_with_eviction_match_each_row_alone(policy, tiny_tokenizer):
+    """Near-greedy sampling (temperature 1e-4) makes the reply a function of the prompt, so the batch's replies
+    must equal `generate`'s greedy reply for each prompt run alone, stops included."""
+    from modpo_pipe.generate.hf import eos_ids, sample_rows
+
+    stop_ids = eos_ids(policy, tiny_tokenizer)
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS] + [tiny_tokenizer.encode("a b c d e f g h i j k l")]
+    ids, mask = left_pad(prompts, tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    tokens, logps = sample_rows(policy, ids, mask, temperature=1e-4, top_p=1.0, max_new_tokens=24,
+                                stop_ids=stop_ids)
+    for prompt, reply, reply_logps in zip(prompts, tokens, logps):
+        alone = policy.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                dtype=torch.long), do_sample=False, max_new_tokens=24, top_k=None, top_p=None,
+                                temperature=None, eos_token_id=sorted(stop_ids),
+                                pad_token_id=tiny_tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        cut = next((k + 1 for k, t in enumerate(alone) if t in stop_ids), len(alone))
+        assert reply == alone[:cut]
+        # the recorded log-probs are the untempered model's
+        full = torch.log_softmax(policy(input_ids=torch.tensor([prompt + reply])).logits[0].double(), -1)
+        expected = [full[len(prompt) + k - 1, t].item() for k, t in enumerate(reply)]
+        assert reply_logps == pytest.approx(expected, abs=1e-4)
+    lengths = [len(t) for t in tokens]
+    assert min(lengths) < max(lengths)  # rows left the batch at different steps
+    torch.manual_seed(0)
+    capped, _ = sample_rows(policy, ids, mask, temperature=1e-4, top_p=1.0, max_new_tokens=3, stop_ids=stop_ids)
+    assert capped == [t[:3] for t in tokens]  # the cap cuts replies, stopped or not
+
+
+@torch.inference_mode()
+def test_same_seed_same_samples_and_tiny_top_p_is_greedy(policy, tiny_tokenizer):
+    from modpo_pipe.generate.hf import eos_ids, sample_rows
+
+    stop_ids = eos_ids(policy, tiny_tokenizer)
+    ids, mask = left_pad([tiny_tokenizer.encode(p) for p in PROMPTS], tiny_tokenizer.pad_token_id)
+
+    def run(seed: int, **kwargs):
+        torch.manual_seed(seed)
+        return sample_rows(policy, ids, mask, max_new_tokens=12, stop_ids=stop_ids, **kwargs)
+
+    assert run(7, temperature=1.0, top_p=1.0) == run(7, temperature=1.0, top_p=1.0)
+    assert run(7, temperature=1.0, top_p=1.0)[0] != run(8, temperature=1.0, top_p=1.0)[0]
+    # a nucleus of 1e-6 keeps only the most likely token: sampling at temperature 1 becomes greedy
+    assert run(7, temperature=1.0, top_p=1e-6)[0] == run(8, temperature=1e-4, top_p=1.0)[0]
