@@ -111,6 +111,27 @@ def build_tiny_models(root: Path, seed: int = 0) -> TinyModels:
     return TinyModels(root, policy_dir, reward_dir, f"py:{fn_file}:length", prompts)
 
 
+def cli(args: list, cwd: Path | None = None):
+    """`modpo-pipe ARGS` in this process (from `cwd` when given); the typer result."""
+    from typer.testing import CliRunner
+
+    from modpo_pipe.cli import app
+
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+
+
+def ok(args: list, cwd: Path | None = None) -> str:
+    result = cli(args, cwd)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyModels:
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))

@@ -25,12 +25,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import cli, ok
 
 from modpo_pipe import parts, schema
 from modpo_pipe.cli import app
 
-runner = CliRunner()
 MAX_NEW_TOKENS = 6
 CONTEXT = 512  # the tiny models' max_position_embeddings
 
@@ -61,22 +60,6 @@ def all_nan(prompts, responses):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def cli(args: list, cwd: Path | None = None):
-    old = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
-
-def ok(args: list, cwd: Path | None = None) -> str:
-    result = cli(args, cwd)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def fails(args: list, fragment: str, cwd: Path | None = None) -> str:

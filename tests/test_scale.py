@@ -8,7 +8,6 @@ rows of the unsharded run, in its order; a bad set of shards is refused with one
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli, ok
 from typer.testing import CliRunner
 
 from modpo_pipe import schema, shards
@@ -26,22 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 # Float tolerance of the two-process run: batch composition (padding) and the all-reduce change float
 # rounding; Adam turns that into weight differences around 1e-5 here, against updates of about 2e-3.
 WEIGHT_TOLERANCE = 1e-4
-
-
-def cli(args: list, cwd: Path | None = None):
-    old = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
-
-
-def ok(args: list, cwd: Path | None = None) -> str:
-    result = cli(args, cwd)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
 
 
 def fails(args: list, fragment: str) -> str:
