@@ -374,13 +374,20 @@ def front_command(
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
+    train_prompts: int = typer.Option(0, "--train-prompts", help="Training prompts, one pair each (0: 96)."),
+    eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 40)."),
+    eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
 ) -> None:
     """The whole method on a real model, offline: SmolLM2-135M-Instruct, positivity vs concision, three
     weight vectors, evaluated on held-out prompts, with the front plotted."""
-    from modpo_pipe.demo import run_demo
+    import dataclasses
 
+    from modpo_pipe.demo import QUICK, DemoSize, run_demo
+
+    size = QUICK if quick else DemoSize()
+    chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples}
     with user_errors():
-        run_demo(out, quick=quick)
+        run_demo(out, dataclasses.replace(size, **{k: v for k, v in chosen.items() if v}))
 
 
 @app.command("init")

@@ -116,6 +116,8 @@ class TrainSettings:
     lora_alpha: int = setting(16, "LoRA alpha.")
     lora_dropout: float = setting(0.0, "LoRA dropout.")
     lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
+    lora_layers: int = setting(
+        0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.")
     merge: bool = setting(False, "With LoRA, also write merged full weights to OUT/merged.")
     gradient_checkpointing: bool = setting(False, "Trade compute for activation memory.")
     log_every: int = setting(1, "Optimizer steps between metrics lines.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from modpo_pipe import builtin_rewards, embedded
+from modpo_pipe.errors import ModpoError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -240,13 +242,14 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
 
     monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
     out = tmp_path / "demo"
-    demo.run_demo(out, quick=True)
+    size = dataclasses.replace(demo.QUICK, eval_samples=2)
+    demo.run_demo(out, size)
     first = capsys.readouterr().out
     summaries = json.loads((out / "eval.json").read_text())
     assert [s["label"] for s in summaries] == ["reference", "w_positivity=0.0", "w_positivity=0.5",
                                                "w_positivity=1.0"]
     assert [s["weights"] for s in summaries[1:]] == [{"positivity": w, "concision": 1.0 - w} for w in (0.0, 0.5, 1.0)]
-    assert all(s["samples"] == 12 and set(s["rewards"]) == {"positivity", "concision"} for s in summaries)
+    assert all(s["samples"] == 2 * 12 and set(s["rewards"]) == {"positivity", "concision"} for s in summaries)
     assert (out / "front.png").stat().st_size > 0 and (out / "front.svg").is_file()
     # The system message reached the rendered prompts the pairs were sampled from.
     first_prompt = json.loads((out / "train-prompts.jsonl").read_text().splitlines()[0])
@@ -255,7 +258,24 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"
               and p.suffix != ".svg"}
-    demo.run_demo(out, quick=True)
+    demo.run_demo(out, size)
     again = capsys.readouterr().out
     assert "== train" not in again and "== generate" not in again and "== eval" not in again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # Another size must not reuse this run's pairs and policies.
+    with pytest.raises(ModpoError, match="holds a demo run of another size"):
+        demo.run_demo(out, demo.QUICK)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"train_prompts": 10_000}, "--train-prompts must be between 1 and 267"),
+    ({"eval_prompts": 0}, "--eval-prompts must be between 1 and 67"),
+    ({"eval_samples": 0}, "--eval-samples must be at least 1"),
+])
+def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, message):
+    from modpo_pipe import demo
+
+    with pytest.raises(ModpoError, match=message):
+        demo.check_size(dataclasses.replace(demo.DemoSize(), **change), tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()

@@ -214,6 +214,30 @@ def test_lora_training_with_merge(workdir, tmp_path):
     assert torch.allclose(merged(ids).logits, via_adapter(ids).logits, atol=1e-5)
 
 
+def test_lora_layers_adapts_only_the_top_layers(workdir, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from modpo_pipe import models
+
+    invoke(["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"), "--lora-r", "4",
+            "--lora-layers", "1", "--lr", "1e-2", "--epochs", "1", "--merge", "--out", str(tmp_path / "top")],
+           tmp_path)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name in
+               load_file(tmp_path / "top" / "final" / "adapter_model.safetensors")}
+    assert adapted == {"1"}  # the tiny model has layers 0 and 1
+    cpu = torch.device("cpu")
+    base = models.load_causal_lm(tiny.policy, dtype=torch.float32, device=cpu).state_dict()
+    merged = models.load_causal_lm(str(tmp_path / "top" / "merged"), dtype=torch.float32, device=cpu).state_dict()
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    assert torch.equal(merged[q.format(0)], base[q.format(0)])
+    assert not torch.equal(merged[q.format(1)], base[q.format(1)])
+
+    result = runner.invoke(app, ["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"),
+                                 "--lora-r", "4", "--lora-layers", "3", "--out", str(tmp_path / "too-many")])
+    assert result.exit_code == 1
+    assert "[train].lora_layers = 3, but the model has 2 layers" in result.output
+
+
 def test_tokenizer_mismatch_is_refused(workdir, tmp_path, tiny):
     from tests.conftest import make_tokenizer
 

@@ -70,3 +70,24 @@ def test_same_seed_same_samples_and_tiny_top_p_is_greedy(policy, tiny_tokenizer)
     assert run(7, temperature=1.0, top_p=1.0)[0] != run(8, temperature=1.0, top_p=1.0)[0]
     # a nucleus of 1e-6 keeps only the most likely token: sampling at temperature 1 becomes greedy
     assert run(7, temperature=1.0, top_p=1e-6)[0] == run(8, temperature=1e-4, top_p=1.0)[0]
+
+
+@torch.inference_mode()
+def test_n_replies_per_row_share_one_prefill_and_match_repeated_rows(policy, tiny_tokenizer):
+    """Running each prompt once and copying its KV cache n times must sample exactly what n copies of the
+    prompt would: same seed, same replies, same log-probs."""
+    from modpo_pipe.generate.hf import eos_ids, sample_rows
+
+    stop_ids = eos_ids(policy, tiny_tokenizer)
+    ids, mask = left_pad([tiny_tokenizer.encode(p) for p in PROMPTS], tiny_tokenizer.pad_token_id)
+    torch.manual_seed(3)
+    shared, shared_logps = sample_rows(policy, ids, mask, n=3, temperature=1.0, top_p=1.0, max_new_tokens=16,
+                                       stop_ids=stop_ids)
+    torch.manual_seed(3)
+    repeated, repeated_logps = sample_rows(policy, ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0),
+                                           temperature=1.0, top_p=1.0, max_new_tokens=16, stop_ids=stop_ids)
+    assert len(shared) == 3 * len(PROMPTS)
+    assert shared == repeated
+    for got, expected in zip(shared_logps, repeated_logps):
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert len({tuple(t) for t in shared[:3]}) > 1  # the copies of one prompt still draw different replies

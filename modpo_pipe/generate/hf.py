@@ -58,7 +58,7 @@ def sample_transformers(
             attention_mask[row, width - len(ids):] = 1
         torch.manual_seed(batch_seed(seed, batch_index))
         tokens, token_logps = sample_rows(
-            model, input_ids.repeat_interleave(n, 0).to(device), attention_mask.repeat_interleave(n, 0).to(device),
+            model, input_ids.to(device), attention_mask.to(device), n=n,
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
         )
         for row, i in enumerate(batch):
@@ -70,22 +70,29 @@ def sample_transformers(
 
 
 def sample_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
-                top_p: float, max_new_tokens: int, stop_ids: set[int]) -> tuple[list[list[int]], list[list[float]]]:
-    """One reply per left-padded row: its token ids (ending with a stop id, or max_new_tokens long) and each
-    token's raw log-prob. A row that has stopped leaves the batch and the KV cache."""
+                top_p: float, max_new_tokens: int, stop_ids: set[int],
+                n: int = 1) -> tuple[list[list[int]], list[list[float]]]:
+    """n replies per left-padded row, row by row (row 0's n replies first): each reply's token ids (ending with
+    a stop id, or max_new_tokens long) and each token's raw log-prob. A reply that has stopped leaves the
+    batch and the KV cache. The prompt is run once per row and its cache copied n times: with a 40-token
+    prompt and a 40-token reply limit, prefill is about half of all the work."""
     from transformers import DynamicCache, TopPLogitsWarper
 
     top_p_warper = TopPLogitsWarper(top_p) if top_p < 1.0 else None
     stop = torch.tensor(sorted(stop_ids), device=input_ids.device)
-    tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
-    token_logps: list[list[float]] = [[] for _ in range(len(input_ids))]
-    active = list(range(len(input_ids)))  # original row of each row still in the batch
+    tokens: list[list[int]] = [[] for _ in range(len(input_ids) * n)]
+    token_logps: list[list[float]] = [[] for _ in range(len(input_ids) * n)]
+    active = list(range(len(input_ids) * n))  # original reply index of each row still in the batch
     cache = DynamicCache()
     step_ids = input_ids
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True).logits[:, -1].float()
+        if step == 0 and n > 1:
+            logits = logits.repeat_interleave(n, 0)
+            cache.batch_repeat_interleave(n)
+            attention_mask, step_ids = attention_mask.repeat_interleave(n, 0), step_ids.repeat_interleave(n, 0)
         scores = logits / temperature
         if top_p_warper is not None:
             scores = top_p_warper(step_ids, scores)
