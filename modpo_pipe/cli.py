@@ -377,6 +377,8 @@ def demo_command(
     train_prompts: int = typer.Option(0, "--train-prompts", help="Training prompts, one pair each (0: 96)."),
     eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 40)."),
     eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
+    train_steps: int = typer.Option(
+        0, "--train-steps", help="Optimizer steps per policy; the batch is pairs / steps (0: 24)."),
 ) -> None:
     """The whole method on a real model, offline: SmolLM2-135M-Instruct, positivity vs concision, three
     weight vectors, evaluated on held-out prompts, with the front plotted."""
@@ -385,7 +387,8 @@ def demo_command(
     from modpo_pipe.demo import QUICK, DemoSize, run_demo
 
     size = QUICK if quick else DemoSize()
-    chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples}
+    chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples,
+              "train_steps": train_steps}
     with user_errors():
         run_demo(out, dataclasses.replace(size, **{k: v for k, v in chosen.items() if v}))
 

@@ -272,6 +272,7 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
     ({"train_prompts": 10_000}, "--train-prompts must be between 1 and 267"),
     ({"eval_prompts": 0}, "--eval-prompts must be between 1 and 67"),
     ({"eval_samples": 0}, "--eval-samples must be at least 1"),
+    ({"train_steps": 0}, "--train-steps must be at least 1"),
 ])
 def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, message):
     from modpo_pipe import demo
@@ -279,3 +280,10 @@ def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, 
     with pytest.raises(ModpoError, match=message):
         demo.check_size(dataclasses.replace(demo.DemoSize(), **change), tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_batch_grows_with_the_pairs_to_keep_the_step_count():
+    from modpo_pipe import demo
+
+    assert [demo.DemoSize(train_prompts=n).train_batch for n in (96, 100, 192, 10)] == [4, 5, 8, 1]
+    assert demo.demo_settings("policy", demo.DemoSize(train_prompts=192)).train.batch_size == 8
