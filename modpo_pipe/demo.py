@@ -7,8 +7,8 @@ same cached pairs, evaluates every policy and the reference on held-out prompts,
 
 Sized for about 10 minutes on 2 CPU cores (the README lists measured times and results): LoRA on every
 linear layer (cheaper steps: on the same 8 pairs an attention-only LoRA step took 7.2 s on 2 cores, a full
-fine-tuning step 10.9 s), 40-token replies, 96 training pairs, 40 held-out prompts. Every step skips work
-whose output already exists, so an interrupted demo continues where it stopped.
+fine-tuning step 10.9 s), 40-token replies, 96 training pairs in 24 steps, 40 held-out prompts. Every step
+skips work whose output already exists, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
