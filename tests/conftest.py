@@ -132,6 +132,20 @@ def ok(args: list, cwd: Path | None = None) -> str:
     return result.output
 
 
+def generate_and_score(work: Path, prompts: Path) -> Path:
+    """pairs.parquet and scored.parquet in `work`, from a copy of `prompts` and work/modpo.toml."""
+    import shutil
+
+    shutil.copy(prompts, work / "prompts.jsonl")
+    ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
+    ok(["score", "pairs.parquet", "--out", "scored.parquet"], work)
+    return work
+
+
+def config(env: Path) -> list:
+    return ["--config", env / "modpo.toml"]
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> TinyModels:
     return build_tiny_models(tmp_path_factory.mktemp("tiny"))

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, ok
+from conftest import cli, config, generate_and_score, ok
 
 from modpo_pipe import parts, schema
 from modpo_pipe.cli import app
@@ -124,14 +124,7 @@ batch_size = 2
 epochs = 2
 save_every = 2
 """)
-    shutil.copy(tiny.prompts, work / "prompts.jsonl")
-    ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
-    ok(["score", "pairs.parquet", "--out", "scored.parquet"], work)
-    return work
-
-
-def config(env: Path) -> list:
-    return ["--config", env / "modpo.toml"]
+    return generate_and_score(work, tiny.prompts)
 
 
 # ------------------------------------------------------------------------------------------------ prompts

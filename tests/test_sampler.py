@@ -16,13 +16,10 @@ def policy(tiny):
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids, mask
+    from modpo_pipe.logprobs import build_batch
+
+    batch = build_batch(rows, [[] for _ in rows], pad_id, padding_side="left")
+    return batch.input_ids, batch.attention_mask
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli, ok
+from conftest import cli, config, generate_and_score, ok
 from typer.testing import CliRunner
 
 from modpo_pipe import schema, shards
@@ -67,14 +67,7 @@ lr = 0.0005
 epochs = 2
 save_every = 2
 """)
-    shutil.copy(tiny.prompts, work / "prompts.jsonl")
-    ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
-    ok(["score", "pairs.parquet", "--out", "scored.parquet"], work)
-    return work
-
-
-def config(env: Path) -> list:
-    return ["--config", env / "modpo.toml"]
+    return generate_and_score(work, tiny.prompts)
 
 
 def weights(path: Path) -> dict:

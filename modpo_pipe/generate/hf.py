@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modpo_pipe.generate import Sample, batch_seed, split_response
-from modpo_pipe.logprobs import length_batches
+from modpo_pipe.logprobs import build_batch, length_batches
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -49,16 +49,11 @@ def sample_transformers(
     results: list[list[Sample]] = [[] for _ in prompt_ids]
     batches = length_batches([len(p) for p in prompt_ids], token_budget=10**12, max_rows=batch_size)
     for batch_index, batch in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress)):
-        width = max(len(prompt_ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            ids = prompt_ids[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+        # left padding: every prompt ends where generation starts
+        prompts = build_batch([prompt_ids[i] for i in batch], [[] for _ in batch], pad_id, padding_side="left")
         torch.manual_seed(batch_seed(seed, batch_index))
         tokens, token_logps = sample_rows(
-            model, input_ids.to(device), attention_mask.to(device), n=n,
+            model, prompts.input_ids.to(device), prompts.attention_mask.to(device), n=n,
             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
         )
         for row, i in enumerate(batch):
