@@ -90,3 +90,34 @@ def test_front_refuses_unknown_axis(swept):
     result = runner.invoke(app, ["front", str(swept / "eval.json"), "--x", "nope", "--out",
                                  str(swept / "x")])
     assert result.exit_code == 1 and "nope" in result.output
+
+
+def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp_path):
+    """The one directional check of the real path, end to end: generate -> score -> train with all weight on a
+    reward for short replies -> eval. The trained policy's held-out replies must be shorter than the
+    reference's by more than three combined standard errors (measured: about 7 tokens -> about 2). With the
+    teacher margin's sign flipped the trained policy writes 12 tokens and the test fails."""
+    (tmp_path / "short.py").write_text("def short(prompts, responses):\n"
+                                      "    return [-len(r) / 10.0 for r in responses]\n")
+    shutil.copy(tiny.prompts, tmp_path / "prompts.jsonl")
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (
+            ["init", "--policy", str(tiny.policy), "--reward", f"short=py:{tmp_path / 'short.py'}:short"],
+            ["generate", "prompts.jsonl", "--max-new-tokens", "12", "--pairs-per-prompt", "4"],
+            ["score", "pairs.parquet"],
+            ["train", "scored.parquet", "--lr", "3e-3", "--epochs", "3", "--batch-size", "4", "--out", "short"],
+            ["eval", "prompts.jsonl", "--max-new-tokens", "12", "--samples-per-prompt", "8",
+             "--policies", "short=short/final", "--out", "eval.json"],
+        ):
+            result = runner.invoke(app, args, catch_exceptions=False)
+            assert result.exit_code == 0, (args, result.output)
+    finally:
+        os.chdir(old)
+    reference, trained = read_summaries([tmp_path / "eval.json"])
+    assert (reference["label"], trained["label"]) == ("reference", "short")
+    ref_len, new_len = reference["response_tokens"], trained["response_tokens"]
+    combined_se = (ref_len["sem"] ** 2 + new_len["sem"] ** 2) ** 0.5
+    assert new_len["mean"] < ref_len["mean"] - 3 * combined_se, (ref_len, new_len)
+    assert trained["rewards"]["short"]["mean"] > reference["rewards"]["short"]["mean"]

@@ -88,7 +88,11 @@ def test_margin_stats():
     stats = margin_stats(torch.tensor([1.0, -2.0, 3.0]), torch.tensor([0.5, 1.0, 2.0]))
     assert stats["sign_agreement"] == pytest.approx(2 / 3)
     assert stats["mean_abs_d"] == pytest.approx((0.5 + 3.0 + 1.0) / 3)
-    assert -1 <= stats["margin_corr"] <= 1
+    # Pearson's r by hand: deviations s - 2/3 = (1/3, -8/3, 7/3) and t - 7/6 = (-2/3, -1/6, 5/6), so
+    # sum of products 13/6, sums of squares 38/3 and 7/6.
+    assert stats["margin_corr"] == pytest.approx((13 / 6) / math.sqrt(38 / 3 * 7 / 6), abs=1e-9)
+    # a constant margin has no correlation: the key is left out rather than reported as NaN
+    assert "margin_corr" not in margin_stats(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 2.0]))
 
 
 @pytest.mark.parametrize("loss", ["rpo-sym", "rpo", "rebel"])

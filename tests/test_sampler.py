@@ -88,3 +88,68 @@ def test_n_replies_per_row_share_one_prefill_and_match_repeated_rows(policy, tin
     for got, expected in zip(shared_logps, repeated_logps):
         assert got == pytest.approx(expected, abs=1e-5)
     assert len({tuple(t) for t in shared[:3]}) > 1  # the copies of one prompt still draw different replies
+
+
+def nucleus_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """What sampling at (temperature, top_p) must draw from, computed here independently of the sampler:
+    softmax(logits / T), restricted to the smallest most-likely set whose mass reaches top_p (the token that
+    crosses it included), renormalised."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    keep = order[mass_before < top_p]
+    nucleus = torch.zeros_like(probs)
+    nucleus[keep] = probs[keep]
+    return nucleus / nucleus.sum()
+
+
+def assert_draws_follow(draws: list[int], expected: torch.Tensor) -> None:
+    """Every drawn token lies in the nucleus, and each token's frequency is within 5 binomial standard errors
+    (for the draw count) of its expected probability."""
+    n = len(draws)
+    counts = torch.bincount(torch.tensor(draws), minlength=len(expected)).double()
+    outside = [t for t in counts.nonzero().squeeze(1).tolist() if expected[t] == 0]
+    assert not outside, f"tokens outside the nucleus were drawn: {outside}"
+    freq = counts / n
+    tolerance = 5 * (expected * (1 - expected) / n).sqrt() + 1e-12
+    worst = ((freq - expected).abs() / tolerance).max().item()
+    assert worst <= 1.0, f"frequencies {freq[expected > 0].tolist()} vs {expected[expected > 0].tolist()}"
+
+
+@pytest.fixture(scope="module")
+def spread_policy(tiny, tiny_tokenizer):
+    """The tiny policy with a logit scale that puts a handful of tokens in a 0.8 nucleus at T = 0.7 (random
+    init alone is nearly uniform over the vocabulary, and the fixture's EOS boost would take all the mass)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tiny_tokenizer.eos_token_id] = model.lm_head.weight[5]
+        model.lm_head.weight.mul_(40.0)
+    return model
+
+
+@torch.inference_mode()
+def test_intermediate_temperature_and_top_p_sample_the_tempered_nucleus(spread_policy, tiny_tokenizer):
+    """4000 one-token draws at T = 0.7, top-p = 0.8 follow the tempered, truncated, renormalised distribution.
+    Top-p applied to the raw logits, a dropped temperature or a nucleus cut one token short would each move a
+    token's frequency by many standard errors, or draw a token from outside the nucleus."""
+    from modpo_pipe.generate.hf import eos_ids, sample_rows
+
+    temperature, top_p, draws = 0.7, 0.8, 4000
+    prompt = tiny_tokenizer.encode(PROMPTS[0])
+    logits = spread_policy(input_ids=torch.tensor([prompt])).logits[0, -1]
+    expected = nucleus_distribution(logits, temperature, top_p)
+    assert 3 <= int((expected > 0).sum()) <= 8  # a real nucleus, neither greedy nor the whole vocabulary
+    # the test can tell the right distribution from the two likeliest mistakes
+    assert (nucleus_distribution(logits, 1.0, top_p) - expected).abs().max() > 0.03
+    assert (expected > 0).sum() != (nucleus_distribution(logits, 1.0, top_p) > 0).sum()
+
+    ids, mask = left_pad([prompt], tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    tokens, logps = sample_rows(spread_policy, ids, mask, n=draws, temperature=temperature, top_p=top_p,
+                                max_new_tokens=1, stop_ids=eos_ids(spread_policy, tiny_tokenizer))
+    assert_draws_follow([t[0] for t in tokens], expected)
+    # the recorded log-prob stays the raw model's, whatever the temperature and nucleus
+    raw = torch.log_softmax(logits.double(), -1)
+    assert max(abs(lp[0] - raw[t[0]].item()) for t, lp in zip(tokens[:50], logps[:50])) < 1e-4

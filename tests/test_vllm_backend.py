@@ -259,3 +259,22 @@ def test_generate_score_train_through_the_cli_with_vllm(tiny, tmp_path):
     print(f"vLLM fp32 gen_logp vs transformers: max abs gap {worst:.2e}")
     assert worst < 1e-3
     assert (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def test_intermediate_temperature_and_top_p_sample_the_tempered_nucleus(vmodel):
+    """The same frequency check as the transformers backend's (tests/test_sampler.py): one-token draws at
+    T = 0.7, top-p = 0.8 follow softmax(logits / T) restricted to the nucleus and renormalised."""
+    from test_sampler import assert_draws_follow, nucleus_distribution
+    from transformers import AutoModelForCausalLM
+
+    path, vocab = vmodel
+    prompt = _prompts(vocab)[1]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    expected = nucleus_distribution(logits, 0.7, 0.8)
+    assert 2 <= int((expected > 0).sum()) <= 20
+    assert (nucleus_distribution(logits, 1.0, 0.8) > 0).sum() > (expected > 0).sum()  # T matters here
+    samples = backend.sample_vllm(path, [prompt], 2000, seed=5, temperature=0.7, top_p=0.8, max_new_tokens=1,
+                                  **ENGINE)
+    assert_draws_follow([s.ids[0] for s in samples[0]], expected)
