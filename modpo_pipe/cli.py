@@ -331,7 +331,8 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     help="Sample from policies on held-out prompts, score them, estimate KL to the reference -> eval.json.",
     extra=(
         extra_option("policies", Optional[list[str]], None, "--policies",
-                     "Policies to evaluate: PATH or LABEL=PATH (repeatable). The reference is always included."),
+                     "Policies to evaluate: PATH (a directory; its name is the label) or LABEL=PATH (a directory "
+                     "or a hub id), repeatable. The reference is always included."),
         extra_option("samples_per_prompt", int, 1, "--samples-per-prompt", "Samples per prompt and policy."),
         extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries."),
     ),
