@@ -156,6 +156,10 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     report = run_generate(settings, prompts, output_path(settings.generate.out), **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
+    if report.up_to_date:
+        _print_summary(f"nothing to do: {report.out} is already written from these prompts, this policy and these "
+                       "settings", {"prompts": report.prompts, "pairs": report.pairs})
+        return
     _print_summary(f"wrote {report.out}", {
         "prompts": report.prompts, "pairs": report.pairs, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
@@ -303,9 +307,10 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     import pyarrow.parquet as pq
 
     from modpo_pipe.evaluate import weight_grid
-    from modpo_pipe.schema import reward_names_of
+    from modpo_pipe.schema import read_metadata, reward_names_of
     from modpo_pipe.train import train
 
+    read_metadata(scored[0])  # a missing or unreadable file: one line (train checks the rest)
     names = reward_names_of(pq.read_schema(scored[0]))  # column order: the order rewards were given in
     grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
                     else weight_grid(names, grid))
@@ -326,7 +331,8 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     help="Sample from policies on held-out prompts, score them, estimate KL to the reference -> eval.json.",
     extra=(
         extra_option("policies", Optional[list[str]], None, "--policies",
-                     "Policies to evaluate: PATH or LABEL=PATH (repeatable). The reference is always included."),
+                     "Policies to evaluate: PATH (a directory; its name is the label) or LABEL=PATH (a directory "
+                     "or a hub id), repeatable. The reference is always included."),
         extra_option("samples_per_prompt", int, 1, "--samples-per-prompt", "Samples per prompt and policy."),
         extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries."),
     ),
@@ -338,17 +344,35 @@ def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | No
     ref = settings.score.ref or settings.generate.policy
     if not ref:
         raise ModpoError("eval needs a reference: --ref or [generate].policy")
-    labelled = {}
-    for item in policies or []:
-        label, sep, path = item.partition("=")
-        path = path if sep else item
-        labelled[label if sep else Path(item).name] = str(Path(path).resolve()) if Path(path).exists() else path
+    labelled = policy_specs(policies or [])
     summaries = evaluate(settings, prompts, labelled, ref, samples_per_prompt)
     write_summaries(summaries, summary_out)
     from modpo_pipe.evaluate import read_summaries
 
     typer.echo(format_table(read_summaries([summary_out])))
     typer.echo(f"wrote {summary_out}")
+
+
+def policy_specs(items: list[str]) -> dict[str, str]:
+    """`--policies` values -> label: path. PATH must be a directory here (its name is the label); a hub id
+    needs LABEL=ID. Checked before anything loads: a bare name would otherwise be looked up on the hub."""
+    labelled: dict[str, str] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep:
+            if not Path(item).is_dir():
+                raise ModpoError(f"--policies {item!r}: no such directory; give PATH (a model directory) or "
+                                 "LABEL=PATH (a directory or a hub id)")
+            label, path = Path(item).resolve().name, item
+        label, path = label.strip(), path.strip()
+        if not label or not path:
+            raise ModpoError(f"--policies {item!r}: expected PATH or LABEL=PATH, with neither part empty")
+        if label == "reference":
+            raise ModpoError(f"--policies {item!r}: the label 'reference' is the reference's own; choose another")
+        if label in labelled:
+            raise ModpoError(f"--policies: label {label!r} is given twice; name them LABEL=PATH")
+        labelled[label] = str(Path(path).resolve()) if Path(path).exists() else path
+    return labelled
 
 
 @app.command("front")

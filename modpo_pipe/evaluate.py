@@ -123,13 +123,43 @@ def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
     for path in paths:
         try:
             entries = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModpoError(f"{path}: not an eval summary file: {e}") from None
-        for entry in entries:
+        if not isinstance(entries, list) or not entries:
+            raise ModpoError(f"{path}: not an eval summary file: expected a non-empty list of policy summaries "
+                             f"(as `modpo-pipe eval` writes), got {_json_kind(entries)}")
+        for i, entry in enumerate(entries):
+            _check_summary(entry, f"{path}: summary {i}")
             if entry["is_reference"] and any(e["is_reference"] for e in out):
                 continue
             out.append(entry)
     return out
+
+
+def _check_summary(entry: Any, where: str) -> None:
+    """The fields the table and the front read, with their types: a file of another shape fails in one line."""
+    if not isinstance(entry, dict):
+        raise ModpoError(f"{where}: expected an object, got {_json_kind(entry)}")
+    for key, kind in (("label", str), ("is_reference", bool), ("rewards", dict)):
+        if not isinstance(entry.get(key), kind):
+            raise ModpoError(f"{where}: {key!r} is {_json_kind(entry.get(key))}, expected {kind.__name__}")
+    estimates = {f"rewards.{name}": value for name, value in entry["rewards"].items()}
+    estimates.update({key: entry[key] for key in ("response_tokens", "kl_to_ref") if entry.get(key) is not None})
+    for key, value in estimates.items():
+        if not (isinstance(value, dict) and all(_is_number(value.get(k)) for k in ("mean", "sem"))):
+            raise ModpoError(f"{where}: {key} must be an object with numbers 'mean' and 'sem'")
+    weights = entry.get("weights")
+    if weights is not None and not (isinstance(weights, dict) and all(_is_number(w) for w in weights.values())):
+        raise ModpoError(f"{where}: 'weights' must be an object of numbers, or null")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _json_kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "missing or null"}
+    return names.get(type(value), "a number")
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
@@ -168,8 +198,9 @@ def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> li
     import matplotlib.pyplot as plt
 
     for axis in (x, y):
-        if axis not in summaries[0]["rewards"]:
-            raise ModpoError(f"no reward {axis!r} in the summaries; they have {list(summaries[0]['rewards'])}")
+        for s in summaries:
+            if axis not in s["rewards"]:
+                raise ModpoError(f"no reward {axis!r} in the summary of {s['label']!r}; it has {list(s['rewards'])}")
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     points = [(s["rewards"][x]["mean"], s["rewards"][y]["mean"]) for s in summaries]
     front = non_dominated(points)
@@ -208,6 +239,8 @@ def weight_grid(names: list[str], points: int) -> list[dict[str, float]]:
     """Weight vectors across the simplex: for two rewards, `points` evenly spaced; for more, each vertex
     and the centre."""
     if len(names) == 2:
+        if points < 2:
+            raise ModpoError(f"--grid must be >= 2 (the two ends of the front); got {points}")
         return [{names[0]: i / (points - 1), names[1]: 1 - i / (points - 1)} for i in range(points)]
     vertices = [{n: float(n == name) for n in names} for name in names]
     return [*vertices, {n: 1 / len(names) for n in names}]

@@ -113,7 +113,19 @@ def _adapter_base(path_or_id: str) -> str | None:
     config = Path(path_or_id) / "adapter_config.json"
     if not config.is_file():
         return None
-    return json.loads(config.read_text())["base_model_name_or_path"]
+    try:
+        base = json.loads(config.read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):
+        raise ModpoError(f"{config}: not an adapter config naming its base_model_name_or_path") from None
+    if not isinstance(base, str) or not base:
+        raise ModpoError(f"{config}: base_model_name_or_path is {base!r}, not a model")
+    return base
+
+
+# Files that hold pickles: loading them can run code. (training_args.bin is Trainer's pickled settings, which
+# nothing here reads; it is not weights.)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _check_loadable(path_or_id: str, what: str) -> None:
@@ -121,15 +133,21 @@ def _check_loadable(path_or_id: str, what: str) -> None:
     looks_local = path.is_absolute() or path_or_id.startswith((".", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise ModpoError(f"{what}: {path_or_id}: no such model directory")
-    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if not path.is_dir():
+        return
+    is_adapter = (path / "adapter_config.json").is_file()
+    if not (path / "config.json").is_file() and not is_adapter:
         raise ModpoError(f"{what}: {path_or_id}: no config.json (not a Hugging Face model directory)")
-    if path.is_dir() and not any(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-                         and p.name != "training_args.bin")
-        if pickled:
-            raise ModpoError(f"{what}: {path_or_id} holds only pickle weights ({', '.join(pickled)}), which can run "
-                             "code when loaded; modpo-pipe loads safetensors only. Convert them to safetensors "
-                             "with code you trust")
+    # Any pickle in the directory is refused, even beside safetensors: which file a loader falls back to is
+    # its business (peft reads adapter_model.bin when adapter_model.safetensors is missing), never ours.
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if pickled:
+        only = "only " if not any(path.glob("*.safetensors")) else ""
+        raise ModpoError(f"{what}: {path_or_id} holds {only}pickle weights ({', '.join(pickled)}), which can run "
+                         "code when loaded; modpo-pipe loads safetensors only. Convert them to safetensors "
+                         "with code you trust, and move the pickle files out")
+    if is_adapter and not (path / ADAPTER_WEIGHTS).is_file():
+        raise ModpoError(f"{what}: {path_or_id} is an adapter directory without {ADAPTER_WEIGHTS}")
 
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, what: str = "tokenizer") -> Any:
@@ -168,18 +186,40 @@ def load_causal_lm(
 
     _check_loadable(path_or_id, what)
     base = _adapter_base(path_or_id)
+    if base is not None:
+        _check_loadable(base, f"{what} (the base model of adapter {path_or_id})")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True,
         )
+        _check_head(model, loading.get("missing_keys", []), base or path_or_id, what)
         if base is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, path_or_id).merge_and_unload()
+    except ModpoError:
+        raise
     except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
         kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
         raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
     return (model.to(device) if device is not None else model).eval()
+
+
+def _check_head(model: torch.nn.Module, missing_keys: list[str], path_or_id: str, what: str) -> None:
+    """Refuse a checkpoint without a causal-LM head (a sequence classifier, a bare encoder): transformers
+    initialises the missing head at random and carries on, and that policy would sample and train noise. A
+    head tied to the input embeddings is not missing: transformers leaves tied weights out of missing_keys."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    names = {f"{module_name}.{param_name}" for module_name, module in model.named_modules() if module is head
+             for param_name, _ in module.named_parameters(recurse=False)}
+    absent = sorted(names & set(missing_keys))
+    if absent:
+        architectures = getattr(model.config, "architectures", None) or ["?"]
+        raise ModpoError(f"{what}: {path_or_id} has no causal-LM head in its weights ({', '.join(absent)} missing; "
+                         f"it was saved as {', '.join(architectures)}): not a model that generates text")
 
 
 def load_reward_model(

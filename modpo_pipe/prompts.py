@@ -23,9 +23,26 @@ class PromptStats:
     skipped_invalid: int = 0
 
 
+def _check_unicode(obj: Any, where: str) -> None:
+    """JSON can spell a lone surrogate (\\ud800), which no UTF-8 text holds: tokenizers and Parquet refuse it."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModpoError(f"{where}: not valid Unicode (a lone surrogate such as \\ud800)") from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_unicode(key, where)
+            _check_unicode(value, where)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_unicode(value, where)
+
+
 def _record(obj: Any, where: str, index: int) -> PromptRecord:
     if not isinstance(obj, dict):
         raise ModpoError(f"{where}: expected an object with 'prompt' or 'messages'")
+    _check_unicode([obj.get("id"), obj.get("prompt"), obj.get("messages")], where)  # what a record keeps
     pid = obj.get("id")
     pid = f"row-{index:06d}" if pid is None else str(pid)
     if "messages" in obj and obj["messages"] is not None:
@@ -122,8 +139,13 @@ def read_prompts(path: Path, skip_invalid: bool = False) -> tuple[list[PromptRec
     return records, stats
 
 
-def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool) -> tuple[str, list[int]]:
-    """Prompt text as the policy sees it, and its token ids (what generation continues from)."""
+def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool,
+           max_tokens: int | None = None) -> tuple[str, list[int]]:
+    """Prompt text as the policy sees it, and its token ids (what generation continues from).
+
+    With `max_tokens`, a text with more characters than max_tokens tokens can possibly hold (twice over) is
+    cut to its end before it is tokenised, and comes back still longer than max_tokens, for the caller to
+    drop or truncate: tokenising a 50 MB line whole costs minutes and gigabytes just to drop it."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if record.messages is not None and not has_template:
         raise ModpoError(f"prompt {record.id!r} is a chat but the policy's tokenizer has no chat template")
@@ -131,8 +153,26 @@ def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool) -> tup
         messages = record.messages or [{"role": "user", "content": record.prompt}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # The template writes its own special tokens (BOS included); adding them again would double them.
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        special = False
     else:
         text = record.prompt or ""
-        ids = tokenizer(text)["input_ids"]
-    return text, list(ids)
+        special = True
+    if max_tokens is not None and len(text) > 2 * max_tokens:  # (every token holds at least one character)
+        limit = 2 * max_tokens * max_token_chars(tokenizer)
+        if len(text) > limit:
+            ids = tokenizer(text[-limit:], add_special_tokens=special)["input_ids"]
+            if len(ids) > max_tokens:  # always, unless a normalizer deletes most characters: then tokenise all
+                return text[-limit:], list(ids)
+    return text, list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+_MAX_TOKEN_CHARS: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (the tokenizer, kept alive; its value)
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token stands for: its longest vocabulary entry (byte-level entries spell each
+    byte as a character, so they count bytes, never fewer than characters)."""
+    if id(tokenizer) not in _MAX_TOKEN_CHARS:
+        longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        _MAX_TOKEN_CHARS[id(tokenizer)] = (tokenizer, max(longest, 1))
+    return _MAX_TOKEN_CHARS[id(tokenizer)][1]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -74,10 +75,7 @@ class Reward:
     def _check(self, values: Any, indices: Sequence[int], *, labels: Sequence[str] | None = None,
                allow_invalid: bool = False) -> list[float]:
         where = f"reward {self.name!r} ({self.spec})"
-        try:
-            values = list(values)
-        except TypeError:
-            raise ModpoError(f"{where} returned {type(values).__name__}, expected a list of floats") from None
+        values = _score_list(values, where)
         if len(values) != len(indices):
             raise ModpoError(f"{where} returned {len(values)} scores for {len(indices)} responses")
         hint = '; [score].on_invalid_reward = "drop" drops such pairs instead (counted)'
@@ -87,17 +85,41 @@ class Reward:
             if value is None and allow_invalid:
                 checked.append(math.nan)
                 continue
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
+            # A string holding a number is no number: float("7") would accept it, so ask for __float__.
+            if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
                 extra = hint if value is None else ""
-                raise ModpoError(f"{where}: {at}: score {value!r} is not a number{extra}") from None
-            if not math.isfinite(value):
+                raise ModpoError(f"{where}: {at}: score {_short(value)} is not a number{extra}")
+            value = float(value)
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # scores are stored as float32
                 if not allow_invalid:
-                    raise ModpoError(f"{where}: {at}: score is {value}{hint}")
+                    detail = f"is {value}" if not math.isfinite(value) else f"{value:g} is beyond float32 (inf)"
+                    raise ModpoError(f"{where}: {at}: score {detail}{hint}")
                 value = math.nan
             checked.append(value)
         return checked
+
+
+# The largest score that float32 (the stored type) holds: anything beyond would be stored as inf. (A value
+# within half a unit above still rounds to it, but no score is that close to 3.4e38 by accident.)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _score_list(values: Any, where: str) -> list[Any]:
+    """A callable's scores as a list: a list or tuple, or a 1-D array or tensor. Anything else iterable (a
+    dict's keys, a set's arbitrary order, a 2-D array's rows) would be read as scores silently, so it is refused."""
+    expected = "expected a list of floats (one per response) or a 1-D array"
+    if isinstance(values, (list, tuple)):
+        return list(values)
+    if isinstance(values, (np.ndarray, torch.Tensor)):
+        if values.ndim != 1:
+            raise ModpoError(f"{where} returned a {values.ndim}-D array of shape {tuple(values.shape)}, {expected}")
+        return values.tolist()
+    raise ModpoError(f"{where} returned {type(values).__name__}, {expected}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class CallableReward(Reward):
@@ -113,8 +135,10 @@ class CallableReward(Reward):
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
         try:
             return self.fn([x.prompt for x in inputs], [x.response for x in inputs])
-        except Exception as e:
-            raise ModpoError(f"reward {self.name!r} ({self.spec}) raised {type(e).__name__}: {e}") from e
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too: sys.exit(0) in a reward must not end the stage with 0
+            raise ModpoError(f"reward {self.name!r} ({self.spec}) raised {_describe(e)}") from e
 
 
 class ModelReward(Reward):
@@ -182,14 +206,20 @@ def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
                 raise
         else:
             module = importlib.import_module(module_name)
-    except ModpoError:
+    except (ModpoError, KeyboardInterrupt):
         raise
-    except Exception as e:
-        raise ModpoError(f"{what}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # SystemExit too: a module that exits on import
+        raise ModpoError(f"{what}: cannot import {module_name}: {_describe(e)}") from None
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise ModpoError(f"{what}: {module_name} has no function {function_name!r}")
     return fn, getattr(module, "__file__", None)
+
+
+def _describe(e: BaseException) -> str:
+    """`Type: first line of the message`, on one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device,

@@ -554,6 +554,8 @@ class Run:
             record.update(status="failed", error=f"{type(e).__name__}: {text[0] if text else ''}"[:500],
                           finished=now(), seconds=earlier_seconds + time.time() - started)
             manifest.save()
+            if isinstance(e, SystemExit):  # sys.exit(0) somewhere in a stage must not make `run` exit 0
+                raise ModpoError(f"{st.name} failed: {record['error']}") from e
             raise
         record.update(status="done", outputs=outputs, summary=summary, finished=now(),
                       seconds=earlier_seconds + time.time() - started)
@@ -792,13 +794,34 @@ def config_change_message(states: list[StageState]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def filesystem_errors(run_dir: Path) -> Iterator[None]:
+    """An OSError that no stage turned into a message (a read-only run directory, a full disk while writing
+    the manifest): one line naming the file. state.json is only ever replaced whole, so it still holds the
+    last state it recorded."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or run_dir
+        hint = "; the run directory must be writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise ModpoError(f"{where}: {e.strerror or e}{hint}") from e
+
+
 def advance(run_dir: Path, settings: Settings, *, max_stages: int | None = None, until: str | None = None,
             allow_config_change: bool = False, log: Callable[[str], None] = _log_stderr,
             progress: bool | None = None) -> AdvanceReport:
     """Run what is due in `run_dir`, stage by stage, holding its lock throughout.
 
     max_stages: run at most this many stages; until="round": stop once the round of the first due stage is
-    trained. Raises LockHeld, ConfigChanged, or whatever a failing stage raised (after recording it)."""
+    trained. Raises LockHeld, ConfigChanged, or whatever a failing stage raised (after recording it);
+    an OSError as a ModpoError."""
+    with filesystem_errors(Path(run_dir)):
+        return _advance(run_dir, settings, max_stages=max_stages, until=until,
+                        allow_config_change=allow_config_change, log=log, progress=progress)
+
+
+def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until: str | None,
+             allow_config_change: bool, log: Callable[[str], None], progress: bool | None) -> AdvanceReport:
     if max_stages is not None and max_stages < 1:
         raise ModpoError(f"--max-stages must be >= 1; got {max_stages}")
     if until not in (None, "round", "end"):
@@ -844,6 +867,12 @@ def work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
     """`run --shard I/N`: compute shard I of the generate or score stage the coordinating `run` opened (status
     `waiting`). Holds the run's lock only to read the manifest, then RUN/.lock-shard-I-of-N while it works.
     Returns the stage's name, or None when no stage waits for shards (nothing is touched then)."""
+    with filesystem_errors(Path(run_dir)):
+        return _work_shard(run_dir, settings, shard, log=log, progress=progress)
+
+
+def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
+                log: Callable[[str], None], progress: bool | None) -> str | None:
     from modpo_pipe import shards
 
     index, count = shard

@@ -4,6 +4,7 @@ summed log-prob of both, on exactly the stored token ids."""
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -88,8 +89,11 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         """Chunk c's values of one column, as Python objects: never the whole column at once."""
         return table.column(name).slice(starts[c], len(chunks[c])).to_pylist()
 
-    def compute_parts(component: str, columns: tuple[str, str], load, compute) -> list[pa.Table]:
-        """The parts of one component (a reward or the reference): reuse finished ones, compute the rest."""
+    def compute_parts(component: str, columns: tuple[str, str], load, compute, what: str,
+                      allow_nan: bool) -> list[pa.Table]:
+        """The parts of one component (a reward or the reference): reuse finished ones, compute the rest.
+        A part is kept only when its values are finite as stored (float32); with `allow_nan`, NaN marks a pair
+        to drop."""
         names = {c: f"{component}-{c:05d}" for c in selected}
         done = {c: t for c, t in ((c, work.read(names[c], len(chunks[c]))) for c in selected) if t is not None}
         todo = [c for c in selected if c not in done]
@@ -101,6 +105,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                     first, second = compute(model, c)
                     part = pa.table({columns[0]: pa.array(first, pa.float32()),
                                      columns[1]: pa.array(second, pa.float32())})
+                    check_part(part, column("pair_id", c), what, allow_nan)
                     done[c] = work.write(names[c], part)
                     bar.update(len(chunks[c]))
             del model  # free a model before loading the next one
@@ -122,7 +127,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
             return both[:k], both[k:]
 
         cols = schema.reward_columns(name)
-        done = compute_parts(f"reward-{name}", cols, load_this, score_rows)
+        done = compute_parts(f"reward-{name}", cols, load_this, score_rows, f"reward {name!r} ({spec})",
+                             allow_nan=drop_invalid)
         for col in cols:
             columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
 
@@ -137,14 +143,10 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                                        tokenizer.pad_token_id, s.batch_tokens, progress=False)
         return logps[:k], logps[k:]
 
-    done = compute_parts("ref", ("ref_logp_1", "ref_logp_2"), load_ref, ref_rows)
+    done = compute_parts("ref", ("ref_logp_1", "ref_logp_2"), load_ref, ref_rows, f"reference {ref_path}",
+                         allow_nan=False)
     for col in ("ref_logp_1", "ref_logp_2"):
         columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
-        bad = pc.invert(pc.is_finite(columns[col]))
-        if pc.any(bad).as_py():
-            row = bad.to_pylist().index(True)
-            raise ModpoError(f"reference {ref_path}: pair {table.column('pair_id')[row].as_py()!r}: {col} is not "
-                             "finite")
 
     # Pairs with a non-finite reward: an error, or dropped and counted.
     keep = pa.array([True] * n)
@@ -186,6 +188,15 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     work.write_output(scored, metadata)
     return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
                        len(chunks), work.reused)
+
+
+def check_part(part: pa.Table, pair_ids: list[str], what: str, allow_nan: bool) -> None:
+    """Refuse a part holding a value that is not finite as stored (a float64 beyond float32's range is inf
+    there), naming the pair; with `allow_nan`, NaN is allowed: it marks a pair that on_invalid_reward drops."""
+    for col in part.column_names:
+        for pair_id, value in zip(pair_ids, part.column(col).to_pylist()):
+            if value is None or math.isinf(value) or (math.isnan(value) and not allow_nan):
+                raise ModpoError(f"{what}: pair {pair_id!r}: {col} is {value} as stored (float32)")
 
 
 def reward_stats(scored: pa.Table, names: list[str]) -> dict[str, dict[str, float | None]]:

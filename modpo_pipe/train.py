@@ -539,11 +539,24 @@ def _saving(tmp: Path, final: Path, what: str) -> Iterator[None]:
         yield
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        reason = _write_failure(e)
+        if reason is not None:
             before = "the previous one is untouched" if final.exists() else "there was none before"
-            raise ModpoError(f"cannot save {what} to {final}: {e.strerror or e}; {before}. Free space and "
+            raise ModpoError(f"cannot save {what} to {final}: {reason}; {before}. Free space and "
                              f"rerun the same command to resume") from None
         raise
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a write failed, when `e` is a failed write: an OSError, or the SafetensorError that safetensors
+    raises instead ("Error while serializing: I/O error: No space left on device (os error 28)"); else None."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, SafetensorError) and "I/O error: " in str(e):
+        return str(e).split("I/O error: ", 1)[1].strip().splitlines()[0]
+    return None
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,

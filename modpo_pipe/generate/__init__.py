@@ -38,6 +38,7 @@ class GenerateReport:
     response_tokens: int  # sampled by this invocation (a resumed run does not count the chunks it reused)
     chunks: int = 1
     resumed_chunks: int = 0  # chunks found finished in OUT.parts/ from a killed run
+    up_to_date: bool = False  # OUT was already written from these prompts, policy and settings: nothing sampled
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -74,7 +75,7 @@ def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | Non
     from modpo_pipe.prompts import render
 
     for record in records:
-        text, ids = render(record, tokenizer, g.chat_template)
+        text, ids = render(record, tokenizer, g.chat_template, limit)
         if len(ids) > limit:
             if g.long_prompts == "drop":
                 dropped += 1
@@ -225,6 +226,9 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
         return GenerateReport(str(out_file), len(records), sum(meta[shards.SHARD_KEY]["chunk_rows"]),
                               prompt_stats.skipped_invalid, dropped, truncated, backend, time.time() - started, 0,
                               len(selected), len(selected))
+    if not shard and (rows := finished_rows(out, work.key, len(records) * g.pairs_per_prompt)) is not None:
+        return GenerateReport(str(out), len(records), rows, prompt_stats.skipped_invalid, dropped, truncated,
+                              backend, time.time() - started, 0, len(chunks), 0, up_to_date=True)
     names = [f"part-{c:05d}" for c in range(len(chunks))]
     tables: dict[int, pa.Table] = {}
     for c in selected:
@@ -270,10 +274,30 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     if shard:
         metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected,
                                                        [tables[c].num_rows for c in selected], len(chunks))
+    else:
+        metadata[RUN_KEY] = work.key
     work.write_output(table, metadata)
     return GenerateReport(str(out_file), len(records), table.num_rows, prompt_stats.skipped_invalid, dropped,
                           truncated, backend, time.time() - started, response_tokens, len(selected),
                           len(selected) - len(todo))
+
+
+RUN_KEY = "run_key"  # pairs metadata: the fingerprint of what decided the rows (parts.Parts' manifest)
+
+
+def finished_rows(out: Path, key: str, rows: int) -> int | None:
+    """The rows of `out` when it is a whole pairs file this very run wrote (same prompts, policy, tokenizer,
+    sampling settings, seed, round and chunking: `key`), so a rerun has nothing to sample; else None."""
+    import pyarrow.parquet as pq
+
+    if not out.is_file():
+        return None
+    try:
+        meta = schema.validate_schema(pq.read_schema(out), "pairs", str(out))
+        found = pq.read_metadata(out).num_rows
+    except (ModpoError, pa.ArrowException, OSError):
+        return None  # not whole, or not ours: sampled again and replaced
+    return found if meta.get(RUN_KEY) == key and found == rows else None
 
 
 def pairs_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:

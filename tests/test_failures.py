@@ -1,0 +1,653 @@
+"""Every failure loud, every error one line (issue 18): what a hostile but realistic user tried, each case
+through the command a user runs. A failure exits non-zero with one `error:` line naming the file, row,
+reward or setting; nothing half-done is kept, and a rerun of a finished stage costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import cli, config, generate_and_score, ok
+
+from modpo_pipe import parts, schema
+from modpo_pipe.errors import ModpoError
+from modpo_pipe.rewards import CallableReward, RewardInput
+
+MAX_NEW_TOKENS = 6
+
+REWARD_FNS = '''
+import sys
+
+import numpy as np
+
+def length(prompts, responses):
+    return [len(r) / 10.0 for r in responses]
+
+def exits_0(prompts, responses):
+    sys.exit(0)
+
+def exits_bare(prompts, responses):
+    sys.exit()
+
+def exits_text(prompts, responses):
+    raise SystemExit("bye")
+
+class Stop(BaseException):
+    pass
+
+def base_exception(prompts, responses):
+    raise Stop("not an Exception")
+
+def huge(prompts, responses):
+    return [1e300 if "France" in p else len(r) / 10.0 for p, r in zip(prompts, responses)]
+
+def as_dict(prompts, responses):
+    return {f"k{i}": 1.0 for i in range(len(responses))}
+'''
+
+
+def fails(args: list, fragment: str, cwd: Path | None = None, code: int = 1) -> str:
+    """The command exits `code` with exactly one `error:` line holding `fragment`, and no traceback."""
+    result = cli(args, cwd)
+    assert result.exit_code == code, result.output + repr(result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.output
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def env(tiny, tmp_path_factory):
+    """A directory with a modpo.toml, reward callables, 6 prompts, pairs.parquet and scored.parquet (12 pairs)."""
+    work = tmp_path_factory.mktemp("failures")
+    (work / "rewards.py").write_text(REWARD_FNS)
+    (work / "modpo.toml").write_text(f"""
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = {MAX_NEW_TOKENS}
+pairs_per_prompt = 2
+
+[score.rewards]
+length = "py:{work / 'rewards.py'}:length"
+
+[train]
+lr = 0.0005
+batch_size = 2
+epochs = 1
+save_every = 2
+""")
+    return generate_and_score(work, tiny.prompts)
+
+
+def _score(env: Path, out: Path, fn: str, *flags) -> list:
+    return ["score", env / "pairs.parquet", *config(env), "--out", out, "--reward-batch-size", 64,
+            "--reward", f"bad=py:{env / 'rewards.py'}:{fn}", "--reward", f"length=py:{env / 'rewards.py'}:length",
+            *flags]
+
+
+# ------------------------------------------------------------------ 1. a reward that exits is a failure
+
+
+@pytest.mark.parametrize(("fn", "raised"), [
+    ("exits_0", "raised SystemExit: 0"),
+    ("exits_bare", "raised SystemExit"),
+    ("exits_text", "raised SystemExit: bye"),
+    ("base_exception", "raised Stop: not an Exception"),
+])
+def test_a_reward_that_exits_fails_score_with_one_line(env, tmp_path, fn, raised):
+    out = tmp_path / "scored.parquet"
+    line = fails(_score(env, out, fn), raised)
+    assert line.startswith(f"error: reward 'bad' (py:{env / 'rewards.py'}:{fn}) raised")
+    assert not out.exists()
+
+
+def test_a_reward_module_that_exits_on_import_fails_with_one_line(env, tmp_path):
+    module = tmp_path / "exiting.py"
+    module.write_text("import sys\nsys.exit(0)\n\ndef fn(prompts, responses):\n    return [0.0] * len(responses)\n")
+    fails(["score", env / "pairs.parquet", *config(env), "--out", tmp_path / "s.parquet",
+           "--reward", f"bad=py:{module}:fn"], f"reward 'bad': cannot import {module}: SystemExit: 0")
+
+
+def test_run_exits_1_on_every_firing_while_a_reward_exits_and_status_says_so(env, tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "modpo.toml").write_text(f"""
+[model]
+device = "cpu"
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = 4
+pairs_per_prompt = 1
+[score.rewards]
+bad = "py:{env / 'rewards.py'}:exits_0"
+[run]
+rounds = 1
+prompts = "{tiny.prompts}"
+""")
+    for _ in range(2):  # every firing, not only the first
+        fails(["run", "--workdir", run_dir], f"reward 'bad' (py:{env / 'rewards.py'}:exits_0) raised SystemExit: 0")
+    report = json.loads(ok(["status", "--workdir", run_dir, "--json"]))
+    by_stage = {row["stage"]: row for row in report["table"]}
+    assert by_stage["generate"]["status"] == "done"
+    assert by_stage["score"]["status"] == "failed"
+    assert "reward 'bad'" in by_stage["score"]["reason"] and "SystemExit: 0" in by_stage["score"]["reason"]
+    assert report["next"] == "round-000 score"
+
+
+def test_run_turns_a_stage_that_exits_into_a_failure(env, tiny, tmp_path, monkeypatch):
+    """Whatever calls sys.exit(0) inside a stage (a library, a plugin), `run` records a failure and exits 1."""
+    import modpo_pipe.generate as generate
+
+    def exits(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(generate, "run_generate", exits)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "modpo.toml").write_text(f"""
+[generate]
+policy = "{tiny.policy}"
+[score.rewards]
+length = "{tiny.reward_fn}"
+[run]
+rounds = 1
+prompts = "{tiny.prompts}"
+""")
+    fails(["run", "--workdir", run_dir], "round-000 generate failed: SystemExit: 0")
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["rounds"]["0"]["generate"]["status"] == "failed"
+
+
+# ------------------------------------------------------------------------- 2. tracebacks become one line
+
+
+def test_safetensors_disk_full_while_saving_the_state_keeps_the_previous_one(env, tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, not OSError: the same one-line message, the previous
+    state untouched, and a rerun resumes from it to the weights of an uninterrupted run."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    full, out = tmp_path / "full", tmp_path / "ckpt"
+    args = ["train", env / "scored.parquet", *config(env)]
+    ok([*args, "--out", full])
+    real = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def fills_the_disk(tensors, filename, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first file of the second save (step 4)
+            # what safetensors 0.8 raises on a full tmpfs (seen with a 64 KiB mount)
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fills_the_disk)
+    fails([*args, "--out", out],
+          f"cannot save the training state of step 4 to {out / 'state'}: No space left on device (os error 28); "
+          "the previous one is untouched. Free space and rerun the same command to resume")
+    assert json.loads((out / "state" / "state.json").read_text())["step"] == 2
+    assert not (out / "state.tmp").exists() and not (out / "final").exists()
+    monkeypatch.undo()
+    output = ok([*args, "--out", out])
+    assert "resumed from step: 2" in output
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(out / "final" / "model.safetensors")), load_file(str(full / "final" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_safetensors_disk_full_while_saving_the_final_policy(env, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def fills_the_disk(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out = tmp_path / "ckpt"
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fills_the_disk)
+    fails(["train", env / "scored.parquet", *config(env), "--out", out],
+          f"cannot save the trained policy to {out / 'final'}: No space left on device (os error 28); there was "
+          "none before")
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+
+
+def _make_read_only(path: Path) -> None:
+    """Read-only for this process: chmod for a user; root ignores modes, so the immutable flag for root."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(path)]).returncode != 0:
+        pytest.skip("running as root where the immutable flag is not supported: no way to make a directory "
+                    "read-only here")
+
+
+def _make_writable(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o755)
+
+
+def test_read_only_run_directory_fails_with_one_line_and_status_stays_true(env, tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "modpo.toml").write_text(f"""
+[model]
+device = "cpu"
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = 4
+pairs_per_prompt = 1
+[score.rewards]
+length = "{tiny.reward_fn}"
+[run]
+rounds = 1
+prompts = "{tiny.prompts}"
+""")
+    ok(["run", "--workdir", run_dir, "--max-stages", 1])
+    before = (run_dir / "state.json").read_bytes()
+    _make_read_only(run_dir)
+    try:
+        line = fails(["run", "--workdir", run_dir], "the run directory must be writable")
+        assert str(run_dir) in line
+        assert (run_dir / "state.json").read_bytes() == before  # nothing recorded that did not happen
+        report = json.loads(ok(["status", "--workdir", run_dir, "--json"]))  # status reads a read-only run
+        assert [row["status"] for row in report["table"]] == ["done", "pending", "pending"]
+    finally:
+        _make_writable(run_dir)
+    ok(["run", "--workdir", run_dir, "--max-stages", 1])
+    assert json.loads((run_dir / "state.json").read_text())["rounds"]["0"]["score"]["status"] == "done"
+
+
+def _surrogate_prompts(path: Path, row: bytes) -> Path:
+    path.write_bytes(b'{"id": "a", "prompt": "Why is the sky blue?"}\n' + row + b"\n"
+                     + b'{"id": "b", "prompt": "Count from one to five."}\n')
+    return path
+
+
+@pytest.mark.parametrize("row", [
+    rb'{"id": "x", "prompt": "\ud800"}',
+    rb'{"id": "x", "prompt": "tail \udfff"}',
+    rb'{"id": "x", "messages": [{"role": "user", "content": "\ud83d"}]}',
+    rb'{"id": "\ud800", "prompt": "fine"}',
+], ids=["lone-high", "lone-low", "in-messages", "in-id"])
+def test_a_lone_surrogate_is_not_valid_unicode_and_skippable(env, tmp_path, row):
+    prompts, out = _surrogate_prompts(tmp_path / "prompts.jsonl", row), tmp_path / "pairs.parquet"
+    args = ["generate", prompts, *config(env), "--out", out, "--pairs-per-prompt", 1]
+    fails(args, f"{prompts}:2: not valid Unicode")
+    assert not out.exists()
+    ok([*args, "--skip-invalid"])
+    table, meta = schema.read_table(out, "pairs")
+    assert meta["counts"]["skipped_invalid"] == 1
+    assert table.column("prompt_id").to_pylist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("grid", [1, 0, -2])
+def test_sweep_refuses_a_grid_of_fewer_than_two_points(env, tmp_path, grid):
+    out = tmp_path / "sweep"
+    scored = tmp_path / "two.parquet"
+    table, meta = schema.read_table(env / "scored.parquet", "scored")
+    # a second reward: the grid spans two
+    table = table.append_column("reward_other_1", table.column("reward_length_1"))
+    table = table.append_column("reward_other_2", table.column("reward_length_2"))
+    order = [c for c in table.column_names if not c.startswith("ref_")] + ["ref_logp_1", "ref_logp_2"]
+    meta["rewards"]["other"] = meta["rewards"]["length"]
+    schema.write_table(table.select(order), scored, meta)
+    fails(["sweep", scored, *config(env), "--out", out, "--grid", grid], f"--grid must be >= 2 (the two ends of "
+                                                                        f"the front); got {grid}")
+    assert not out.exists()
+
+
+FRONT_FILES = [
+    ("an-object", {"x": 1}, "expected a non-empty list of policy summaries"),
+    ("empty-list", [], "expected a non-empty list of policy summaries"),
+    ("list-of-numbers", [1, 2], "summary 0: expected an object, got a number"),
+    ("no-rewards", [{"label": "a", "is_reference": False}], "summary 0: 'rewards' is missing or null, expected dict"),
+    ("bad-estimate", [{"label": "a", "is_reference": True, "rewards": {"r": 1.0}}],
+     "summary 0: rewards.r must be an object with numbers 'mean' and 'sem'"),
+]
+
+
+@pytest.mark.parametrize(("case", "content", "fragment"), FRONT_FILES, ids=[c[0] for c in FRONT_FILES])
+def test_front_refuses_an_eval_file_of_another_shape(tmp_path, case, content, fragment):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(content))
+    line = fails(["front", path, "--out", tmp_path / "front"], fragment)
+    assert str(path) in line
+    assert not (tmp_path / "front.png").exists()
+
+
+def test_front_names_the_summary_that_lacks_a_reward(tmp_path):
+    def entry(label, rewards):
+        return {"label": label, "policy": label, "is_reference": label == "reference", "weights": None,
+                "samples": 1, "rewards": {r: {"mean": 0.5, "sem": 0.1} for r in rewards}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([entry("reference", ["x", "y"])]))
+    b.write_text(json.dumps([entry("pol", ["x", "z"])]))
+    fails(["front", a, b, "--out", tmp_path / "front"], "no reward 'y' in the summary of 'pol'")
+
+
+# ------------------------------------------------------------------- 3. scores are checked as stored
+
+
+def test_a_reward_beyond_float32_is_an_error_naming_the_pair_and_value(env, tmp_path):
+    out = tmp_path / "scored.parquet"
+    line = fails(_score(env, out, "huge"), "pair 'r0/p0/0' response 1: score 1e+300 is beyond float32 (inf)")
+    assert line.startswith("error: reward 'bad' (py:") and "earlier run" not in line
+    assert not out.exists()
+    # no part holds a value that is not finite as stored
+    for part in parts.work_dir(out).glob("*.parquet"):
+        table = pq.read_table(part)
+        for col in table.column_names:
+            assert all(np.isfinite(table.column(col).to_numpy())), (part, col)
+    assert not list(parts.work_dir(out).glob("reward-bad-*.parquet"))
+
+
+def test_a_reward_beyond_float32_is_dropped_and_counted_in_drop_mode(env, tmp_path):
+    out = tmp_path / "scored.parquet"
+    ok(_score(env, out, "huge", "--on-invalid-reward", "drop"))
+    table, meta = schema.read_table(out, "scored")
+    assert meta["score_counts"]["invalid_by_reward"] == {"bad": 2, "length": 0}
+    assert not any(pid.startswith("r0/p0/") for pid in table.column("pair_id").to_pylist())
+    assert np.isfinite(table.column("reward_bad_1").to_numpy()).all()
+
+
+def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, monkeypatch):
+    import modpo_pipe.score as score
+
+    real = score.batched_sequence_logps
+
+    def infinite(*args, **kwargs):
+        logps = real(*args, **kwargs)
+        return [float("-inf")] + logps[1:]
+
+    monkeypatch.setattr(score, "batched_sequence_logps", infinite)
+    out = tmp_path / "scored.parquet"
+    fails(["score", env / "pairs.parquet", *config(env), "--out", out, "--shard-size", 4],
+          "pair 'r0/p0/0': ref_logp_1 is -inf as stored (float32)")
+    assert not list(parts.work_dir(out).glob("ref-*.parquet"))  # the finished reward parts stay, no ref part
+
+
+# --------------------------------------------------------------------- 4. safetensors only, adapters too
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("adapter") / "lora"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny.policy),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model.save_pretrained(path)
+    assert (path / "adapter_model.safetensors").is_file()
+    return path
+
+
+def _pickled_adapter(adapter: Path, tmp_path: Path, keep_safetensors: bool) -> Path:
+    from safetensors.torch import load_file
+
+    path = tmp_path / "adapter"
+    shutil.copytree(adapter, path)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    torch.save(weights, path / "adapter_model.bin")
+    (path / "adapter_model.safetensors").unlink()
+    if keep_safetensors:  # any unrelated safetensors file beside it
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, str(path / "unrelated.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize(("keep_safetensors", "fragment"), [
+    (True, "holds pickle weights (adapter_model.bin), which can run code when loaded"),
+    (False, "holds only pickle weights (adapter_model.bin), which can run code when loaded"),
+])
+def test_an_adapter_with_pickle_weights_is_refused(env, adapter, tmp_path, monkeypatch, keep_safetensors, fragment):
+    path = _pickled_adapter(adapter, tmp_path, keep_safetensors)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) was called"))
+    fails(["generate", env / "prompts.jsonl", *config(env), "--policy", path, "--out", tmp_path / "p.parquet"],
+          f"[generate].policy: {path} {fragment}")
+    fails(["train", env / "scored.parquet", *config(env), "--policy", path, "--out", tmp_path / "ckpt"], fragment)
+
+
+def test_an_adapter_needs_adapter_model_safetensors(env, adapter, tmp_path):
+    path = tmp_path / "adapter"
+    shutil.copytree(adapter, path)
+    (path / "adapter_model.safetensors").rename(path / "weights.safetensors")
+    fails(["train", env / "scored.parquet", *config(env), "--policy", path, "--out", tmp_path / "ckpt"],
+          f"[train].policy: {path} is an adapter directory without adapter_model.safetensors")
+
+
+def test_a_model_directory_with_any_pickle_is_refused(env, tiny, tmp_path, monkeypatch):
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny.policy, policy)
+    torch.save({"anything": torch.zeros(1)}, policy / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load (pickle) was called"))
+    fails(["generate", env / "prompts.jsonl", *config(env), "--policy", policy, "--out", tmp_path / "p.parquet"],
+          f"[generate].policy: {policy} holds pickle weights (pytorch_model.bin)")
+
+
+def test_an_adapter_with_safetensors_still_loads(env, adapter):
+    from modpo_pipe import models
+
+    model = models.load_causal_lm(str(adapter), dtype=torch.float32, device=torch.device("cpu"))
+    assert not hasattr(model, "peft_config")  # merged into its base
+
+
+# ------------------------------------------------------------------- 5. a causal-LM head in the weights
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny, tmp_path_factory) -> Path:
+    """A sequence classifier with the policy's own tokenizer: only its missing head tells it apart."""
+    from conftest import llama_config
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    path = tmp_path_factory.mktemp("classifier") / "rm"
+    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
+    LlamaForSequenceClassification(llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                                num_labels=1)).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_sequence_classifier_is_refused_as_policy_or_reference(env, classifier, tmp_path):
+    fragment = (f"{classifier} has no causal-LM head in its weights (lm_head.weight missing; it was saved as "
+                "LlamaForSequenceClassification)")
+    fails(["train", env / "scored.parquet", *config(env), "--policy", classifier, "--out", tmp_path / "ckpt"],
+          f"[train].policy: {fragment}")
+    assert not (tmp_path / "ckpt" / "final").exists()
+    fails(["score", env / "pairs.parquet", *config(env), "--ref", classifier, "--out", tmp_path / "s.parquet"],
+          f"[score].ref: {fragment}")
+    fails(["generate", env / "prompts.jsonl", *config(env), "--policy", classifier, "--out", tmp_path / "p.parquet"],
+          f"[generate].policy: {fragment}")
+
+
+def test_a_head_tied_to_the_embeddings_is_legitimate(tiny, tmp_path):
+    from conftest import llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from modpo_pipe import models
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
+    cfg = llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    cfg.tie_word_embeddings = True
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied", safe_serialization=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "tied" / "model.safetensors"), "pt") as f:
+        stored = list(f.keys())
+    assert "lm_head.weight" not in stored  # the head is the embedding matrix: stored once
+    model = models.load_causal_lm(str(tmp_path / "tied"), dtype=torch.float32, device=torch.device("cpu"))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+# --------------------------------------------------------------- 6. a huge prompt line is bounded first
+
+
+def test_a_huge_prompt_is_dropped_without_tokenising_it_whole(env, tmp_path, monkeypatch):
+    from modpo_pipe import models
+
+    seen: list[int] = []
+    real_load = models.load_tokenizer
+
+    def spying_load(*args, **kwargs):
+        tokenizer = real_load(*args, **kwargs)
+        real_call = type(tokenizer).__call__
+
+        def spy(self, text, *a, **k):
+            seen.append(max(len(t) for t in text) if isinstance(text, list) else len(text))
+            return real_call(self, text, *a, **k)
+
+        monkeypatch.setattr(type(tokenizer), "__call__", spy)
+        return tokenizer
+
+    monkeypatch.setattr(models, "load_tokenizer", spying_load)
+    huge = "Tell me a story about a brave little robot. " * 50_000  # 2.2 MB on one line
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "pairs.parquet"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Why is the sky blue?"}) + "\n"
+                       + json.dumps({"id": "huge", "prompt": huge}) + "\n")
+    args = ["generate", prompts, *config(env), "--out", out, "--pairs-per-prompt", 1]
+    ok(args)
+    assert schema.read_table(out, "pairs")[1]["counts"]["long_prompts_dropped"] == 1
+    limit = 512 - MAX_NEW_TOKENS  # the tiny policy's context leaves this for a prompt
+    assert max(seen) < 100 * limit < len(huge), max(seen)  # a bounded slice, never the whole line
+    seen.clear()
+    ok([*args, "--long-prompts", "truncate", "--out", tmp_path / "t.parquet"])
+    table = schema.read_table(tmp_path / "t.parquet", "pairs")[0]
+    kept = {r["prompt_id"]: r["prompt_ids"] for r in table.to_pylist()}
+    assert len(kept["huge"]) == limit and max(seen) < 100 * limit
+
+
+def test_bounding_keeps_the_tokens_of_the_end(tiny_tokenizer):
+    """Cut to its end before tokenising, a long prompt truncates to the same last tokens as tokenised whole."""
+    from modpo_pipe.prompts import PromptRecord, max_token_chars, render
+
+    text = " ".join(f"word{i} and more words" for i in range(3000))
+    record = PromptRecord("p", prompt=text)
+    whole = tiny_tokenizer(text)["input_ids"]
+    _, bounded = render(record, tiny_tokenizer, use_chat_template=False, max_tokens=100)
+    assert len(bounded) > 100 and len(bounded) < len(whole)
+    assert bounded[-100:] == whole[-100:]
+    assert 2 * 100 * max_token_chars(tiny_tokenizer) < len(text)
+    short = PromptRecord("s", prompt="Why is the sky blue?")
+    assert render(short, tiny_tokenizer, False, max_tokens=100) == render(short, tiny_tokenizer, False)
+
+
+# ------------------------------------------------------------------ 7. only a sequence of numbers is a score
+
+
+def _reward(fn) -> CallableReward:
+    reward = CallableReward.__new__(CallableReward)
+    reward.name, reward.spec, reward.fn, reward.source = "r", "py:test:fn", fn, None
+    return reward
+
+
+@pytest.mark.parametrize(("returned", "fragment"), [
+    (lambda n: {f"k{i}": 1.0 for i in range(n)}, "returned dict, expected a list of floats"),
+    (lambda n: set(range(n)), "returned set, expected a list of floats"),
+    (lambda n: (float(i) for i in range(n)), "returned generator, expected a list of floats"),
+    (lambda n: np.zeros((n, 1)), "returned a 2-D array of shape (3, 1), expected a list of floats"),
+    (lambda n: torch.zeros(n, 2), "returned a 2-D array of shape (3, 2)"),
+    (lambda n: "abc", "returned str, expected a list of floats"),
+    (lambda n: ["1.5"] * n, "response 0: score '1.5' is not a number"),
+    (lambda n: [[1.0]] * n, "response 0: score [1.0] is not a number"),
+])
+def test_a_reward_returning_anything_but_numbers_is_refused(returned, fragment):
+    reward = _reward(lambda prompts, responses: returned(len(responses)))
+    inputs = [RewardInput([{"role": "user", "content": "hi"}], r) for r in ("a", "bb", "ccc")]
+    with pytest.raises(ModpoError, match="reward 'r' \\(py:test:fn\\)") as error:
+        reward.score(inputs, batch_size=8)
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("returned", [
+    lambda n: [1, 2.5, True][:n], lambda n: (1.0, 2.0, 3.0), lambda n: np.arange(n, dtype=np.float32),
+    lambda n: torch.arange(n, dtype=torch.float64), lambda n: [np.float64(1), torch.tensor(2.0), 3],
+])
+def test_lists_tuples_and_1d_arrays_of_numbers_are_scores(returned):
+    reward = _reward(lambda prompts, responses: returned(len(responses)))
+    inputs = [RewardInput([{"role": "user", "content": "hi"}], r) for r in ("a", "bb", "ccc")]
+    scores = reward.score(inputs, batch_size=8)
+    assert scores == [float(v) for v in returned(3)]
+
+
+def test_a_reward_returning_a_dict_fails_score(env, tmp_path):
+    line = fails(_score(env, tmp_path / "s.parquet", "as_dict"), "returned dict, expected a list of floats")
+    assert line.startswith("error: reward 'bad' (py:")
+
+
+# --------------------------------------------------------------------- 8. eval refuses a malformed spec
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("NAME", "--policies 'NAME': no such directory; give PATH (a model directory) or LABEL=PATH"),
+    ("=some/where", "--policies '=some/where': expected PATH or LABEL=PATH, with neither part empty"),
+    ("label=", "--policies 'label=': expected PATH or LABEL=PATH, with neither part empty"),
+    ("reference=org/model", "the label 'reference' is the reference's own"),
+])
+def test_eval_refuses_a_malformed_policy_spec_at_once(env, tmp_path, monkeypatch, spec, fragment):
+    import modpo_pipe.evaluate as evaluate
+    from modpo_pipe import models
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluate ran"))
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("a model was looked up"))
+    fails(["eval", env / "prompts.jsonl", *config(env), "--policies", spec,
+           "--summary-out", tmp_path / "eval.json"], fragment)
+
+
+def test_eval_refuses_a_label_given_twice(env, tiny, tmp_path, monkeypatch):
+    import modpo_pipe.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluate ran"))
+    fails(["eval", env / "prompts.jsonl", *config(env), "--policies", f"a={tiny.policy}", "--policies",
+           f"a={tiny.reward}", "--summary-out", tmp_path / "eval.json"], "label 'a' is given twice")
+
+
+# ----------------------------------------------------------------------- 9. a finished generate reruns free
+
+
+def test_rerunning_a_finished_generate_samples_nothing(env, tmp_path, monkeypatch):
+    import modpo_pipe.generate as generate
+
+    out = tmp_path / "pairs.parquet"
+    args = ["generate", env / "prompts.jsonl", *config(env), "--out", out]
+    ok(args)
+    before = out.read_bytes()
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(generate, "load_policy", lambda *a, **k: pytest.fail("loaded the policy again"))
+    output = ok(args)
+    assert f"nothing to do: {out} is already written from these prompts, this policy and these settings" in output
+    assert "pairs: 12" in output
+    assert out.read_bytes() == before
+    monkeypatch.undo()
+    # other settings, other prompts or a damaged file: sampled again
+    calls = {"n": 0}
+    real = generate.sample
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate, "sample", counting)
+    ok([*args, "--seed", 7])
+    assert calls["n"] == 1
+    out.write_bytes(before[: len(before) // 2])
+    ok(args)
+    assert calls["n"] == 2
+    assert out.read_bytes() != before[: len(before) // 2]
+    schema.read_table(out, "pairs")
