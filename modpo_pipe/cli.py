@@ -433,7 +433,8 @@ def inspect_command(
 # --- iterative rounds: `run` and `status` (modpo_pipe/rounds.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
-_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy")})
+_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy"),
+                          ("train", "reward_stats")})
 
 
 def _run_setting_parameters() -> list[inspect.Parameter]:
