@@ -199,8 +199,9 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     inspect.Parameter("scored", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
                       default=typer.Argument(..., help="One or more scored.parquet files.")),
     help="Train the policy on cached pairs with the RPO loss (no reference model loaded) -> checkpoint. "
-         "Data-parallel on several processes under `accelerate launch -m modpo_pipe train ...` (DDP, FSDP or "
-         "DeepSpeed, from the accelerate config), or with --num-processes N.",
+         "Every file's rewards are z-scored with one set of statistics: the first file's, or those of "
+         "--reward-stats FILE. Data-parallel on several processes under `accelerate launch -m modpo_pipe "
+         "train ...` (DDP, FSDP or DeepSpeed, from the accelerate config), or with --num-processes N.",
     extra=(extra_option("num_processes", int, 1, "--num-processes",
                         "N > 1: train data-parallel on N processes on this machine (one per GPU; CPU processes "
                         "without GPUs) by running this command under `accelerate launch`. A step then takes "
@@ -457,7 +458,8 @@ def inspect_command(
 # --- iterative rounds: `run` and `status` (modpo_pipe/rounds.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
-_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy")})
+_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy"),
+                          ("train", "reward_stats")})
 
 
 def _run_setting_parameters() -> list[inspect.Parameter]:

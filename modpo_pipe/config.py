@@ -103,7 +103,14 @@ class TrainSettings:
     )
     loss: str = setting("rpo-sym", "rpo-sym (symmetric, lower variance), rpo (paper Eq. 19) or rebel (squared).")
     beta: float = setting(0.1, "KL strength: the optimum is pi_ref * exp(r_w / beta).")
-    normalize: str = setting("zscore", "zscore: standardise each reward with the file's stored mean/std; none.")
+    normalize: str = setting(
+        "zscore", "zscore: standardise every reward with one stored mean/std (see reward_stats), so that weights mean "
+        "the same thing whatever each reward's scale; none: raw rewards."
+    )
+    reward_stats: str = setting(
+        "", "The scored file whose stored reward mean/std z-score every input file (one target for all of them). "
+        "Empty: the first input file's. `run` sets it to round-000/scored.parquet.", path="output"
+    )
     lr: float = setting(1e-5, "Peak learning rate (AdamW). LoRA usually wants ~1e-4.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     epochs: int = setting(1, "Passes over the pairs.")

@@ -5,8 +5,9 @@ student margin  s = beta * ((logp(y1) - ref_logp(y1)) - (logp(y2) - ref_logp(y2)
 d = s - t;  rpo = -logsigmoid(d);  rpo-sym = -logsigmoid(d) - logsigmoid(-d);  rebel = d**2
 
 All three are minimised at d = 0 for every pair, i.e. at pi(y|x) ∝ pi_ref(y|x) exp(r_w(x, y) / beta).
-(For rpo that holds only in expectation over pairs drawn symmetrically; rpo-sym and rebel are
-symmetric in y1 <-> y2 pair by pair, which is why rpo-sym is the lower-variance default.)
+(For rpo that holds only in expectation over both orientations of each pair: its gradient sigma(d) - 1 is
+never zero, so train.py presents every pair in a fresh random orientation each epoch. rpo-sym and rebel
+are symmetric in y1 <-> y2 pair by pair, which is why rpo-sym is the lower-variance default.)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def normalise_weights(weights: dict[str, float], names: list[str]) -> torch.Tens
 
 
 def zscore(rewards: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Standardise each reward column with stored statistics; a constant reward (std 0) becomes 0."""
+    """Standardise each reward column with stored statistics; a constant reward (std 0, or NaN) becomes 0."""
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
     return torch.where(std > 0, (rewards - mean) / safe_std, torch.zeros_like(rewards))
 

@@ -23,6 +23,10 @@ Crash safety: a stage is marked `running` before it starts and `done` only after
 (atomically: temp + fsync + rename) and fingerprinted. A stage killed half way is redone from its start;
 train resumes from its last saved state when its inputs and settings are those of the killed attempt.
 
+One target per run: with [train].normalize = "zscore" every round (and every replayed pair) is z-scored with
+round 0's reward statistics (Run.stats_file says why), which round 0's score record keeps in the manifest;
+each train record's summary names the statistics it used.
+
 A change of settings that would redo finished stages (other reward models, weights, prompts ...) is refused
 with `ConfigChanged` unless the caller allows it. Settings that cannot change a result (device, batch sizes of
 scoring, logging and saving intervals, vLLM memory knobs) are not compared.
@@ -80,7 +84,8 @@ FULL_HASH_LIMIT = 64 << 20
 _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                      "vllm_enforce_eager", "vllm_max_model_len"}
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
-_TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every"}  # as train.run_fingerprint
+# As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
+_TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -388,6 +393,16 @@ class Run:
             return self.sampling_policy(k)
         return self.settings.score.ref or self.settings.generate.policy
 
+    def stats_file(self) -> Path:
+        """The reward statistics every round trains with: round 0's, stored in its scored file's metadata (and
+        in the manifest, in round 0's score record). With reference = "fixed" they are the reference's own
+        samples' (when [score].ref is the initial policy), so every round and every replayed pair is
+        z-scored toward the one target pi_ref * exp(r_w / beta); per-round statistics would shrink with the
+        policy's spread and push each round further along the front. With reference = "previous" they stay
+        fixed too: K rounds then compose to pi_0 * exp(K r_w / beta), the same weights at a K times smaller
+        beta, whereas per-round statistics would reweight each reward by 1/std as it saturates."""
+        return self.round_dir(0) / "scored.parquet"
+
     def replay_rounds(self, k: int) -> list[int]:
         replay = self.settings.run.replay
         if replay == 0:
@@ -448,6 +463,8 @@ class Run:
                 if f.name not in _TRAIN_IGNORED:
                     out[f"train.{f.name}"] = getattr(s.train, f.name)
             out["run.replay (rounds replayed)"] = self.replay_rounds(k)
+            if s.train.normalize == "zscore":
+                out["run.reward_stats (z-score statistics)"] = f"{round_name(0)} samples, fixed for the run"
         return _json_normal(out)
 
     def stage_inputs(self, k: int, stage: str, manifest: Manifest) -> dict[str, Any]:
@@ -465,8 +482,9 @@ class Run:
         if stage == "score":
             inputs = {f"{round_name(k)}/pairs.parquet": output(k, "generate", "pairs.parquet")}
             return {**inputs, **(policy_input if self.settings.run.reference == "previous" else {})}
+        statistics = [0] if self.settings.train.normalize == "zscore" else []  # Run.stats_file
         scored = {f"{round_name(j)}/scored.parquet": output(j, "score", "scored.parquet")
-                  for j in [k, *self.replay_rounds(k)]}
+                  for j in [k, *self.replay_rounds(k), *statistics]}
         return {**scored, **policy_input}
 
     def output_problem(self, k: int, record: dict[str, Any]) -> str | None:
@@ -697,7 +715,8 @@ class Run:
             shutil.rmtree(out / "final")
         # The next round samples from full weights: with LoRA, always write the merged model.
         settings = dataclasses.replace(self.settings, train=dataclasses.replace(
-            t, policy=self.sampling_policy(k), out=str(out), merge=lora or t.merge))
+            t, policy=self.sampling_policy(k), out=str(out), merge=lora or t.merge,
+            reward_stats=str(self.stats_file()) if t.normalize == "zscore" else ""))
         scored = [self.round_dir(j) / "scored.parquet" for j in [k, *self.replay_rounds(k)]]
         report = train(settings, scored, out, progress=self.progress)
         target = "train/merged" if lora else "train/final"
@@ -707,7 +726,8 @@ class Run:
         outputs = {"policy": {"target": target, "fingerprint": tree_fingerprint(files), "files": files},
                    "metrics.jsonl": file_info(round_dir / "metrics.jsonl")}
         summary = {"rows": report.pairs, "dropped_identical": report.dropped_identical, "steps": report.steps,
-                   "resumed_from": report.resumed_from, **metrics_summary(round_dir / "metrics.jsonl")}
+                   "resumed_from": report.resumed_from, **metrics_summary(round_dir / "metrics.jsonl"),
+                   "reward_stats": (report.target or {}).get("reward_stats")}
         return outputs, summary
 
 

@@ -80,6 +80,65 @@ class TokenLists(Sequence):
 
 
 @dataclass
+class RewardStats:
+    """The z-score statistics one training target is built from: one mean and std per reward, read from one
+    scored file's metadata and applied to every input file, so that every pair's teacher margin is on the same
+    scale. A reward whose std is 0, NaN or tiny is treated as constant: it contributes nothing."""
+
+    source: str  # the scored file they were read from
+    mean: dict[str, float]
+    std: dict[str, float]  # as stored
+    constant: dict[str, str]  # reward -> why it contributes nothing
+
+    def as_record(self) -> dict[str, Any]:
+        return {"from": self.source, "rewards": {n: {"mean": self.mean[n], "std": self.std[n]} for n in self.mean},
+                **({"constant": self.constant} if self.constant else {})}
+
+
+# A std below this fraction of the reward's mean magnitude is float rounding noise (float32 keeps ~7 digits),
+# and one below the floor too small to divide by: z-scoring would blow every margin up by 1/std.
+TINY_STD_RELATIVE = 1e-6
+TINY_STD_FLOOR = 1e-12
+
+
+def unusable_std(mean: float, std: float) -> str | None:
+    """Why a stored std cannot scale its reward (None: it can). Pure: the caller decides what to say."""
+    if not math.isfinite(std) or not math.isfinite(mean):
+        return f"its stored mean/std is {mean}/{std}"
+    if std == 0:
+        return "its stored std is 0 (the reward is constant)"
+    if std < max(TINY_STD_RELATIVE * abs(mean), TINY_STD_FLOOR):
+        return (f"its stored std {std:.3g} is below {TINY_STD_RELATIVE:g} of its mean {mean:.6g} (or below "
+                f"{TINY_STD_FLOOR:g}): rounding noise, which z-scoring would blow up by 1/std")
+    return None
+
+
+def reward_stats(meta: dict[str, Any], names: list[str], source: Path) -> RewardStats:
+    """The statistics of `names` stored in a scored file's metadata (score.reward_stats wrote them)."""
+    rewards = metadata_key(meta, "rewards", source)
+    mean: dict[str, float] = {}
+    std: dict[str, float] = {}
+    for name in names:
+        entry = rewards.get(name) if isinstance(rewards, dict) else None
+        if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
+            raise ModpoError(f"{source}: metadata has no 'rewards.{name}' mean and std: corrupt or not written by "
+                             f"modpo-pipe" + ("" if isinstance(rewards, dict) and name in rewards
+                                              else f" (it holds statistics of {sorted(rewards)})"
+                                              if isinstance(rewards, dict) else ""))
+        m, sd = entry["mean"], entry["std"]
+        mean[name] = float("nan") if m is None else float(m)
+        std[name] = float("nan") if sd is None else float(sd)
+    constant = {n: why for n in names if (why := unusable_std(mean[n], std[n]))}
+    return RewardStats(str(source), mean, std, constant)
+
+
+def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise ModpoError(f"{path}: metadata has no '{key}': corrupt or not written by modpo-pipe")
+    return meta[key]
+
+
+@dataclass
 class TrainingPairs:
     pair_ids: list[str]
     prompt_ids: TokenLists
@@ -93,6 +152,8 @@ class TrainingPairs:
     dropped_identical: int
     meta: dict[str, Any]  # the first file's metadata
     fingerprints: list[str]  # one per input file, for the resume check
+    stats: RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
+    max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -101,34 +162,53 @@ class TrainingPairs:
 TOKEN_COLUMNS = ("prompt_ids", "response_ids_1", "response_ids_2")
 
 
-def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str) -> TrainingPairs:
+def read_scored_meta(path: Path) -> dict[str, Any]:
+    """A scored file's validated metadata (a whole file, not one shard of one)."""
+    import pyarrow.parquet as pq
+
+    schema.read_metadata(path)  # a readable modpo-pipe file
+    meta = schema.validate_schema(pq.read_schema(path), "scored", str(path))
+    if "shard" in meta:  # its reward statistics are the shard's own, not the run's
+        raise ModpoError(f"{path} is one shard of a scored file: join the shards first (modpo-pipe merge "
+                         f"{path.parent})")
+    return meta
+
+
+def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str,
+                        stats_path: Path | None = None) -> TrainingPairs:
     """Read scored files, compute each pair's teacher margin, drop pairs with identical responses. Only the
-    columns training needs are read (no text), and token ids stay in Arrow."""
+    columns training needs are read (no text), and token ids stay in Arrow.
+
+    With normalize = "zscore", every file's rewards are standardised with ONE set of statistics: those stored
+    in `stats_path` when given, else the first file's. Per-file statistics would put pairs of different files
+    (rounds, replay) on different scales in one loss, and move the optimum with every file."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not paths:
         raise ModpoError("train needs at least one scored file")
     pair_ids: list[str] = []
     tokens: dict[str, list[pa.ChunkedArray]] = {col: [] for col in TOKEN_COLUMNS}
-    ref_1, ref_2, teachers, fingerprints = [], [], [], []
+    ref_1, ref_2, teachers, fingerprints, max_ids = [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
+    stats: RewardStats | None = None
     w = None
     dropped = 0
     for path in paths:
-        schema.read_metadata(path)  # a readable modpo-pipe file
-        file_schema = pq.read_schema(path)
-        meta = schema.validate_schema(file_schema, "scored", str(path))
-        if "shard" in meta:  # its reward statistics are the shard's own, not the run's
-            raise ModpoError(f"{path} is one shard of a scored file: join the shards first (modpo-pipe merge "
-                             f"{path.parent})")
-        file_names = schema.reward_names_of(file_schema)
+        meta = read_scored_meta(path)
+        file_names = schema.reward_names_of(pq.read_schema(path))
+        for key in ("rewards", "tokenizer_fingerprint"):
+            metadata_key(meta, key, path)
         if names is None:
             names, first_meta = file_names, meta
             try:
                 w = normalise_weights(weights or dict.fromkeys(names, 1.0), names)
             except ValueError as e:
                 raise ModpoError(f"--weights / [train].weights: {e} (file {path})") from None
+            if normalize == "zscore":
+                source = stats_path or path
+                stats = reward_stats(read_scored_meta(source) if stats_path else meta, names, source)
         elif sorted(file_names) != sorted(names):
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
@@ -136,11 +216,13 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
         numbers = [c for n in names for c in schema.reward_columns(n)] + ["ref_logp_1", "ref_logp_2"]
         table, meta = schema.read_columns(path, "scored", ["pair_id", *TOKEN_COLUMNS, *numbers])
         check_finite(table, numbers, path)
+        max_ids.append(max((pc.max(pc.list_flatten(table.column(col))).as_py() or 0) for col in TOKEN_COLUMNS))
         r1 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[0]).to_numpy() for n in names])).T
         r2 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[1]).to_numpy() for n in names])).T
-        if normalize == "zscore":
-            mean = torch.tensor([meta["rewards"][n]["mean"] for n in names])
-            std = torch.tensor([meta["rewards"][n]["std"] for n in names])
+        if stats is not None:
+            mean = torch.tensor([stats.mean[n] for n in names])
+            # A reward that cannot be scaled (std 0, NaN or tiny) gets std 0: zscore makes it constant.
+            std = torch.tensor([0.0 if n in stats.constant else stats.std[n] for n in names])
             r1, r2 = zscore(r1, mean, std), zscore(r2, mean, std)
         teacher = teacher_margin(r1, r2, w)
         keep = [not same for same in identical_responses(table)]  # identical: no signal
@@ -163,8 +245,30 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     return TrainingPairs(
         pair_ids, *(TokenLists(tokens[col]) for col in TOKEN_COLUMNS),
         torch.cat(ref_1), torch.cat(ref_2), torch.cat(teachers), names,
-        {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints,
+        {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids,
     )
+
+
+def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) -> None:
+    """Refuse token ids the policy's vocabulary lacks (an IndexError deep inside the model otherwise); the
+    offending file is read again only to name the row."""
+    for path, top in zip(paths, data.max_token_ids):
+        if top >= vocab_size:
+            table, _ = schema.read_columns(path, "scored", ["pair_id", *TOKEN_COLUMNS])
+            schema.check_token_ids(table, vocab_size, str(path))
+            raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
+
+
+def target_record(data: TrainingPairs, t: TrainSettings) -> dict[str, Any]:
+    """What the policy is trained toward, pi_ref * exp(r_w / beta): for metrics.jsonl and modpo_pipe.json."""
+    return {"beta": t.beta, "weights": data.weights, "loss": t.loss, "normalize": t.normalize,
+            "reward_stats": data.stats.as_record() if data.stats else None}
+
+
+def warn_unusable_stats(stats: RewardStats | None) -> None:
+    for name, why in (stats.constant.items() if stats else ()):
+        print(f"WARNING: reward {name!r}: {why} (statistics from {stats.source}); it contributes nothing to the "
+              f"teacher margin", file=sys.stderr)
 
 
 def identical_responses(table: pa.Table, rows_at_once: int = 8192) -> list[bool]:
@@ -201,14 +305,35 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """+1 or -1 per pair for one epoch, a function of (seed, epoch) alone (so a resumed run sees the same):
+    -1 presents the pair as (y2, y1), which negates both its student and its teacher margin.
+
+    Why: rpo's -log sigmoid(d) is not symmetric in y1 <-> y2 and its gradient sigmoid(d) - 1 is never zero, so
+    on cached pairs seen for several epochs in one orientation it learns the order `generate` happened to number
+    them in. Each pair gets a seeded coin in epoch 0 and the opposite orientation in every next epoch: in any
+    one epoch the orientations are random, and every two epochs each pair has been seen both ways, so rpo's
+    summed gradient is rpo-sym's (minimised at d = 0). A fresh coin every epoch would be unbiased too, but its
+    +-1/2 per-pair gradient noise near the optimum never averages out within 20 epochs (measured on the bandit
+    test: TV to pi* 0.24 against 0.04 for rpo-sym). rpo-sym and rebel are unchanged by the orientation."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + 7_919)  # not epoch_order's stream
+    first = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
+    return first if epoch % 2 == 0 else -first
+
+
 def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
     """Every optimizer step as (epoch, its pair indices), in training order. A step takes the global batch,
-    batch_size * grad_accum * processes pairs; the last step of an epoch takes what is left."""
+    batch_size * grad_accum * processes pairs. The remainder of an epoch is folded into its last step (which
+    then holds up to twice the global batch), never a step of its own: a step of one pair would move the
+    weights as far as a full one, since Adam's update does not shrink with the gradient's scale (so scaling
+    the loss down would not help). An epoch shorter than one global batch is one step."""
     per_step = t.batch_size * t.grad_accum * processes
+    full = max(1, n_pairs // per_step)
     steps = []
     for epoch in range(t.epochs):
         order = epoch_order(n_pairs, t.seed, epoch)
-        steps += [(epoch, order[i : i + per_step]) for i in range(0, n_pairs, per_step)]
+        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_pairs])
+                  for i in range(full)]
     return steps
 
 
@@ -230,8 +355,8 @@ def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: s
                                                                            "merge", "policy", "batch_size",
                                                                            "grad_accum")}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
-    blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint},
-                      sort_keys=True)
+    blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
+                       "reward_stats": data.stats.as_record() if data.stats else None}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -248,6 +373,7 @@ class TrainReport:
     seconds: float
     processes: int = 1
     main_process: bool = True  # False on the other processes of a multi-process run: they print nothing
+    target: dict[str, Any] | None = None  # beta, weights and reward statistics the policy was trained toward
 
 
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
@@ -258,7 +384,11 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     sharded = is_sharded(accelerator)  # FSDP or DeepSpeed: weights and optimizer are split across processes
 
     # --- data: teacher margins and cached reference log-probs; no reference model anywhere ---
-    data = load_training_pairs(scored_paths, t.weights, t.normalize)
+    if t.reward_stats and t.normalize != "zscore":
+        raise ModpoError(f"[train].reward_stats ({t.reward_stats}) needs normalize = \"zscore\"")
+    data = load_training_pairs(scored_paths, t.weights, t.normalize,
+                               Path(t.reward_stats) if t.reward_stats else None)
+    target = target_record(data, t)
     ref_identity = data.meta.get("ref", {})
     policy_path = t.policy or ref_identity.get("path") or ""
     if not policy_path:
@@ -266,6 +396,9 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     tokenizer = models.load_tokenizer(policy_path, m.trust_remote_code, what="[train].policy")
     if models.tokenizer_fingerprint(tokenizer) != data.meta["tokenizer_fingerprint"]:
         raise ModpoError(f"{scored_paths[0]}: tokenised with another tokenizer than the policy {policy_path}'s")
+    check_vocabulary(scored_paths, data, len(tokenizer))
+    if accelerator.is_main_process:
+        warn_unusable_stats(data.stats)
     policy_fingerprint = models.fingerprint(policy_path)
     policy_is_ref = policy_fingerprint == ref_identity.get("fingerprint")
     steps = optimizer_steps(len(data), t, processes)
@@ -310,7 +443,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     merged_due = t.lora_r > 0 and t.merge and not (out / "merged" / "config.json").is_file()
     if start_step == len(steps) and (out / "final" / "modpo_pipe.json").is_file() and not merged_due:
         return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, None, None,
-                           None, time.time() - started, processes, accelerator.is_main_process)
+                           None, time.time() - started, processes, accelerator.is_main_process, target)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, t)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -320,14 +453,19 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     metrics_path = out / "metrics.jsonl"
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start_step)
+    # The first metrics line names the target (a resume keeps the line that already does).
+    target_logged = metrics_path.is_file() and metrics_path.stat().st_size > 0
 
     # --- loop ---
     pad_id = tokenizer.pad_token_id
     first_loss = last_loss = ref_gap = None
     bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step",
                disable=not progress or not accelerator.is_main_process)
+    orientation_epoch, orientation = -1, torch.empty(0)
     for step in range(start_step, len(steps)):
         epoch, step_pairs = steps[step]
+        if epoch != orientation_epoch:
+            orientation_epoch, orientation = epoch, pair_orientation(len(data), t.seed, epoch)
         lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -353,7 +491,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                     ref_gap = check_reference_gap(logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu())
                 student = student_margin(logp_1, logp_2, ref_1, ref_2, t.beta)
                 teacher = data.teacher[idx].to(device)
-                loss = pair_loss(student, teacher, t.loss).sum() / pairs_in_step
+                sign = orientation[idx].to(device)  # the pair as (y1, y2) or as (y2, y1) this epoch
+                loss = pair_loss(sign * student, sign * teacher, t.loss).sum() / pairs_in_step
                 # Averaging over processes divides the summed gradient by their number: scale it back.
                 accelerator.backward(loss * (0 if padding else processes))
             if padding:
@@ -390,8 +529,11 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
             }
             if ref_gap is not None and step == 0:
                 record["first_batch_ref_gap"] = ref_gap
+            if not target_logged:
+                record["target"] = target
             if accelerator.is_main_process:
                 append_jsonl(metrics_path, record)
+                target_logged = True
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps) and not sharded:
             on_main(accelerator, save_state, out / "state", unwrapped, optimizer, step + 1, fingerprint)
             saved_step = step + 1
@@ -405,7 +547,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "scored_files": [str(p) for p in scored_paths],
         "policy": {"path": policy_path, "fingerprint": policy_fingerprint},
         "ref": ref_identity, "pairs": len(data), "dropped_identical": data.dropped_identical,
-        "steps": len(steps), "lora_r": t.lora_r,
+        "steps": len(steps), "lora_r": t.lora_r, "target": target,
     }
     full_state = accelerator.get_state_dict(model) if sharded else None  # gathered from every process
     on_main(accelerator, save_final, out / "final", unwrapped, tokenizer, info, full_state)
@@ -419,7 +561,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
 
         on_main(accelerator, lambda: save_final(out / "merged", merged(), tokenizer, info))
     return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, first_loss,
-                       last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process)
+                       last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process, target)
 
 
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:

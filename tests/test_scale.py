@@ -101,13 +101,13 @@ def test_one_process_steps_are_the_global_batch_of_many():
 
     one = optimizer_steps(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
     two = optimizer_steps(17, TrainSettings(batch_size=2, grad_accum=2, epochs=2), processes=2)
-    assert one == two and [len(pairs) for _, pairs in one] == [8, 8, 1, 8, 8, 1]
+    assert one == two and [len(pairs) for _, pairs in one] == [8, 9, 8, 9]  # the remainder folded in
 
 
 @pytest.fixture(scope="module")
 def odd_scored(env) -> Path:
-    """17 pairs: with a global batch of 8, every epoch ends with a one-pair step, which one of two processes
-    takes alone while the other runs a zero-weight pass."""
+    """17 pairs: with a global batch of 8, every epoch ends with a step of 9 (the remainder folded in), whose
+    odd pair one of two processes takes alone while the other runs a zero-weight pass."""
     table, meta = schema.read_table(env / "scored.parquet", "scored")
     path = env / "scored-17.parquet"
     schema.write_table(table.slice(0, 17), path, meta)
@@ -127,8 +127,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored
     assert "processes: 2" in result.stderr and result.stderr.count("wrote ") == 1  # the main process reports
 
     a, b = steps_logged(one), steps_logged(two)
-    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]  # one metrics line a step: only the main process writes
-    assert [m["pairs"] for m in b] == [m["pairs"] for m in a] == [8, 8, 1, 8, 8, 1]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]  # one metrics line a step: only the main process writes
+    assert [m["pairs"] for m in b] == [m["pairs"] for m in a] == [8, 9, 8, 9]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
@@ -138,13 +138,13 @@ def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored
     moved = max((wa[k] - v).abs().max().item() for k, v in weights(tiny.policy).items())
     print(f"\ntwo processes vs one, same global batch: max |weight gap| {gap:.3g} (largest update {moved:.3g})")
     assert gap < WEIGHT_TOLERANCE
-    assert json.loads((two / "state" / "state.json").read_text())["step"] == 6
+    assert json.loads((two / "state" / "state.json").read_text())["step"] == 4
     assert not list(two.glob("*.tmp")) and not list(two.glob("*.old"))
 
 
 def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(env, odd_scored, tmp_path,
                                                                               monkeypatch):
-    """A one-process run killed in step 5 resumes on two processes at step 4: global batch 8 both times."""
+    """A one-process run killed in step 3 resumes on two processes at step 2: global batch 8 both times."""
     import modpo_pipe.train as train_module
 
     full, part = tmp_path / "full", tmp_path / "part"
@@ -152,17 +152,17 @@ def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(
     ok([*common, "--batch-size", 8, "--out", full])
     real, calls = train_module.pair_loss, {"n": 0}
 
-    def dies_in_step_5(*args, **kwargs):
+    def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # one micro-batch a step
+        if calls["n"] == 4:  # micro-batches of 8: one in step 1, two in step 2 (9 pairs), then step 3
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "pair_loss", dies_in_step_5)
+    monkeypatch.setattr(train_module, "pair_loss", dies_in_step_3)
     with pytest.raises(RuntimeError, match="killed"):
         runner.invoke(app, [str(a) for a in [*common, "--batch-size", 8, "--out", part]], catch_exceptions=False)
     monkeypatch.undo()
-    assert json.loads((part / "state" / "state.json").read_text())["step"] == 4
+    assert json.loads((part / "state" / "state.json").read_text())["step"] == 2
     # Another global batch is another run: refused, nothing touched.
     fails([*common, "--batch-size", 2, "--out", part], "holds a training state for other data or settings")
 
@@ -171,8 +171,8 @@ def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(
          "--num-processes", "2", "--out", str(part)],
         cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resumed from step: 4" in result.stderr
-    assert [m["step"] for m in steps_logged(part)] == [1, 2, 3, 4, 5, 6]
+    assert "resumed from step: 2" in result.stderr
+    assert [m["step"] for m in steps_logged(part)] == [1, 2, 3, 4]
     wa, wb = weights(full / "final"), weights(part / "final")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_TOLERANCE
 
