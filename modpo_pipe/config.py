@@ -40,7 +40,8 @@ def setting(default: Any, help: str, *, path: str | None = None, flag: str | Non
 
 @dataclass
 class ModelSettings:
-    dtype: str = setting("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    dtype: str = setting("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
+                                       "float16. train keeps float32 master weights and refuses float16.")
     device: str = setting("auto", "Device for generate/score/train: auto (cuda if available), cpu, cuda, cuda:1 ...")
     trust_remote_code: bool = setting(
         False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load."
@@ -114,7 +115,7 @@ class TrainSettings:
     seed: int = setting(0, "Seed for data order and initialisation of adapters.")
     lora_r: int = setting(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = setting(16, "LoRA alpha.")
-    lora_dropout: float = setting(0.0, "LoRA dropout.")
+    lora_dropout: float = setting(0.0, "LoRA dropout (train turns every dropout off: set for the record only).")
     lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
     lora_layers: int = setting(
         0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.")

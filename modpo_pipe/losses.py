@@ -74,3 +74,14 @@ def margin_stats(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, floa
     if student.numel() > 1 and student.std() > 0 and teacher.std() > 0:
         stats["margin_corr"] = torch.corrcoef(torch.stack([student, teacher]))[0, 1].item()
     return stats
+
+
+def kl_ref_policy(log_ratio: torch.Tensor) -> float:
+    """Estimate of KL(pi_ref || pi) from log_ratio = log pi(y) - log pi_ref(y) on responses y drawn from pi_ref:
+    the mean of exp(r) - 1 - r (Schulman's k3), unbiased there and >= 0 for every sample. The plain mean of r
+    estimates -KL(pi_ref || pi), which is <= 0. On responses another policy sampled (later rounds) it is a
+    divergence estimate of the same form, not exactly this KL."""
+    r = log_ratio.detach().double()
+    if r.numel() == 0:
+        return float("nan")
+    return (torch.expm1(r) - r).mean().item()
