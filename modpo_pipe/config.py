@@ -57,7 +57,8 @@ class GenerateSettings:
     top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
     max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
     max_prompt_tokens: int = setting(1024, "Longest rendered prompt in tokens; see long_prompts.")
-    long_prompts: str = setting("drop", "What to do with longer prompts: drop (counted) or truncate (keep the end).")
+    long_prompts: str = setting("drop", "What to do with longer prompts: drop or truncate (cut from the start of "
+                                        "the text), both counted.")
     skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")

@@ -726,7 +726,7 @@ def merged_summary(path: Path) -> dict[str, Any]:
 
 
 def metrics_summary(path: Path) -> dict[str, Any]:
-    """Mean loss of the first and last epoch, and the last epoch's mean KL proxy."""
+    """Mean loss of the first and last epoch, and the last epoch's mean KL(pi_ref || pi) estimate."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not records:
         return {}
@@ -737,7 +737,7 @@ def metrics_summary(path: Path) -> dict[str, Any]:
 
     return {"loss_first_epoch": statistics.fmean(in_epoch(first, "loss")),
             "loss": statistics.fmean(in_epoch(last, "loss")),
-            "kl_proxy": statistics.fmean(in_epoch(last, "kl_proxy") or [float("nan")])}
+            "kl_ref_policy": statistics.fmean(in_epoch(last, "kl_ref_policy") or [float("nan")])}
 
 
 def _diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -760,7 +760,7 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
         return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
     if "loss" in summary:
-        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}, kl_proxy {summary['kl_proxy']:.4g}"
+        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}, kl_ref_policy {summary['kl_ref_policy']:.4g}"
     return text
 
 
