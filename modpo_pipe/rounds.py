@@ -760,7 +760,9 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
         return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
     if "loss" in summary:
-        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}, kl_ref_policy {summary['kl_ref_policy']:.4g}"
+        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}"
+    if "kl_ref_policy" in summary:  # (runs recorded before it replaced kl_proxy lack it)
+        text += f", kl_ref_policy {summary['kl_ref_policy']:.4g}"
     return text
 
 
