@@ -737,7 +737,7 @@ def metrics_summary(path: Path) -> dict[str, Any]:
 
     return {"loss_first_epoch": statistics.fmean(in_epoch(first, "loss")),
             "loss": statistics.fmean(in_epoch(last, "loss")),
-            "kl_ref_policy": statistics.fmean(in_epoch(last, "kl_ref_policy") or [float("nan")])}
+            "kl_k2": statistics.fmean(in_epoch(last, "kl_k2") or [float("nan")])}
 
 
 def _diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -761,8 +761,8 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
     if "loss" in summary:
         text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}"
-    if "kl_ref_policy" in summary:  # (runs recorded before it replaced kl_proxy lack it)
-        text += f", kl_ref_policy {summary['kl_ref_policy']:.4g}"
+    if "kl_k2" in summary:  # (runs recorded before it replaced kl_proxy lack it)
+        text += f", kl_k2 {summary['kl_k2']:.4g}"
     return text
 
 

@@ -42,7 +42,7 @@ from modpo_pipe.config import Settings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
 from modpo_pipe.losses import (
-    kl_ref_policy,
+    kl_k2,
     margin_stats,
     normalise_weights,
     pair_loss,
@@ -415,7 +415,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                                                    for x in (students, teachers, log_ratios))
             record = {
                 "step": step + 1, "epoch": epoch, "loss": loss_sum, **margin_stats(student_all, teacher_all),
-                "kl_ref_policy": kl_ref_policy(ratio_all), "grad_norm": None if grad_norm is None else float(grad_norm),
+                "kl_k2": kl_k2(ratio_all), "grad_norm": None if grad_norm is None else float(grad_norm),
                 "lr": lr, "tokens_per_s": tokens / max(time.time() - step_started, 1e-9), "pairs": pairs_in_step,
             }
             if ref_gap is not None and step == 0:

@@ -86,7 +86,7 @@ def test_bf16_full_fine_tuning_makes_the_float32_update(env, tiny, tmp_path):
     with safe_open(str(tmp_path / "bf16" / "final" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (not a dict)
     assert json.loads((tmp_path / "bf16" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert all(m["kl_ref_policy"] >= 0 for m in metrics(tmp_path / "bf16"))
+    assert all(m["kl_k2"] >= 0 for m in metrics(tmp_path / "bf16"))
 
 
 def test_float16_training_is_refused_in_one_line(env, tmp_path):
@@ -165,20 +165,20 @@ def test_reference_gap_tolerance_depends_on_the_dtype(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_kl_estimate_is_nonnegative_and_matches_the_exact_kl():
-    """Responses drawn from pi_ref over 5 one-token replies: the k3 estimate matches the exact KL(pi_ref || pi)
-    and is >= 0 for every sample, while the mean log-ratio (the old kl_proxy) is negative."""
-    from modpo_pipe.losses import kl_ref_policy
+def test_kl_estimate_is_nonnegative_and_close_to_the_exact_kl_near_the_reference():
+    """Responses drawn from pi_ref over 5 one-token replies, pi a small step away: k2 is >= 0 for every sample and
+    within 10% of the exact KL(pi_ref || pi), while the mean log-ratio (the former kl_proxy) is its negative."""
+    from modpo_pipe.losses import kl_k2
 
     torch.manual_seed(0)
     ref = torch.log_softmax(torch.randn(5), 0)
-    pol = torch.log_softmax(torch.randn(5), 0)
+    pol = torch.log_softmax(ref + 0.2 * torch.randn(5), 0)
     exact = (ref.exp() * (ref - pol)).sum().item()
     draws = torch.multinomial(ref.exp(), 200_000, replacement=True)
     ratio = pol[draws] - ref[draws]
-    assert kl_ref_policy(ratio) == pytest.approx(exact, rel=0.02)
-    assert ratio.mean().item() == pytest.approx(-exact, rel=0.02)
-    assert kl_ref_policy(ratio[:1]) >= 0 and kl_ref_policy(-ratio[:1]) >= 0
+    assert kl_k2(ratio) == pytest.approx(exact, rel=0.1)
+    assert ratio.mean().item() == pytest.approx(-exact, rel=0.05) and ratio.mean().item() < 0
+    assert all(kl_k2(r) >= 0 for r in ratio[:100].split(1))
 
 
 @pytest.mark.parametrize("lora", [0, 8])
