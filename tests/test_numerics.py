@@ -198,3 +198,73 @@ def test_bf16_first_batch_gap_is_within_its_tolerance(env, tiny, tmp_path, lora)
     print(f"\nbf16 {'LoRA' if lora else 'full'}: first-batch gap {gap:.3g}, {per_token:.3g} per sqrt(token) "
           f"(tolerance {train_module.REF_GAP_TOLERANCE[torch.bfloat16]})")
     assert per_token <= train_module.REF_GAP_TOLERANCE[torch.bfloat16] and "WARNING" not in out.output
+
+
+def test_a_distributed_model_runs_its_own_forward(tiny):
+    """wrapped=True: the log-probs come from the wrapper's forward (where FSDP gathers weights and DDP and
+    DeepSpeed keep their books), never from the inner decoder and lm_head called directly, and they equal the
+    packed single-process path's."""
+    from transformers import AutoModelForCausalLM
+
+    from modpo_pipe.logprobs import build_batch, sequence_logps
+
+    class Wrapper(torch.nn.Module):  # what DDP and DeepSpeed look like: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.policy).eval()
+    batch = build_batch([[5, 6, 7], [5, 6, 7], [8]], [[9, 10], [11], [12, 13, 14]], pad_id=1)
+    wrapped = Wrapper(model)
+    with torch.no_grad():
+        through = sequence_logps(wrapped, batch, wrapped=True)
+        direct = sequence_logps(model, batch)
+    assert wrapped.calls == 1
+    torch.testing.assert_close(through, direct, atol=1e-5, rtol=0)
+
+
+def test_fsdp_on_two_cpu_processes_trains_like_one(env, tmp_path):
+    """FSDP2 (gloo, 2 CPU processes, accelerate's launcher): the same steps and weights as one process with the
+    same global batch, and the full policy gathered into OUT/final."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("""compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+machine_rank: 0
+num_processes: 2
+mixed_precision: 'no'
+rdzv_backend: static
+same_network: true
+main_training_function: main
+use_cpu: true
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+""")
+    common = ["train", str(env / "scored.parquet"), *map(str, config(env)), "--lr", "0.0005"]
+    ok([*common, "--batch-size", 8, "--out", tmp_path / "one"])
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp),
+                             "-m", "modpo_pipe", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "processes: 2" in result.stderr
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-5)
+    wa = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    print(f"\nFSDP on 2 CPU processes vs 1 process, same global batch: max |weight gap| {gap:.3g}")
+    assert sorted(wa) == sorted(wb) and gap < 1e-4
