@@ -298,7 +298,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if dtype == torch.float16:
         raise ModpoError("[model].dtype = float16: training in float16 needs loss scaling, which modpo-pipe does "
                          "not do; train in bfloat16 (GPUs since Ampere) or float32")
-    check_reference_dtype(ref_identity.get("dtype"), dtype)
+    if accelerator.is_main_process:
+        check_reference_dtype(ref_identity.get("dtype"), dtype)
     torch.manual_seed(t.seed)
     model = models.load_causal_lm(policy_path, dtype=dtype if t.lora_r > 0 else torch.float32,
                                   device=None if sharded else device, trust_remote_code=m.trust_remote_code,
