@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite, `./dev.sh demo` runs the
 # whole pipeline on the embedded default model, `./dev.sh bench [--quick]` runs the benchmarks. Each creates
-# .venv and installs everything on first use.
+# .venv and installs everything on first use. `./dev.sh gpu-check` runs benchmarks/gpu_check.py with the
+# machine's own Python (for a GPU machine without network).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,8 +47,15 @@ case "${1:-}" in
     shift
     python -m benchmarks.run "$@"
     ;;
+  gpu-check)
+    # On a GPU machine whose Python already has torch, transformers, peft, accelerate, pyarrow, typer, tqdm and
+    # safetensors: no venv, no installs, no network. Writes benchmarks/RESULTS-gpu.md.
+    shift
+    PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -m benchmarks.gpu_check "$@"
+    ;;
   *)
-    echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args] | ./dev.sh bench [--quick]" >&2
+    echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args] | ./dev.sh bench [--quick]" \
+         "| ./dev.sh gpu-check [--device cpu]" >&2
     exit 2
     ;;
 esac

@@ -191,6 +191,8 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
         + (f" ({', '.join(f'{n}: {k}' for n, k in report.invalid_by_reward.items() if k)})"
            if report.dropped_invalid_reward else ""),
         "parts reused from a killed run": report.resumed_parts,
+        "reward inputs cut to fit (prompt start)": ", ".join(f"{n}: {k}" for n, k in report.truncated_by_reward.items())
+        or "0",
     })
 
 

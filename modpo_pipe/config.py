@@ -40,7 +40,8 @@ def setting(default: Any, help: str, *, path: str | None = None, flag: str | Non
 
 @dataclass
 class ModelSettings:
-    dtype: str = setting("auto", "Weights dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    dtype: str = setting("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
+                                       "float16. train keeps float32 master weights and refuses float16.")
     device: str = setting("auto", "Device for generate/score/train: auto (cuda if available), cpu, cuda, cuda:1 ...")
     trust_remote_code: bool = setting(
         False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load."
@@ -56,7 +57,8 @@ class GenerateSettings:
     top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
     max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
     max_prompt_tokens: int = setting(1024, "Longest rendered prompt in tokens; see long_prompts.")
-    long_prompts: str = setting("drop", "What to do with longer prompts: drop (counted) or truncate (keep the end).")
+    long_prompts: str = setting("drop", "What to do with longer prompts: drop or truncate (cut from the start of "
+                                        "the text), both counted.")
     skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
@@ -121,7 +123,7 @@ class TrainSettings:
     seed: int = setting(0, "Seed for data order and initialisation of adapters.")
     lora_r: int = setting(0, "LoRA rank; 0 trains all weights.")
     lora_alpha: int = setting(16, "LoRA alpha.")
-    lora_dropout: float = setting(0.0, "LoRA dropout.")
+    lora_dropout: float = setting(0.0, "LoRA dropout (train turns every dropout off: set for the record only).")
     lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
     lora_layers: int = setting(
         0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.")

@@ -97,13 +97,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_rows: int = 2048) -> torch.Tensor:
+def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_rows: int = 2048,
+                   wrapped: bool = False) -> torch.Tensor:
     """Summed response log-probs per sequence, (B,) float32. Differentiable when grad is enabled.
 
     For packable models (see `can_pack`) the rows are repacked first: rows with the same prompt share
     one copy of it, and short sequences share rows, so prompt tokens and padding are not computed twice.
+
+    `wrapped`: the model is distributed (DDP, FSDP, DeepSpeed). Its own forward must run: that is where FSDP
+    gathers the sharded weights and DeepSpeed and DDP do their bookkeeping, so neither packing nor a direct
+    call of the inner decoder and lm_head is allowed. Logits are kept from the first column that predicts a
+    response token on.
     """
     inner = _unwrap(model)
+    if wrapped:
+        return _wrapped_sequence_logps(model, batch)
     if PACK_SHARED_PROMPTS and can_pack(model, int(batch.attention_mask.sum(-1).max()) if len(batch.input_ids) else 0):
         prompts, responses = batch.split()
         packed = pack_sequences(prompts, responses, pad_id=0).to(batch.input_ids.device)
@@ -120,6 +128,21 @@ def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, chunk_rows: int
     states = hidden[:, :-1][pred_mask]
     targets = batch.input_ids[:, 1:][pred_mask]
     return _sum_per_row(_head_logps(head, states, targets, chunk_rows), pred_mask)
+
+
+def _wrapped_sequence_logps(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    width = batch.input_ids.shape[1]
+    columns = batch.response_mask[:, 1:].any(0).nonzero()
+    first = int(columns[0]) if len(columns) else width - 1  # the first column whose logits predict a response token
+    config = getattr(_unwrap(getattr(model, "module", model)), "config", None)  # DDP and DeepSpeed: .module
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_FAMILIES:
+        first = 0  # families not known to take logits_to_keep: all logits
+    keep = {"logits_to_keep": width - first} if first else {}
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   use_cache=False, **keep).logits  # columns first .. width - 1
+    pred_mask = batch.response_mask[:, 1:][:, first:]
+    per_token = token_logps(logits[:, :-1][pred_mask], batch.input_ids[:, first + 1:][pred_mask])
+    return _sum_per_row(per_token, pred_mask)
 
 
 def _head_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:

@@ -197,7 +197,7 @@ def load_causal_lm(
         if base is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, path_or_id).merge_and_unload()
+            model = merge_lora(PeftModel.from_pretrained(model, path_or_id))
     except ModpoError:
         raise
     except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
@@ -220,6 +220,30 @@ def _check_head(model: torch.nn.Module, missing_keys: list[str], path_or_id: str
         architectures = getattr(model.config, "architectures", None) or ["?"]
         raise ModpoError(f"{what}: {path_or_id} has no causal-LM head in its weights ({', '.join(absent)} missing; "
                          f"it was saved as {', '.join(architectures)}): not a model that generates text")
+
+
+def merge_lora(model: Any) -> torch.nn.Module:
+    """peft's merge_and_unload computed in float32: each adapted layer's base weight is upcast, the float32 update
+    added and the sum cast back to the base dtype, one layer at a time (peft itself rounds the update to a
+    bfloat16 base's dtype before adding it, which loses part of a small update twice)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        dtype = base.weight.dtype
+        base.weight.data = base.weight.data.float()
+        module.merge()
+        base.weight.data = base.weight.data.to(dtype)
+    return model.unload()  # the base model, whose weights now hold the merged values
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype) -> Any:
+    """Compute in `dtype` (matmuls, attention) whatever the weights' dtype: how float32 master weights train in
+    bfloat16. A no-op for float32."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32 and device_type != "meta")
 
 
 def load_reward_model(

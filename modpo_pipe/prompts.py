@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,31 @@ def max_token_chars(tokenizer: Any) -> int:
         longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
         _MAX_TOKEN_CHARS[id(tokenizer)] = (tokenizer, max(longest, 1))
     return _MAX_TOKEN_CHARS[id(tokenizer)][1]
+
+
+def cut_start(text: str, tokens: int, tokenizer: Any) -> str:
+    """`text` without its first `tokens` tokens (as `tokenizer` splits it alone), cut between characters."""
+    if tokens <= 0:
+        return text
+    try:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError):  # a slow tokenizer: no offsets
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[tokens:]) if tokens < len(ids) else ""
+    return text[offsets[tokens][0]:] if tokens < len(offsets) else ""
+
+
+def fit_messages(messages: list[dict[str, str]], length: Callable[[list[dict[str, str]]], int], limit: int,
+                 tokenizer: Any) -> list[dict[str, str]] | None:
+    """The conversation shortened from the start of its content (earliest message first; roles and the template
+    stay whole) until `length(messages)`, the rendered length in tokens, is at most `limit`; None when emptying
+    every message is not enough. Cutting the text and not the rendered ids keeps the BOS, the template's headers
+    and the generation prompt, and gives every model that renders the conversation the same shortened prompt."""
+    messages = [dict(m) for m in messages]
+    while (excess := length(messages) - limit) > 0:
+        first = next((m for m in messages if m["content"]), None)
+        if first is None:
+            return None
+        # Tokens of the content alone and inside the template differ a little at the edges: cut, measure again.
+        first["content"] = cut_start(first["content"], excess, tokenizer)
+    return messages

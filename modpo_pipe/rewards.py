@@ -153,6 +153,7 @@ class ModelReward(Reward):
         self.device = device
         self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
         self._fingerprint = models.fingerprint(spec)
+        self.truncated: list[bool] = []  # per input of the last score() call: cut to fit max_length
 
     def fingerprint(self) -> str:
         return self._fingerprint
@@ -170,14 +171,55 @@ class ModelReward(Reward):
             return self.tokenizer.apply_chat_template(conversation, tokenize=False)
         return "\n".join(m["content"] for m in conversation)
 
-    @torch.inference_mode()
-    def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
-        texts = [self.render(x) for x in inputs]
+    def encode(self, texts: list[str], **kwargs: Any) -> Any:
         # A chat template already writes the special tokens; plain text gets the tokenizer's own.
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length, add_special_tokens=not has_template)
-        logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
+        return self.tokenizer(texts, add_special_tokens=not has_template, **kwargs)
+
+    def fit(self, x: RewardInput, where: str) -> RewardInput:
+        """`x` as it fits the model's max_length: the response whole, the cut taken from the start of the prompt
+        (see prompts.fit_messages); a response that does not fit alone is an error."""
+        from modpo_pipe.prompts import fit_messages
+
+        def length(messages: list[dict[str, str]]) -> int:
+            return len(self.encode([self.render(RewardInput(messages, x.response))])["input_ids"][0])
+
+        if length(x.messages) <= self.max_length:
+            return x
+        messages = fit_messages(x.messages, length, self.max_length, self.tokenizer)
+        if messages is None:
+            raise ModpoError(f"reward {self.name!r} ({self.spec}): {where}: the response alone is longer than the "
+                             f"reward model's {self.max_length} tokens; it cannot be scored whole")
+        return RewardInput(messages, x.response)
+
+    def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False, *,
+              labels: Sequence[str] | None = None, allow_invalid: bool = False) -> list[float]:
+        """As Reward.score, on inputs cut to fit first; `self.truncated` then says, per input, whether it was."""
+        fitted = [self.fit(x, labels[i] if labels is not None else f"response {i}") for i, x in enumerate(inputs)]
+        self.truncated = [f is not x for f, x in zip(fitted, inputs)]
+        return super().score(fitted, batch_size, progress, labels=labels, allow_invalid=allow_invalid)
+
+    @torch.inference_mode()
+    def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
+        # Right padding, so every position id is what the text has alone. Decoder heads (`score`, applied at
+        # every position) are read at each row's last real token, found from the attention mask: the model's own
+        # pooling looks for the last token that is not config.pad_token_id, which is one token early when pad ==
+        # EOS and the text ends in EOS, and lands on padding when the two pad ids differ. Encoder heads pool the
+        # first token, which padding on the right never moves.
+        encoded = self.encode([self.render(x) for x in inputs], return_tensors="pt", padding=True,
+                              padding_side="right")
+        encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        head, captured = getattr(self.model, "score", None), []
+        hook = head.register_forward_hook(lambda _m, _i, out: captured.append(out)) if head is not None else None
+        try:
+            logits = self.model(**encoded).logits
+        finally:
+            if hook is not None:
+                hook.remove()
+        if captured:
+            mask = encoded["attention_mask"]
+            last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(1)
+            logits = captured[-1][torch.arange(len(last), device=mask.device), last]
         return logits[:, 0].float().cpu().tolist()
 
 

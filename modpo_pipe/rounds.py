@@ -748,7 +748,7 @@ def merged_summary(path: Path) -> dict[str, Any]:
 
 
 def metrics_summary(path: Path) -> dict[str, Any]:
-    """Mean loss of the first and last epoch, and the last epoch's mean KL proxy."""
+    """Mean loss of the first and last epoch, and the last epoch's mean KL(pi_ref || pi) estimate."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not records:
         return {}
@@ -759,7 +759,7 @@ def metrics_summary(path: Path) -> dict[str, Any]:
 
     return {"loss_first_epoch": statistics.fmean(in_epoch(first, "loss")),
             "loss": statistics.fmean(in_epoch(last, "loss")),
-            "kl_proxy": statistics.fmean(in_epoch(last, "kl_proxy") or [float("nan")])}
+            "kl_k2": statistics.fmean(in_epoch(last, "kl_k2") or [float("nan")])}
 
 
 def _diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -782,7 +782,9 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
         return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
     if "loss" in summary:
-        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}, kl_proxy {summary['kl_proxy']:.4g}"
+        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}"
+    if "kl_k2" in summary:  # (runs recorded before it replaced kl_proxy lack it)
+        text += f", kl_k2 {summary['kl_k2']:.4g}"
     return text
 
 

@@ -30,6 +30,7 @@ class ScoreReport:
     invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> pairs it made invalid
     chunks: int = 1
     resumed_parts: int = 0  # (component, chunk) parts found finished in OUT.parts/ from a killed run
+    truncated_by_reward: dict[str, int] = field(default_factory=dict)  # name -> inputs cut to its max length
 
 
 def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = True,
@@ -102,16 +103,19 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
             with tqdm(total=n, initial=n - sum(len(chunks[c]) for c in todo), desc=component, unit="pair",
                       disable=not progress) as bar:
                 for c in todo:
-                    first, second = compute(model, c)
+                    first, second, *truncated = compute(model, c)
                     part = pa.table({columns[0]: pa.array(first, pa.float32()),
-                                     columns[1]: pa.array(second, pa.float32())})
-                    check_part(part, column("pair_id", c), what, allow_nan)
+                                     columns[1]: pa.array(second, pa.float32()),
+                                     # per pair, how many of its two inputs a reward model had to shorten
+                                     **({"truncated": pa.array(truncated[0], pa.int8())} if truncated else {})})
+                    check_part(part.select(list(columns)), column("pair_id", c), what, allow_nan)
                     done[c] = work.write(names[c], part)
                     bar.update(len(chunks[c]))
             del model  # free a model before loading the next one
         return [done[c] for c in selected]
 
     columns: dict[str, pa.ChunkedArray] = {}
+    truncated_by_reward: dict[str, int] = {}
     for name, spec in s.rewards.items():
         def load_this(name=name, spec=spec):
             return callables.get(name) or load_reward(name, spec, dtype=dtype, device=device,
@@ -124,13 +128,19 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                                    column("response_1", c) + column("response_2", c))
             labels = [f"pair {pid!r} response {j}" for j in (1, 2) for pid in column("pair_id", c)]
             both = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid)
-            return both[:k], both[k:]
+            cut = getattr(reward, "truncated", None)  # model rewards: which inputs were cut to fit
+            if cut is None:
+                return both[:k], both[k:]
+            return both[:k], both[k:], [int(a) + int(b) for a, b in zip(cut[:k], cut[k:])]
 
         cols = schema.reward_columns(name)
         done = compute_parts(f"reward-{name}", cols, load_this, score_rows, f"reward {name!r} ({spec})",
                              allow_nan=drop_invalid)
         for col in cols:
             columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
+        if name not in callables:
+            truncated_by_reward[name] = sum(pc.sum(t.column("truncated")).as_py() or 0 for t in done
+                                            if "truncated" in t.column_names)
 
     def load_ref():
         return models.load_causal_lm(ref_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
@@ -179,7 +189,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         "rewards": {name: {**specs[name], **stats[name]} for name in s.rewards},
         "score_counts": {"pairs_in": n, "pairs_out": kept, "dropped_invalid_reward": n - kept,
                          "invalid_by_reward": invalid_by_reward, "on_invalid_reward": s.on_invalid_reward,
-                         "chunks": len(chunks), "resumed_parts": work.reused},
+                         "chunks": len(chunks), "resumed_parts": work.reused,
+                         "truncated_by_reward": truncated_by_reward},
     }
     if shard:
         kept_rows = [pc.sum(keep.slice(starts[c], len(chunks[c])).cast(pa.int64())).as_py() or 0 for c in selected]
@@ -187,7 +198,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                                                        len(chunks))
     work.write_output(scored, metadata)
     return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
-                       len(chunks), work.reused)
+                       len(chunks), work.reused, truncated_by_reward)
 
 
 def check_part(part: pa.Table, pair_ids: list[str], what: str, allow_nan: bool) -> None:

@@ -213,6 +213,9 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
             counts[key] = sum(m.get("score_counts", {}).get(key, 0) for m in metas)
         counts["invalid_by_reward"] = {name: sum(m["score_counts"]["invalid_by_reward"].get(name, 0) for m in metas)
                                        for name in counts.get("invalid_by_reward", {})}
+        counts["truncated_by_reward"] = {name: sum(m["score_counts"].get("truncated_by_reward", {}).get(name, 0)
+                                                   for m in metas)
+                                         for name in metas[0]["score_counts"].get("truncated_by_reward", {})}
         counts["chunks"] = n_chunks
         for name, stats in reward_stats(table, list(merged["rewards"])).items():
             merged["rewards"][name].update(stats)

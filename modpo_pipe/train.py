@@ -41,11 +41,25 @@ from modpo_pipe import models, schema
 from modpo_pipe.config import Settings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
-from modpo_pipe.losses import margin_stats, normalise_weights, pair_loss, student_margin, teacher_margin, zscore
+from modpo_pipe.losses import (
+    kl_k2,
+    margin_stats,
+    normalise_weights,
+    pair_loss,
+    student_margin,
+    teacher_margin,
+    zscore,
+)
 
-# Policy log-probs on the first batch must equal the cached ref_logp when the policy is the reference;
-# a larger gap means tokenisation or precision drift between score and train.
-REF_GAP_TOLERANCE = 1e-3
+# Policy log-probs on the first batch must equal the cached ref_logp when the policy is the reference; a
+# larger gap means tokenisation, precision or model drift between score and train. The tolerance is per compute
+# dtype, on a sequence's |gap| / sqrt(its response tokens): rounding errors of independent tokens add up like a
+# random walk. float32 shows batch-shape rounding only. In bfloat16, full fine-tuning runs float32 master
+# weights under autocast against a reference scored with bfloat16 weights, so the residual stream is rounded
+# differently: measured on CPU (tests/test_numerics.py, tiny Llama, replies of <= 16 tokens) 0.041 at most
+# (a gap of 0.058 nats); LoRA (a bfloat16 base, as scored) measured 0. The bf16 tolerance is about 3x that;
+# benchmarks/gpu_check.py reports the same quantity on a GPU for SmolLM2-135M's shape.
+REF_GAP_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.12}  # nats / sqrt(response tokens)
 
 
 class TokenLists(Sequence):
@@ -409,17 +423,30 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     # weights themselves).
     device = accelerator.device if accelerator.distributed_type != DistributedType.NO else models.resolve_device(
         m.device)
+    # Mixed precision: [model].dtype is the compute dtype (and the dtype of the saved weights). Whatever it is,
+    # the weights the optimizer updates and its moments are float32: a bfloat16 weight of 0.02 has a spacing of
+    # 1.2e-4, so an AdamW step of 1e-5 applied to it in place rounds back to the old value. Frozen LoRA base
+    # weights need no such care and stay in the compute dtype.
     dtype = models.resolve_dtype(m.dtype, device)
+    if dtype == torch.float16:
+        raise ModpoError("[model].dtype = float16: training in float16 needs loss scaling, which modpo-pipe does "
+                         "not do; train in bfloat16 (GPUs since Ampere) or float32")
+    if accelerator.is_main_process:
+        check_reference_dtype(ref_identity.get("dtype"), dtype)
     torch.manual_seed(t.seed)
-    model = models.load_causal_lm(policy_path, dtype=dtype, device=None if sharded else device,
-                                  trust_remote_code=m.trust_remote_code, what="[train].policy")
+    model = models.load_causal_lm(policy_path, dtype=dtype if t.lora_r > 0 else torch.float32,
+                                  device=None if sharded else device, trust_remote_code=m.trust_remote_code,
+                                  what="[train].policy")
     if t.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                           target_modules=t.lora_targets, task_type="CAUSAL_LM",
                           layers_to_transform=top_layers(model, t.lora_layers))
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=True)  # adapters in float32
+    # The cached ref_logp came from a model in eval mode: with dropout on, log pi - log pi_ref would not be 0
+    # at step 0 and every student margin would carry dropout noise (lora_dropout included).
+    disabled_dropout = disable_dropout(model)
     if t.gradient_checkpointing:
         # Reentrant checkpointing breaks DDP's gradient hooks; one process keeps the library's default.
         model.gradient_checkpointing_enable(**({"gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -428,6 +455,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
             model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # float32 master weights (a no-op for what already is)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     # --- resume: the state loads into the plain model and optimizer, before the engine wraps them ---
@@ -458,7 +487,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
 
     # --- loop ---
     pad_id = tokenizer.pad_token_id
-    first_loss = last_loss = ref_gap = None
+    first_loss = last_loss = ref_gap = ref_gap_scaled = None
     bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step",
                disable=not progress or not accelerator.is_main_process)
     orientation_epoch, orientation = -1, torch.empty(0)
@@ -483,12 +512,14 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                 prompts = [data.prompt_ids[i] for i in idx]
                 batch = build_batch(prompts * 2, [data.response_ids_1[i] for i in idx]
                                     + [data.response_ids_2[i] for i in idx], pad_id).to(device)
-                logps = sequence_logps(model, batch)
+                with models.autocast(device, dtype):
+                    logps = sequence_logps(model, batch, wrapped=accelerator.distributed_type != DistributedType.NO)
                 logp_1, logp_2 = logps[: len(idx)], logps[len(idx):]
                 ref_1, ref_2 = data.ref_logp_1[idx].to(device), data.ref_logp_2[idx].to(device)
                 if (step == start_step and ref_gap is None and policy_is_ref and start_step == 0 and not padding
                         and accelerator.is_main_process):
-                    ref_gap = check_reference_gap(logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu())
+                    ref_gap, ref_gap_scaled = check_reference_gap(
+                        logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu(), batch.response_mask.sum(1).cpu(), dtype)
                 student = student_margin(logp_1, logp_2, ref_1, ref_2, t.beta)
                 teacher = data.teacher[idx].to(device)
                 sign = orientation[idx].to(device)  # the pair as (y1, y2) or as (y2, y1) this epoch
@@ -524,11 +555,12 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                                                    for x in (students, teachers, log_ratios))
             record = {
                 "step": step + 1, "epoch": epoch, "loss": loss_sum, **margin_stats(student_all, teacher_all),
-                "kl_proxy": ratio_all.mean().item(), "grad_norm": None if grad_norm is None else float(grad_norm),
+                "kl_k2": kl_k2(ratio_all), "grad_norm": None if grad_norm is None else float(grad_norm),
                 "lr": lr, "tokens_per_s": tokens / max(time.time() - step_started, 1e-9), "pairs": pairs_in_step,
             }
             if ref_gap is not None and step == 0:
                 record["first_batch_ref_gap"] = ref_gap
+                record["first_batch_ref_gap_scaled"] = ref_gap_scaled
             if not target_logged:
                 record["target"] = target
             if accelerator.is_main_process:
@@ -547,19 +579,20 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "scored_files": [str(p) for p in scored_paths],
         "policy": {"path": policy_path, "fingerprint": policy_fingerprint},
         "ref": ref_identity, "pairs": len(data), "dropped_identical": data.dropped_identical,
-        "steps": len(steps), "lora_r": t.lora_r, "target": target,
+        "steps": len(steps), "lora_r": t.lora_r, "target": target, "dtype": str(dtype).removeprefix("torch."),
+        "dropout_disabled": disabled_dropout,
     }
     full_state = accelerator.get_state_dict(model) if sharded else None  # gathered from every process
-    on_main(accelerator, save_final, out / "final", unwrapped, tokenizer, info, full_state)
+    on_main(accelerator, save_final, out / "final", unwrapped, tokenizer, info, full_state, dtype)
     if t.lora_r > 0 and t.merge:
         def merged() -> torch.nn.Module:
             if not sharded:
-                return unwrapped.merge_and_unload()
+                return models.merge_lora(unwrapped)
             # The live adapter is split across processes: the one just written, merged on the CPU.
             return models.load_causal_lm(str(out / "final"), dtype=dtype, device=torch.device("cpu"),
                                          trust_remote_code=m.trust_remote_code, what="the trained adapter")
 
-        on_main(accelerator, lambda: save_final(out / "merged", merged(), tokenizer, info))
+        on_main(accelerator, lambda: save_final(out / "merged", merged(), tokenizer, info, dtype=dtype))
     return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, first_loss,
                        last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process, target)
 
@@ -652,13 +685,46 @@ def on_main(accelerator: Accelerator, write: Callable[..., None], *args: Any) ->
         raise error
 
 
-def check_reference_gap(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> float:
-    gap = (policy_logps - ref_logps).abs().max().item()
-    if gap > REF_GAP_TOLERANCE:
+def check_reference_gap(policy_logps: torch.Tensor, ref_logps: torch.Tensor, response_tokens: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(largest |gap|, largest |gap| / sqrt(response tokens)) of the first batch; warns above
+    REF_GAP_TOLERANCE."""
+    gaps = (policy_logps - ref_logps).abs()
+    gap, per_token = gaps.max().item(), (gaps / response_tokens.clamp(min=1).sqrt()).max().item()
+    tolerance = REF_GAP_TOLERANCE.get(dtype, REF_GAP_TOLERANCE[torch.bfloat16])
+    if per_token > tolerance:
         print(f"WARNING: the policy is the reference, but its log-probs differ from the cached ref_logp by up "
-              f"to {gap:.3g} on the first batch (tolerance {REF_GAP_TOLERANCE}). Tokenization, dtype or model "
-              f"drift between score and train: the student margins are biased by this much.", file=sys.stderr)
-    return gap
+              f"to {gap:.3g} ({per_token:.3g} per sqrt(token); tolerance {tolerance} in "
+              f"{str(dtype).removeprefix('torch.')}) on the first batch. Tokenization, dtype or model drift "
+              f"between score and train: the student margins are biased by this much.", file=sys.stderr)
+    return gap, per_token
+
+
+def check_reference_dtype(ref_dtype: str | None, dtype: torch.dtype) -> None:
+    """The cached ref_logp were computed in the dtype the scored file records; training in another one puts the
+    difference between the two numerics into every log-ratio. Loud, but not fatal: it may be deliberate."""
+    train_dtype = str(dtype).removeprefix("torch.")
+    if ref_dtype and ref_dtype != train_dtype:
+        print(f"WARNING: dtype mismatch: the reference log-probs were computed in {ref_dtype} (score) but the "
+              f"policy trains in {train_dtype} ([model].dtype). Their numerics differ, so log pi - log pi_ref is "
+              f"not 0 at step 0; score and train with the same [model].dtype.", file=sys.stderr)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn off every dropout of the model for good (train() would switch nn.Dropout back on): nn.Dropout
+    modules (LoRA's included) get p = 0, and attention modules that pass a dropout rate to the attention
+    kernel (Llama's `attention_dropout`) get 0. Returns how many were > 0."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            count += module.p > 0
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                count += value > 0
+                setattr(module, name, 0.0)
+    return count
 
 
 # --- files: state, checkpoints, metrics. Every write goes to a temporary name, then a rename. ---
@@ -751,12 +817,24 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any],
-               state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """`state_dict`: the full weights gathered from FSDP or DeepSpeed processes (None: the model's own)."""
+               state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> None:
+    """`state_dict`: the full weights gathered from FSDP or DeepSpeed processes (None: the model's own). Full
+    weights are written in `dtype` (the [model].dtype asked for; the float32 masters are cast once, and a full
+    model is cast in place: saving is the last use of it); a LoRA adapter stays float32."""
     tmp = path.with_name(path.name + ".tmp")
+    full_weights = not hasattr(model, "peft_config")
+    if full_weights and dtype is not None:
+        if state_dict is None:
+            model.to(dtype)
+        else:
+            state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     with _saving(tmp, path, "the trained policy"):
         model.save_pretrained(str(tmp), safe_serialization=True,
                               **({"state_dict": state_dict} if state_dict is not None else {}))
+        if full_weights and dtype is not None and (tmp / "config.json").is_file():
+            config = json.loads((tmp / "config.json").read_text())  # save_pretrained wrote the model's dtype
+            config["dtype"] = str(dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
         (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2))
         _replace_dir(tmp, path)

@@ -121,8 +121,9 @@ def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
     first_epoch = [m["loss"] for m in metrics if m["epoch"] == 0]
     last_epoch = [m["loss"] for m in metrics if m["epoch"] == 3]
     assert sum(last_epoch) / len(last_epoch) < sum(first_epoch) / len(first_epoch)
-    for key in ("loss", "mean_abs_d", "sign_agreement", "kl_proxy", "grad_norm", "lr", "tokens_per_s"):
+    for key in ("loss", "mean_abs_d", "sign_agreement", "kl_k2", "grad_norm", "lr", "tokens_per_s"):
         assert key in metrics[-1]
+    assert all(m["kl_k2"] >= 0 for m in metrics)  # a KL estimate, never negative
 
     data = load_training_pairs([workdir / "scored.parquet"], {}, "zscore")
     trained = AutoModelForCausalLM.from_pretrained(workdir / "checkpoints" / "final", dtype=torch.float32).eval()

@@ -214,7 +214,8 @@ def test_model_reward_tokenizes_the_rendered_text_without_extra_tokens(reward_mo
 
     monkeypatch.setattr(reward_model.tokenizer.__class__, "__call__", spy)
     reward_model.score(inputs("Fine."), batch_size=4)
-    assert seen == [(["Bot: Be nice.\nHuman: How are you?\nBot: Fine.\n"], False)]
+    # (measured for its length first, then scored: the same text both times)
+    assert seen and all(call == (["Bot: Be nice.\nHuman: How are you?\nBot: Fine.\n"], False) for call in seen)
 
 
 def test_model_reward_scores_are_deterministic_one_per_input(reward_model):

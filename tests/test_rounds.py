@@ -175,12 +175,12 @@ def test_three_rounds_layout_manifest_and_status(reference):
     for k in range(ROUNDS):
         for stage in rounds.STAGES:
             assert any(line.startswith(f"round-{k:03d}  {stage}") and " done " in line for line in text.splitlines())
-    assert "mean reward on each round's samples" in text and "kl_proxy" in text
+    assert "mean reward on each round's samples" in text and "kl_k2" in text
     report = json.loads(invoke(["status", "-w", str(reference), "--json"]))
     assert set(report["reward_mean_by_round"]) == {"0", "1", "2"}
     assert all(set(means) == {"rm", "length"} for means in report["reward_mean_by_round"].values())
     train_row = next(r for r in report["table"] if r["round"] == 2 and r["stage"] == "train")
-    assert {"loss", "kl_proxy", "loss_first_epoch"} <= set(train_row["summary"]) and train_row["seconds"] > 0
+    assert {"loss", "kl_k2", "loss_first_epoch"} <= set(train_row["summary"]) and train_row["seconds"] > 0
 
 
 def _start(run_dir: Path, log: Path) -> subprocess.Popen:

@@ -77,16 +77,39 @@ def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | Non
     for record in records:
         text, ids = render(record, tokenizer, g.chat_template, limit)
         if len(ids) > limit:
-            if g.long_prompts == "drop":
+            shortened = shorten_prompt(record, tokenizer, g.chat_template, limit) if g.long_prompts == "truncate" \
+                else None
+            if shortened is None:  # "drop", or a template longer than the limit on its own
                 dropped += 1
                 continue
-            ids = ids[-limit:]  # keep the end: it holds the question and the generation prompt
-            text = tokenizer.decode(ids)
+            record = shortened
+            text, ids = render(record, tokenizer, g.chat_template)
             truncated += 1
         kept.append(record)
         texts.append(text)
         ids_list.append(ids)
     return kept, texts, ids_list, dropped, truncated
+
+
+def shorten_prompt(record, tokenizer, use_chat_template: bool, limit: int):
+    """The prompt record with text cut from the start of its content until it renders to at most `limit` tokens
+    (None if the template alone is longer). The conversation is cut, not the rendered ids: the BOS, the
+    template's headers and the generation prompt stay, and the reward models, which read the stored
+    `prompt_messages`, see the same shortened prompt as the policy and the reference."""
+    from modpo_pipe.prompts import PromptRecord, fit_messages, max_token_chars, render
+
+    def record_of(messages):
+        if record.messages is not None:
+            return PromptRecord(record.id, messages=messages)
+        return PromptRecord(record.id, prompt=messages[0]["content"])
+
+    # A message longer than 2 * limit tokens can hold keeps at most its last `limit` tokens anyway: cut it to that
+    # many characters first, so that a 50 MB prompt is never tokenised whole, here as in render.
+    bound = 2 * limit * max_token_chars(tokenizer)
+    messages = [{**m, "content": m["content"][-bound:]} for m in raw_messages(record)]
+    fitted = fit_messages(messages, lambda m: len(render(record_of(m), tokenizer, use_chat_template)[1]),
+                          limit, tokenizer)
+    return record_of(fitted) if fitted is not None else None
 
 
 def sample(settings: Settings, policy: str, tokenizer, prompt_ids: list[list[int]], n: int, backend: str,
