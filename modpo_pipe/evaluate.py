@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modpo_pipe import models
-from modpo_pipe.config import Settings
+from modpo_pipe.config import Settings, prompt_fields
 from modpo_pipe.errors import ModpoError
 
 
@@ -62,7 +62,7 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     if g.temperature != 1.0 or g.top_p != 1.0:
         print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
     tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
-    records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
+    records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     backend = choose_backend(g.backend)
     limit = prompt_token_limit(settings, context_length(ref, m.trust_remote_code), backend)
     records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings, limit)
