@@ -128,6 +128,9 @@ def test_run_logs_every_round_to_one_tensorboard_run(tiny, tmp_path):
     rewards = scalars["round/reward_mean/length"]
     assert [s for s, _ in rewards] == [0, steps_0] and [v for _, v in rewards] == pytest.approx(means)
     assert not (run_dir / "round-000" / "train" / "runs").exists()  # no tracker run per round
+    files = sorted((run_dir / "runs").rglob("*"))
+    ok(["run", "--workdir", run_dir])  # nothing due: a cron firing writes no tracker files
+    assert sorted((run_dir / "runs").rglob("*")) == files
 
 
 # ------------------------------------------------------------------------------------------ Hub prompt sets
