@@ -254,7 +254,8 @@ class TrainReport:
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
     t, m = settings.train, settings.model
     started = time.time()
-    accelerator = make_accelerator(m.device, tracking.parse_report_to(t.report_to), out)
+    trackers = tracking.parse_report_to(t.report_to)  # an uninstalled one is refused before any work
+    accelerator = make_accelerator(m.device, trackers, out)
     processes, rank = accelerator.num_processes, accelerator.process_index
     sharded = is_sharded(accelerator)  # FSDP or DeepSpeed: weights and optimizer are split across processes
 
@@ -323,7 +324,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         truncate_metrics(metrics_path, start_step)
     hyperparameters = tracking.hyperparameters({"train": t, "model": m, "weights": data.weights})
     accelerator.init_trackers(tracking.PROJECT, hyperparameters,
-                              tracking.tracker_kwargs(tracking.parse_report_to(t.report_to), out.name, out,
+                              tracking.tracker_kwargs(trackers, out.name, out,
                                                       tracking.resume_id(str(out.resolve()), fingerprint),
                                                       purge_step=start_step + 1 if start_step else None))
 
