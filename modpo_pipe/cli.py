@@ -350,9 +350,12 @@ def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | No
     labelled = policy_specs(policies or [])
     summaries = evaluate(settings, prompts, labelled, ref, samples_per_prompt)
     write_summaries(summaries, summary_out)
-    from modpo_pipe.evaluate import read_summaries
+    from modpo_pipe.evaluate import format_hypervolumes, read_summaries
 
-    typer.echo(format_table(read_summaries([summary_out])))
+    entries = read_summaries([summary_out])
+    typer.echo(format_table(entries))
+    if len(entries[0]["rewards"]) > 1 and len(entries) > 1:
+        typer.echo(format_hypervolumes(entries))
     typer.echo(f"wrote {summary_out}")
 
 
@@ -385,8 +388,9 @@ def front_command(
     y: str = typer.Option("", "--y", help="Reward on the y axis (default: the second)."),
     out: Path = typer.Option(Path("front"), "--out", help="Output path without suffix: writes .png and .svg."),
 ) -> None:
-    """Plot reward vs reward, one labelled point per policy, the non-dominated ones joined."""
-    from modpo_pipe.evaluate import plot_front, read_summaries
+    """Plot reward vs reward, one labelled point per policy, each family (MODPO, rewarded soups) joined as its own
+    line, with its hypervolume above the reference in the legend."""
+    from modpo_pipe.evaluate import format_hypervolumes, plot_front, read_summaries
 
     with user_errors():
         entries = read_summaries(summaries)
@@ -394,6 +398,29 @@ def front_command(
         if len(names) < 2 and not (x and y):
             raise ModpoError("a front needs two rewards")
         written = plot_front(entries, x or names[0], y or names[1], out)
+    if len(entries) > 1:
+        typer.echo(format_hypervolumes(entries, [x or names[0], y or names[1]]))
+    typer.echo("wrote " + ", ".join(map(str, written)))
+
+
+@app.command("soup")
+def soup_command(
+    a: Path = typer.Argument(..., help="Policy A (full weights; a LoRA run's merged/ directory): lambda = 0."),
+    b: Path = typer.Argument(..., help="Policy B, same architecture and tokenizer: lambda = 1."),
+    lambdas: str = typer.Option("0,0.25,0.5,0.75,1", "--lambdas", help="Comma-separated lambdas in [0, 1]."),
+    out: Path = typer.Option(Path("soups"), "--out", help="Writes OUT/soup-LAMBDA/ per lambda."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Load the tokenizers' own code."),
+) -> None:
+    """Rewarded soups: the policies (1 - lambda) A + lambda B, weight by weight, to evaluate (`eval --policies`)
+    and plot (`front`) beside the MODPO front."""
+    from modpo_pipe.soup import soup
+
+    with user_errors():
+        try:
+            values = [float(v) for v in lambdas.split(",") if v.strip()]
+        except ValueError:
+            raise ModpoError(f"--lambdas: expected comma-separated numbers, got {lambdas!r}") from None
+        written = soup(a, b, values, out, trust_remote_code)
     typer.echo("wrote " + ", ".join(map(str, written)))
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.prompts import PromptFields, is_hub_id
+from modpo_pipe.tracking import CHOICES as TRACKER_CHOICES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,7 +33,8 @@ DEFAULT_CONFIG_NAME = "modpo.toml"
 
 
 def setting(default: Any, help: str, *, path: str | None = None, flag: str | None = None) -> Any:
-    """A config field. `path` is "model" (a local dir or a hub id) or "output"; `flag` renames the CLI flag."""
+    """A config field. `path` is "model" (a local dir or a hub id), "output", or "prompts" (a local path, else a
+    Hub dataset id); `flag` renames the CLI flag."""
     meta = {"help": help, "path": path, "flag": flag}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -60,6 +63,12 @@ class GenerateSettings:
     long_prompts: str = setting("drop", "What to do with longer prompts: drop or truncate (cut from the start of "
                                         "the text), both counted.")
     skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
+    split: str = setting("", "With a dataset (Hub id or folder of data files): the split to read (empty: its only).")
+    prompt_field: str = setting("prompt", "The column or JSON field holding a plain prompt.")
+    messages_field: str = setting(
+        "messages", "The column or JSON field holding a chat ({role, content} list); from a dataset, trailing "
+        "assistant turns (its reference reply) are dropped.")
+    id_field: str = setting("id", "The column or JSON field holding a prompt's id (absent: row-NNNNNN).")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
     batch_size: int = setting(16, "Prompts per generation batch (transformers backend).")
@@ -131,6 +140,10 @@ class TrainSettings:
     gradient_checkpointing: bool = setting(False, "Trade compute for activation memory.")
     log_every: int = setting(1, "Optimizer steps between metrics lines.")
     save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).")
+    report_to: str = setting(
+        "none", "Experiment trackers that also get every metrics line and the settings: none, tensorboard "
+        "(OUT/runs/), wandb, mlflow, trackio, all (those installed); comma-separated for several. metrics.jsonl "
+        "is written either way.")
     out: str = setting("checkpoints", "Output directory (final/, state/, metrics.jsonl).", path="output")
 
 
@@ -141,7 +154,8 @@ class RunSettings:
     rounds: int = setting(3, "Rounds of generate -> score -> train; round k+1 samples with round k's trained policy.")
     # An input, but resolved like an output: always against the TOML's directory, so a typo is reported with
     # the full path it looked at.
-    prompts: str = setting("", "Prompts every round samples from (JSONL, Parquet or a datasets dir).", path="output")
+    prompts: str = setting("", "Prompts every round samples from (JSONL, Parquet, a datasets dir, or a Hub dataset id "
+                           "read with [generate].split and the [generate] *_field settings).", path="prompts")
     prompts_per_round: int = setting(
         0, "0: every round uses all prompts; N: round k uses the next N prompts (a slice rotating through the file)."
     )
@@ -181,6 +195,10 @@ class Settings:
     train: TrainSettings
     config_path: Path | None = None
     run: RunSettings = field(default_factory=RunSettings)
+
+
+def prompt_fields(g: GenerateSettings) -> PromptFields:
+    return PromptFields(g.split, g.prompt_field, g.messages_field, g.id_field)
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -265,7 +283,9 @@ def _resolve_path(value: str, kind: str | None, base: Path) -> str:
     candidate = Path(value).expanduser()
     if not candidate.is_absolute():
         candidate = base / candidate
-    if kind == "output" or candidate.exists():
+    if kind == "prompts" and not candidate.exists() and is_hub_id(value):
+        return value  # a Hub dataset id
+    if kind in ("output", "prompts") or candidate.exists():
         return str(candidate)
     return value  # not local: a hub id
 
@@ -366,6 +386,10 @@ def validate(s: Settings) -> None:
         raise ModpoError(f"[generate].top_p must be in (0, 1]; got {g.top_p}")
     if not 0 <= t.warmup_ratio < 1:
         raise ModpoError(f"[train].warmup_ratio must be in [0, 1); got {t.warmup_ratio}")
+    for part in t.report_to.split(","):
+        if part.strip() not in TRACKER_CHOICES:
+            raise ModpoError(f"[train].report_to must be one of {', '.join(TRACKER_CHOICES)} (or several, "
+                             f"comma-separated); got {t.report_to!r}")
     for name, w in t.weights.items():
         if w < 0:
             raise ModpoError(f"[train].weights.{name} must be >= 0; got {w}")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modpo_pipe import models
-from modpo_pipe.config import Settings
+from modpo_pipe.config import Settings, prompt_fields
 from modpo_pipe.errors import ModpoError
 
 
@@ -41,11 +42,20 @@ class PolicySummary:
     rewards: dict[str, Estimate] = field(default_factory=dict)
     response_tokens: Estimate | None = None
     kl_to_ref: Estimate | None = None
+    family: str = ""  # the front the policy belongs to: reference, MODPO, rewarded soups, other
+    prompt_rewards: dict[str, list[float]] = field(default_factory=dict)  # per eval prompt: the mean of its samples
 
 
 def trained_weights(policy: str) -> dict[str, float] | None:
     info = Path(policy) / "modpo_pipe.json"
     return json.loads(info.read_text()).get("weights") if info.is_file() else None
+
+
+def policy_family(policy: str) -> str:
+    """Soups say so in their modpo_pipe.json; a policy with trained weights is MODPO's; anything else, other."""
+    info = Path(policy) / "modpo_pipe.json"
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    return meta.get("family") or ("MODPO" if meta.get("weights") else "other")
 
 
 def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
@@ -62,7 +72,7 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     if g.temperature != 1.0 or g.top_p != 1.0:
         print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
     tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
-    records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
+    records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     backend = choose_backend(g.backend)
     limit = prompt_token_limit(settings, context_length(ref, m.trust_remote_code), backend)
     records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings, limit)
@@ -84,14 +94,20 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
     summaries = {label: PolicySummary(label, path, label == "reference", trained_weights(path),
-                                      len(samples[label]))
+                                      len(samples[label]),
+                                      family="reference" if label == "reference" else policy_family(path))
                  for label, path in all_policies.items()}
     for name, spec in s.rewards.items():
         reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
         for label, rows in samples.items():
             inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True))
                       for i, smp in rows]
-            summaries[label].rewards[name] = Estimate.of(reward.score(inputs, s.reward_batch_size))
+            scores = reward.score(inputs, s.reward_batch_size)
+            summaries[label].rewards[name] = Estimate.of(scores)
+            by_prompt: dict[int, list[float]] = {}
+            for (i, _), score in zip(rows, scores):
+                by_prompt.setdefault(i, []).append(score)
+            summaries[label].prompt_rewards[name] = [statistics.fmean(by_prompt[i]) for i in sorted(by_prompt)]
         del reward
 
     ref_model = models.load_causal_lm(ref, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
@@ -190,8 +206,72 @@ def non_dominated(points: list[tuple[float, float]]) -> list[int]:
     return sorted(keep, key=lambda i: points[i][0])
 
 
+def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> float:
+    """Dominated hypervolume, every objective maximised: the volume of the union of the boxes [ref, p]. A point
+    not above `ref` on every axis adds nothing. Exact, by slicing along the last axis (fine for the few
+    policies of a front)."""
+    above = sorted((tuple(p) for p in points if all(v > r for v, r in zip(p, ref))), key=lambda p: -p[-1])
+    if not above:
+        return 0.0
+    if len(ref) == 1:
+        return above[0][0] - ref[0]
+    volume = 0.0
+    for i, p in enumerate(above):  # the slab between this point's last coordinate and the next one down
+        lower = above[i + 1][-1] if i + 1 < len(above) else ref[-1]
+        if p[-1] > lower:
+            volume += (p[-1] - lower) * hypervolume([q[:-1] for q in above[: i + 1]], ref[:-1])
+    return volume
+
+
+def entry_family(entry: dict[str, Any]) -> str:
+    if entry.get("is_reference"):
+        return "reference"
+    return entry.get("family") or ("MODPO" if entry.get("weights") else "other")
+
+
+def family_hypervolumes(summaries: list[dict[str, Any]], names: list[str], resamples: int = 1000,
+                        seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per family of policies: the hypervolume of their mean rewards (over `names`) above the reference's mean
+    rewards, and its bootstrap standard error over the eval prompts (prompts resampled with replacement, the
+    same prompts for every policy and the reference). s.e. is NaN when per-prompt rewards are missing or the
+    policies were not evaluated on the same prompts."""
+    import numpy as np
+
+    ref = next(s for s in summaries if s["is_reference"])
+    families: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        if not s["is_reference"]:
+            families.setdefault(entry_family(s), []).append(s)
+    ref_point = [ref["rewards"][n]["mean"] for n in names]
+    out = {}
+    for family, members in families.items():
+        hv = hypervolume([[m["rewards"][n]["mean"] for n in names] for m in members], ref_point)
+        per_prompt = [[(e.get("prompt_rewards") or {}).get(n) for n in names] for e in [ref, *members]]
+        lengths = {len(v) if v else 0 for rows in per_prompt for v in rows}
+        sem = float("nan")
+        if len(lengths) == 1 and (n_prompts := lengths.pop()) > 1:
+            idx = np.random.default_rng(seed).integers(0, n_prompts, size=(resamples, n_prompts))
+            means = [np.stack([np.asarray(v)[idx].mean(axis=1) for v in rows], axis=1) for rows in per_prompt]
+            sem = float(np.std([hypervolume([m[b] for m in means[1:]], means[0][b]) for b in range(resamples)],
+                               ddof=1))
+        out[family] = {"hypervolume": hv, "sem": sem, "policies": [m["label"] for m in members]}
+    return out
+
+
+def format_hypervolumes(summaries: list[dict[str, Any]], names: list[str] | None = None) -> str:
+    names = names or list(summaries[0]["rewards"])
+    volumes = family_hypervolumes(summaries, names)
+    prompts = len(next(iter(summaries[0].get("prompt_rewards", {}).values()), []))
+    lines = [f"hypervolume over ({', '.join(names)}) above the reference's means (± bootstrap s.e. over "
+             f"{prompts} prompts):"]
+    for family, v in volumes.items():
+        lines.append(f"  {family:<16} {v['hypervolume']:.4g} ± {v['sem']:.2g}  ({len(v['policies'])} policies)")
+    return "\n".join(lines)
+
+
 def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> list[Path]:
-    """Reward x vs reward y with standard-error bars; writes OUT.png and OUT.svg."""
+    """Reward x vs reward y with standard-error bars, each family of policies (MODPO, rewarded soups ...) its
+    own line, its hypervolume in the legend; writes OUT.png and OUT.svg."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,19 +283,23 @@ def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> li
                 raise ModpoError(f"no reward {axis!r} in the summary of {s['label']!r}; it has {list(s['rewards'])}")
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     points = [(s["rewards"][x]["mean"], s["rewards"][y]["mean"]) for s in summaries]
-    front = non_dominated(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="0.6", zorder=1,
-            label="non-dominated")
+    volumes = family_hypervolumes(summaries, [x, y])
+    colors = dict(zip(volumes, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]))
+    for family, v in volumes.items():
+        line = sorted(p for s, p in zip(summaries, points) if not s["is_reference"] and entry_family(s) == family)
+        ax.plot([p[0] for p in line], [p[1] for p in line], "-", color=colors.get(family, "0.5"), alpha=0.6,
+                zorder=1, label=f"{family}: hypervolume {v['hypervolume']:.3g} ± {v['sem']:.2g}")
     for s, (px, py) in zip(summaries, points):
         ref = s["is_reference"]
         ax.errorbar(px, py, xerr=s["rewards"][x]["sem"], yerr=s["rewards"][y]["sem"],
-                    fmt="*" if ref else "o", markersize=14 if ref else 8, color="black" if ref else "tab:blue",
-                    capsize=3, zorder=2)
-        label = "reference" if ref else (_front_label(s["weights"], x) or s["label"])
+                    fmt="*" if ref else "o", markersize=14 if ref else 8,
+                    color="black" if ref else colors.get(entry_family(s), "0.5"), capsize=3, zorder=2)
+        soup = entry_family(s) == "rewarded soups" and s.get("weights")
+        label = "reference" if ref else (_front_label(s["weights"], x) or s["label"]) + (" (soup)" if soup else "")
         ax.annotate(label, (px, py), textcoords="offset points", xytext=(7, 7), fontsize=9)
     ax.set_xlabel(f"{x} (mean reward, ± s.e.)")
     ax.set_ylabel(f"{y} (mean reward, ± s.e.)")
-    ax.set_title("MODPO front on held-out prompts")
+    ax.set_title("Fronts on held-out prompts (hypervolume above the reference)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,86 @@ class PromptRecord:
     id: str
     prompt: str | None = None  # plain text ...
     messages: list[dict[str, str]] | None = None  # ... or a chat
+
+
+@dataclass(frozen=True)
+class PromptFields:
+    """Which split and columns hold the prompts (`generate --split --prompt-field --messages-field --id-field`);
+    the defaults read the fields of modpo-pipe's own prompt files."""
+
+    split: str = ""
+    prompt: str = "prompt"
+    messages: str = "messages"
+    id: str = "id"
+
+    def remap(self, obj: Any) -> Any:
+        """A row with its fields under modpo-pipe's names (a row that is no object is left for _record)."""
+        if self == PromptFields() or not isinstance(obj, dict):
+            return obj
+        return {ours: obj[theirs] for ours, theirs in (("id", self.id), ("prompt", self.prompt),
+                                                      ("messages", self.messages)) if theirs in obj}
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+
+
+def is_hub_id(text: str | None) -> bool:
+    """`name` or `owner/name` as the Hub spells repositories; paths (absolute, ./, ~, a file suffix) are not."""
+    return bool(text) and bool(_HUB_ID.match(str(text))) and not str(text).endswith(_FILE_SUFFIXES)
+
+
+def is_dataset_source(path: Path) -> bool:
+    """Read through `datasets.load_dataset`: a Hub dataset id that is no local path, or a local folder of data
+    files laid out as on the Hub (data/train-00000-of-00001.parquet ...) that `save_to_disk` did not write."""
+    if not path.exists():
+        return is_hub_id(str(path))
+    saved = any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    return path.is_dir() and not saved and any(
+        f.suffix in _FILE_SUFFIXES for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
+    """(location, row) per row of one split of a dataset, by `datasets.load_dataset` (Hub id, cache, or local
+    folder). A dataset that is neither cached nor downloadable is one line, saying so."""
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(source, split=fields.split or None)
+    except (ConnectionError, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModpoError(f"{source}: no such file, and no dataset of that name in the Hugging Face cache that "
+                         f"could be loaded, nor downloaded ({first})") from None
+    except ValueError as e:  # an unknown split, a bad config
+        raise ModpoError(f"{source}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModpoError(f"{source}: cannot load the dataset: {type(e).__name__}: {message}") from None
+    if hasattr(ds, "keys"):  # no --split: take the only split, or refuse to guess
+        splits = list(ds.keys())
+        if len(splits) != 1:
+            raise ModpoError(f"{source}: holds splits {splits}; choose one with --split")
+        fields = PromptFields(splits[0], fields.prompt, fields.messages, fields.id)
+        ds = ds[splits[0]]
+    columns = set(ds.column_names)
+    wanted = [c for c in (fields.prompt, fields.messages) if c in columns]
+    if not wanted:
+        raise ModpoError(f"{source} [{fields.split}]: no column {fields.prompt!r} or {fields.messages!r}; it has "
+                         f"{sorted(columns)} (choose with --prompt-field or --messages-field)")
+    keep = [c for c in (fields.id, *wanted) if c in columns]
+    return [(f"{source} [{fields.split}]: row {i}", _without_trailing_reply(row, fields.messages))
+            for i, row in enumerate(ds.select_columns(keep))]
+
+
+def _without_trailing_reply(row: dict[str, Any], messages_field: str) -> dict[str, Any]:
+    """A Hub chat column often holds the whole conversation, its reference reply last: the policy writes its
+    own reply, so trailing assistant turns are dropped."""
+    messages = row.get(messages_field)
+    if isinstance(messages, list):
+        while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        row = {**row, messages_field: messages}
+    return row
 
 
 @dataclass
@@ -111,19 +192,26 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
     return rows
 
 
-def read_prompts(path: Path, skip_invalid: bool = False) -> tuple[list[PromptRecord], PromptStats]:
-    """All prompts of a file, validated; with skip_invalid, bad rows are counted instead of fatal."""
+def read_prompts(path: Path, skip_invalid: bool = False,
+                 fields: PromptFields | None = None) -> tuple[list[PromptRecord], PromptStats]:
+    """All prompts of a file, a dataset folder or a Hub dataset id, validated; with skip_invalid, bad rows are
+    counted instead of fatal. `fields`: the split and the columns holding the prompts."""
     path = Path(path)
-    if not path.exists():
+    fields = fields or PromptFields()
+    if is_dataset_source(path):
+        rows = dataset_rows(str(path), fields)
+    elif not path.exists():
         raise ModpoError(f"{path}: no such file")
+    else:
+        rows = _rows(path)
     stats = PromptStats()
     records: list[PromptRecord] = []
     seen: dict[str, str] = {}
-    for index, (where, obj) in enumerate(_rows(path)):
+    for index, (where, obj) in enumerate(rows):
         try:
             if isinstance(obj, ModpoError):
                 raise obj
-            record = _record(obj, where, index)
+            record = _record(fields.remap(obj), where, index)
             if record.id in seen:
                 raise ModpoError(f"{where}: duplicate id {record.id!r} (first at {seen[record.id]})")
         except ModpoError:

@@ -63,6 +63,7 @@ from typing import Any
 
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.tracking import RunTracker
 
 # Exit codes of `modpo-pipe run` (sysexits.h names where one fits).
 EXIT_OK = 0  # advanced, or nothing was due
@@ -82,10 +83,11 @@ FULL_HASH_LIMIT = 64 << 20
 
 # Settings that cannot change a stage's result, so changing them never invalidates a finished stage.
 _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-                     "vllm_enforce_eager", "vllm_max_model_len"}
+                     "vllm_enforce_eager", "vllm_max_model_len",
+                     "split", "prompt_field", "messages_field", "id_field"}  # these act through the prompts' hash
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
-_TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats"}
+_TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -412,10 +414,12 @@ class Run:
 
     def all_prompts(self) -> list[Any]:
         if self._prompts is None:
+            from modpo_pipe.config import prompt_fields
             from modpo_pipe.prompts import read_prompts
 
             self._prompts, _ = read_prompts(Path(self.settings.run.prompts),
-                                            skip_invalid=self.settings.generate.skip_invalid)
+                                            skip_invalid=self.settings.generate.skip_invalid,
+                                            fields=prompt_fields(self.settings.generate))
         return self._prompts
 
     def prompt_slice(self, k: int) -> list[Any]:
@@ -656,9 +660,11 @@ class Run:
         if stage == "generate":
             g, source, out = self.settings.generate, round_dir / "prompts.jsonl", round_dir / "pairs.parquet"
             out = self.shard_output(k, stage, key) if key else out
-            # Each round draws other samples: the seed is offset by the round.
+            # Each round draws other samples: the seed is offset by the round. The round's prompts.jsonl holds
+            # modpo-pipe's own fields, whatever columns [run].prompts had.
             return dataclasses.replace(self.settings, generate=dataclasses.replace(
-                g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out))), source, out
+                g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out), split="", prompt_field="prompt",
+                messages_field="messages", id_field="id")), source, out
         source, out = round_dir / "pairs.parquet", round_dir / "scored.parquet"
         out = self.shard_output(k, stage, key) if key else out
         return dataclasses.replace(self.settings, score=dataclasses.replace(
@@ -714,8 +720,9 @@ class Run:
             # without final/ it reloads the last state and writes both.
             shutil.rmtree(out / "final")
         # The next round samples from full weights: with LoRA, always write the merged model.
+        # The run's own tracker logs every round (track_stage): no tracker run per round.
         settings = dataclasses.replace(self.settings, train=dataclasses.replace(
-            t, policy=self.sampling_policy(k), out=str(out), merge=lora or t.merge,
+            t, policy=self.sampling_policy(k), out=str(out), merge=lora or t.merge, report_to="none",
             reward_stats=str(self.stats_file()) if t.normalize == "zscore" else ""))
         scored = [self.round_dir(j) / "scored.parquet" for j in [k, *self.replay_rounds(k)]]
         report = train(settings, scored, out, progress=self.progress)
@@ -791,6 +798,18 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------- invocation
 
 
+def track_stage(tracker: RunTracker, manifest: Manifest, k: int, stage: str, round_dir: Path) -> None:
+    """All rounds on one tracker run, one step axis (optimizer steps summed over rounds): round k's reward means
+    once it is scored, at the step its training starts from; its training metrics once it is trained."""
+    trained = [manifest.get(j, "train") or {} for j in range(k)]
+    offset = sum(int(r.get("summary", {}).get("steps", 0)) for r in trained if r.get("status") == "done")
+    record = manifest.get(k, stage) or {}
+    if stage == "score":
+        tracker.round_rewards(k, record.get("summary", {}).get("reward_mean", {}), offset)
+    elif stage == "train":
+        tracker.round_training(round_dir / "metrics.jsonl", offset)
+
+
 @dataclass
 class AdvanceReport:
     ran: list[str]  # stage names run by this invocation, in order
@@ -849,7 +868,9 @@ def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until
     if until not in (None, "round", "end"):
         raise ModpoError(f"--until must be 'round' or 'end'; got {until!r}")
     run_dir = Path(run_dir)
-    with run_lock(run_dir):
+    with run_lock(run_dir), contextlib.closing(RunTracker(run_dir.resolve(), settings.train.report_to, {
+            "run": settings.run, "generate": settings.generate, "score": settings.score, "train": settings.train,
+            "model": settings.model}, settings.model.device)) as tracker:
         run = Run(run_dir, settings, progress)
         if not run.progress:  # cron logs: no progress bars from model loading either (read at import)
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -881,6 +902,7 @@ def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until
             if run.execute(due, manifest, log)["status"] == "waiting":  # its shard workers have work to do
                 return AdvanceReport(ran, due.name, settings.run.rounds)
             ran.append(due.name)
+            track_stage(tracker, manifest, due.round, due.stage, run.round_dir(due.round))
             states = run.survey(manifest)
 
 

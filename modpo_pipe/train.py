@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modpo_pipe import models, schema
+from modpo_pipe import modelcard, models, schema, tracking
 from modpo_pipe.config import Settings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
@@ -50,6 +50,7 @@ from modpo_pipe.losses import (
     teacher_margin,
     zscore,
 )
+from modpo_pipe.prompts import is_hub_id
 
 # Policy log-probs on the first batch must equal the cached ref_logp when the policy is the reference; a
 # larger gap means tokenisation, precision or model drift between score and train. The tolerance is per compute
@@ -367,7 +368,7 @@ def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: s
     micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
     settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
                                                                            "merge", "policy", "batch_size",
-                                                                           "grad_accum")}
+                                                                           "grad_accum", "report_to")}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
     blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
                        "reward_stats": data.stats.as_record() if data.stats else None}, sort_keys=True)
@@ -393,7 +394,8 @@ class TrainReport:
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
     t, m = settings.train, settings.model
     started = time.time()
-    accelerator = make_accelerator(m.device)
+    trackers = tracking.parse_report_to(t.report_to)  # an uninstalled one is refused before any work
+    accelerator = make_accelerator(m.device, trackers, out)
     processes, rank = accelerator.num_processes, accelerator.process_index
     sharded = is_sharded(accelerator)  # FSDP or DeepSpeed: weights and optimizer are split across processes
 
@@ -484,6 +486,11 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         truncate_metrics(metrics_path, start_step)
     # The first metrics line names the target (a resume keeps the line that already does).
     target_logged = metrics_path.is_file() and metrics_path.stat().st_size > 0
+    hyperparameters = tracking.hyperparameters({"train": t, "model": m, "weights": data.weights})
+    accelerator.init_trackers(tracking.PROJECT, hyperparameters,
+                              tracking.tracker_kwargs(trackers, out.name, out,
+                                                      tracking.resume_id(str(out.resolve()), fingerprint),
+                                                      purge_step=start_step + 1 if start_step else None))
 
     # --- loop ---
     pad_id = tokenizer.pad_token_id
@@ -566,10 +573,12 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
             if accelerator.is_main_process:
                 append_jsonl(metrics_path, record)
                 target_logged = True
+                accelerator.log(tracking.scalars(record), step=step + 1)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps) and not sharded:
             on_main(accelerator, save_state, out / "state", unwrapped, optimizer, step + 1, fingerprint)
             saved_step = step + 1
     bar.close()
+    tracking.finish(accelerator.trackers)
 
     # --- outputs: written by the main process alone ---
     if not sharded:
@@ -581,6 +590,10 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "ref": ref_identity, "pairs": len(data), "dropped_identical": data.dropped_identical,
         "steps": len(steps), "lora_r": t.lora_r, "target": target, "dtype": str(dtype).removeprefix("torch."),
         "dropout_disabled": disabled_dropout,
+        # For the model card: reward specs, fingerprints and normalisation statistics, the prompts, settings.
+        "rewards": data.meta.get("rewards", {}), "prompts": data.meta.get("prompts_file"),
+        "prompts_on_hub": is_hub_id(data.meta.get("prompts_file")) and not Path(data.meta["prompts_file"]).exists(),
+        "settings": {"train": dataclasses.asdict(t), "model": dataclasses.asdict(m)},
     }
     full_state = accelerator.get_state_dict(model) if sharded else None  # gathered from every process
     on_main(accelerator, save_final, out / "final", unwrapped, tokenizer, info, full_state, dtype)
@@ -614,11 +627,15 @@ def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
 
 # --- several processes (accelerate): none of this does anything with one process and no launcher ---
 
-def make_accelerator(device_setting: str) -> Accelerator:
+def make_accelerator(device_setting: str, trackers: list[str] | None = None, out: Path | None = None) -> Accelerator:
     """The processes `accelerate launch` started (DDP, FSDP or DeepSpeed, from its config), or one process.
-    One process needs no accelerate config; device placement stays ours ([model].device)."""
+    One process needs no accelerate config; device placement stays ours ([model].device). `trackers` log to
+    OUT/runs/ (those that write files locally)."""
+    from accelerate.utils import ProjectConfiguration
+
     cpu = device_setting == "cpu" or (device_setting == "auto" and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, device_placement=False)
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "runs")) if out is not None else None
+    return Accelerator(cpu=cpu, device_placement=False, log_with=trackers or None, project_config=project)
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -837,6 +854,10 @@ def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[st
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(str(tmp))
         (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2))
+        metrics = path.parent / "metrics.jsonl"
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        card = modelcard.model_card(info, lines, adapter=(tmp / "adapter_config.json").is_file())
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         _replace_dir(tmp, path)
 
 

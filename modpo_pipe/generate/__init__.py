@@ -212,13 +212,14 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     from tqdm.auto import tqdm
 
     from modpo_pipe import models, parts, shards
+    from modpo_pipe.config import prompt_fields
     from modpo_pipe.prompts import read_prompts
 
     g, m = settings.generate, settings.model
     if not g.policy:
         raise ModpoError("no policy: set [generate].policy in modpo.toml or pass --policy")
     started = time.time()
-    records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid)
+    records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
     backend = choose_backend(g.backend)
     context = context_length(g.policy, m.trust_remote_code)
