@@ -132,6 +132,20 @@ def ok(args: list, cwd: Path | None = None) -> str:
     return result.output
 
 
+def fails(args: list, fragment: str, cwd: Path | None = None, code: int = 1) -> str:
+    """The command exits `code` with exactly one `error:` line (a ModpoError: no traceback) holding `fragment`;
+    that line."""
+    result = cli(args, cwd)
+    assert result.exit_code == code, result.output + repr(result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    # (a progress bar may share the line: the message starts at "error: ")
+    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.output
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
 def generate_and_score(work: Path, prompts: Path) -> Path:
     """pairs.parquet and scored.parquet in `work`, from a copy of `prompts` and work/modpo.toml."""
     import shutil

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, config, generate_and_score, ok
+from conftest import config, fails, generate_and_score, ok
 
 from modpo_pipe import parts, schema
 from modpo_pipe.errors import ModpoError
@@ -53,17 +53,6 @@ def as_dict(prompts, responses):
     return {f"k{i}": 1.0 for i in range(len(responses))}
 '''
 
-
-def fails(args: list, fragment: str, cwd: Path | None = None, code: int = 1) -> str:
-    """The command exits `code` with exactly one `error:` line holding `fragment`, and no traceback."""
-    result = cli(args, cwd)
-    assert result.exit_code == code, result.output + repr(result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
-    assert len(errors) == 1, result.output
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, config, generate_and_score, ok
+from conftest import cli, config, fails, generate_and_score, ok
 
 from modpo_pipe import parts, schema
 from modpo_pipe.cli import app
@@ -61,18 +61,6 @@ def all_nan(prompts, responses):
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-
-def fails(args: list, fragment: str, cwd: Path | None = None) -> str:
-    """The command exits 1 with exactly one `error:` line (a ModpoError: no traceback) holding `fragment`."""
-    result = cli(args, cwd)
-    assert result.exit_code == 1, result.output + repr(result.exception)
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    # (a progress bar may share the line: the message starts at "error: ")
-    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
-    assert len(errors) == 1, result.output
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 def rows_of(path: Path) -> list[dict]:

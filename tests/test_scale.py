@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli, config, generate_and_score, ok
+from conftest import config, fails, generate_and_score, ok
 from typer.testing import CliRunner
 
 from modpo_pipe import schema, shards
@@ -27,15 +27,6 @@ REPO = Path(__file__).resolve().parent.parent
 # rounding; Adam turns that into weight differences around 1e-5 here, against updates of about 2e-3.
 WEIGHT_TOLERANCE = 1e-4
 
-
-def fails(args: list, fragment: str) -> str:
-    """Exit 1 with exactly one `error:` line holding `fragment`, and no traceback."""
-    result = cli(args)
-    assert result.exit_code == 1, result.output + repr(result.exception)
-    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
-    assert len(errors) == 1 and fragment in errors[0], result.output
-    assert "Traceback" not in result.output
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
