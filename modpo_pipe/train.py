@@ -596,6 +596,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step",
                disable=not progress or not accelerator.is_main_process)
     orientation_epoch, orientation = -1, torch.empty(0)
+    pair_teachers = data.teacher  # (pairs,) computed once: a property
     for step in range(start_step, len(steps)):
         epoch, step_pairs = steps[step]
         if epoch != orientation_epoch:
@@ -627,7 +628,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                 log_ratio = logps - ref
                 first, second = batch_groups.first.to(device), batch_groups.second.to(device)
                 student = t.beta * (log_ratio[first] - log_ratio[second])
-                teacher = data.teacher[batch_groups.pair_index].to(device)
+                teacher = pair_teachers[batch_groups.pair_index].to(device)
                 sign = orientation[batch_groups.pair_index].to(device)  # the pair as (y1, y2) or (y2, y1)
                 # A group's loss is the mean over its pairs; the step's, the mean over its groups.
                 weight = batch_groups.pair_weight.to(device) / groups_in_step

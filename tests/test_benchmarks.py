@@ -58,7 +58,7 @@ def test_groups_benchmark_trains_both_arms_on_the_same_responses(tmp_path, capsy
     assert groups.main(["--size", "tiny", "--batch", "2", "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     n4, n2 = result["runs"]["4"][0], result["runs"]["2"][0]
-    assert n4["steps"] == n2["steps"] == 2  # the first of 3 steps is warm-up
-    assert n4["pairs"] == 2 * 2 * 6 and n2["pairs"] == 2 * 4 * 1  # 2 steps of 2 groups of 4, or 4 groups of 2
+    assert n4["steps"] == n2["steps"] == 3  # the second epoch's (the first warms up)
+    assert n4["pairs"] == 3 * 2 * 6 and n2["pairs"] == 3 * 4 * 1  # 3 steps of 2 groups of 4, or 4 groups of 2
     assert result["ratio_n4_over_n2"] > 0
     assert "ratio N = 4 / N = 2" in capsys.readouterr().out
