@@ -96,17 +96,15 @@ def write_scored(root: Path, policy: Path, pairs, rewards, device: Any, ref_dtyp
                                    token_budget=16384)
     del ref
     n = len(pairs)
-    table = pa.table({
-        "pair_id": [f"p{i}" for i in range(n)], "prompt_id": [f"q{i}" for i in range(n)],
+    table = pa.table({  # one group of two responses per pair
+        "group_id": [f"p{i}" for i in range(n)], "prompt_id": [f"q{i}" for i in range(n)],
         "prompt": [words(p) for p in prompts],
         "prompt_messages": [json.dumps([{"role": "user", "content": words(p)}]) for p in prompts],
-        "prompt_ids": prompts, "response_1": [words(a) for _, a, _ in pairs],
-        "response_2": [words(b) for _, _, b in pairs], "response_ids_1": [a for _, a, _ in pairs],
-        "response_ids_2": [b for _, _, b in pairs], "finish_reason_1": ["stop"] * n, "finish_reason_2": ["stop"] * n,
-        "round": [0] * n, "gen_logp_1": [None] * n, "gen_logp_2": [None] * n,
-        "reward_r_1": pa.array([r[0] for r in rewards], pa.float32()),
-        "reward_r_2": pa.array([r[1] for r in rewards], pa.float32()),
-        "ref_logp_1": pa.array(logps[:n], pa.float32()), "ref_logp_2": pa.array(logps[n:], pa.float32()),
+        "prompt_ids": prompts, "responses": [[words(a), words(b)] for _, a, b in pairs],
+        "response_ids": [[a, b] for _, a, b in pairs], "finish_reasons": [["stop", "stop"]] * n,
+        "round": [0] * n, "gen_logps": [[None, None]] * n,
+        "reward_r": pa.array([[r[0], r[1]] for r in rewards], pa.list_(pa.float32())),
+        "ref_logps": pa.array([[logps[i], logps[n + i]] for i in range(n)], pa.list_(pa.float32())),
     }).cast(schema.scored_schema(["r"]))
     values = [v for r in rewards for v in r]
     tokenizer = models.load_tokenizer(str(policy))
@@ -282,18 +280,19 @@ def bench_score(root: Path, device: str, name: str) -> list[tuple]:
     from modpo_pipe.logprobs import batched_sequence_logps
 
     table = pq.read_table(root / f"bench-{name}" / "scored.parquet")
-    prompts = table.column("prompt_ids").to_pylist()
-    responses = table.column("response_ids_1").to_pylist() + table.column("response_ids_2").to_pylist()
+    groups = table.column("response_ids").to_pylist()
+    prompts = [p for p, group in zip(table.column("prompt_ids").to_pylist(), groups) for _ in group]
+    responses = [r for group in groups for r in group]
     model = models.load_causal_lm(str(root / f"bench-{name}" / "policy"), dtype=torch.bfloat16,
                                   device=torch.device(device))
     batched_sequence_logps(model, prompts[:2], responses[:2], PAD_ID, token_budget=16384)  # warm-up
     synchronize(device)
     stats: dict[str, int] = {}
     start = time.perf_counter()
-    batched_sequence_logps(model, prompts * 2, responses, PAD_ID, token_budget=16384, stats=stats)
+    batched_sequence_logps(model, prompts, responses, PAD_ID, token_budget=16384, stats=stats)
     synchronize(device)
     seconds = time.perf_counter() - start
-    return [("score", f"{name} reference log-probs, bf16: tokens/s (prompt once per pair)",
+    return [("score", f"{name} reference log-probs, bf16: tokens/s (prompt once per response)",
              f"{stats['tokens'] / seconds:,.0f}", None),
             ("score", "same: sequence tokens/s (prompt + response per sequence)",
              f"{stats['sequence_tokens'] / seconds:,.0f}", None)]

@@ -165,21 +165,18 @@ def build_workload(size: Size, root: Path) -> dict[str, Any]:
     pairs = make_pairs(size, n)
     rng = random.Random(size.seed + 7)
     fingerprint = models.tokenizer_fingerprint(tokenizer)
+    # One group of two responses per synthetic pair (N = 2: one pair each, as before groups).
     columns: dict[str, list[Any]] = {
-        "pair_id": [f"pair{i}" for i in range(n)],
+        "group_id": [f"pair{i}" for i in range(n)],
         "prompt_id": [f"prompt{i}" for i in range(n)],
         "prompt": [words(p.prompt_ids) for p in pairs],
         "prompt_messages": [json.dumps([{"role": "user", "content": words(p.prompt_ids)}]) for p in pairs],
         "prompt_ids": [p.prompt_ids for p in pairs],
-        "response_1": [words(p.ids_1) for p in pairs],
-        "response_2": [words(p.ids_2) for p in pairs],
-        "response_ids_1": [p.ids_1 for p in pairs],
-        "response_ids_2": [p.ids_2 for p in pairs],
-        "finish_reason_1": ["stop"] * n,
-        "finish_reason_2": ["stop"] * n,
+        "responses": [[words(p.ids_1), words(p.ids_2)] for p in pairs],
+        "response_ids": [[p.ids_1, p.ids_2] for p in pairs],
+        "finish_reasons": [["stop", "stop"]] * n,
         "round": [0] * n,
-        "gen_logp_1": [None] * n,
-        "gen_logp_2": [None] * n,
+        "gen_logps": [[None, None]] * n,
     }
     pairs_table = pa.table(columns, schema=schema.pairs_schema())
     policy_identity = {"path": str(policy_dir), "fingerprint": models.fingerprint(str(policy_dir))}
@@ -191,12 +188,13 @@ def build_workload(size: Size, root: Path) -> dict[str, Any]:
     reward_meta = {}
     for name in REWARD_NAMES:
         values = [rng.gauss(0.0, 1.0) for _ in range(2 * n)]
-        for col, part in zip(schema.reward_columns(name), (values[:n], values[n:])):
-            scored = scored.append_column(col, pa.array(part, pa.float32()))
+        scored = scored.append_column(schema.reward_column(name),
+                                      pa.array([[values[i], values[n + i]] for i in range(n)], pa.list_(pa.float32())))
         reward_meta[name] = {"spec": reward_dirs[name], "fingerprint": "synthetic",
                              "mean": statistics.fmean(values), "std": statistics.pstdev(values)}
-    for col in ("ref_logp_1", "ref_logp_2"):  # plausible values; the policy is not marked as the reference
-        scored = scored.append_column(col, pa.array([-10.0 * rng.random() for _ in range(n)], pa.float32()))
+    # plausible values; the policy is not marked as the reference
+    scored = scored.append_column(schema.REF_COLUMN[0], pa.array([[-10.0 * rng.random() for _ in range(2)]
+                                                                 for _ in range(n)], pa.list_(pa.float32())))
     scored_path = root / "scored.parquet"
     train_rows = scored.slice(0, size.train_pairs).cast(schema.scored_schema(REWARD_NAMES))
     schema.write_table(train_rows, scored_path, schema.make_metadata(
@@ -296,9 +294,8 @@ def _load_pairs(path: str, n: int) -> list[Pair]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path).slice(0, n)
-    return [Pair(p, a, b) for p, a, b in zip(table.column("prompt_ids").to_pylist(),
-                                             table.column("response_ids_1").to_pylist(),
-                                             table.column("response_ids_2").to_pylist())]
+    return [Pair(p, a, b) for p, (a, b) in zip(table.column("prompt_ids").to_pylist(),
+                                               table.column("response_ids").to_pylist())]
 
 
 # --- train ----------------------------------------------------------------------------------------------------
@@ -408,8 +405,7 @@ def child_train_baseline(spec: dict[str, Any], size: Size, lora: bool) -> dict[s
     optimizer = torch.optim.AdamW(params, lr=1e-4 if lora else 1e-5)
     table = pq.read_table(spec["scored"])
     pairs = _load_pairs(spec["scored"], size.train_pairs)
-    teacher_all = torch.tensor(table.column("reward_a_1").to_pylist()) - torch.tensor(
-        table.column("reward_a_2").to_pylist())
+    teacher_all = torch.tensor([a - b for a, b in table.column("reward_a").to_pylist()])
     beta = 0.1
     reset = reset_peak_rss()
     t0 = clock()
@@ -524,7 +520,7 @@ def child_score_baseline(spec: dict[str, Any], size: Size) -> dict[str, Any]:
     table = pq.read_table(spec["pairs"])
     pairs = _load_pairs(spec["pairs"], size.score_pairs)
     messages = [json.loads(m) for m in table.column("prompt_messages").to_pylist()]
-    texts_1, texts_2 = table.column("response_1").to_pylist(), table.column("response_2").to_pylist()
+    texts_1, texts_2 = zip(*table.column("responses").to_pylist())
     parts: dict[str, float] = {}
     cpu_parts: dict[str, float] = {}
     counts = {"ref_slots": 0, "ref_tokens": 0, "reward_slots": 0, "reward_tokens": 0}

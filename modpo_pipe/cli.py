@@ -136,7 +136,7 @@ def shard_option(output: str) -> inspect.Parameter:
 
 def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
     _print_summary(f"wrote shard {shard[0]}/{shard[1]}: {report.out}", {
-        "pairs": report.pairs, "seconds": report.seconds,
+        "groups": report.pairs, "seconds": report.seconds,
         "next": f"once all {shard[1]} shards are written: modpo-pipe merge {Path(report.out).parent}",
     })
 
@@ -145,7 +145,8 @@ def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
     "generate", ["generate", "model"],
     inspect.Parameter("prompts", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                       default=typer.Argument(..., help="Prompts: JSONL, Parquet or a saved datasets directory.")),
-    help="Sample 2 responses per prompt from the policy -> pairs.parquet.",
+    help="Sample N responses per prompt (--samples-per-prompt, default 2) from the policy -> pairs.parquet, one "
+         "row (group) per prompt.",
     extra=(shard_option("pairs"),),
 )
 def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -> None:
@@ -158,10 +159,10 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
         return _shard_summary(report, part)
     if report.up_to_date:
         _print_summary(f"nothing to do: {report.out} is already written from these prompts, this policy and these "
-                       "settings", {"prompts": report.prompts, "pairs": report.pairs})
+                       "settings", {"prompts": report.prompts, "groups": report.pairs})
         return
     _print_summary(f"wrote {report.out}", {
-        "prompts": report.prompts, "pairs": report.pairs, "backend": report.backend,
+        "prompts": report.prompts, "groups": report.pairs, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
         "long prompts truncated": report.long_prompts_truncated,
         "chunks (reused from a killed run)": f"{report.chunks} ({report.resumed_chunks})",
@@ -173,7 +174,8 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     "score", ["score", "model"],
     inspect.Parameter("pairs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                       default=typer.Argument(..., help="A pairs.parquet written by generate.")),
-    help="Score both responses of every pair with every reward, and cache reference log-probs -> scored.parquet.",
+    help="Score every response of every group once with every reward, and cache reference log-probs -> "
+         "scored.parquet.",
     extra=(shard_option("scored"),),
 )
 def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> None:
@@ -185,9 +187,9 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     if part:
         return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
-        "pairs": report.pairs, "seconds": report.seconds,
+        "groups": report.pairs, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
-        "dropped (NaN/inf/None reward)": str(report.dropped_invalid_reward)
+        "groups dropped (NaN/inf/None reward)": str(report.dropped_invalid_reward)
         + (f" ({', '.join(f'{n}: {k}' for n, k in report.invalid_by_reward.items() if k)})"
            if report.dropped_invalid_reward else ""),
         "parts reused from a killed run": report.resumed_parts,
@@ -200,14 +202,18 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     "train", ["train", "model"],
     inspect.Parameter("scored", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
                       default=typer.Argument(..., help="One or more scored.parquet files.")),
-    help="Train the policy on cached pairs with the RPO loss (no reference model loaded) -> checkpoint. "
+    help="Train the policy on cached groups with the RPO loss (no reference model loaded) -> checkpoint. "
+         "Pairs are formed within each group (--pairs all|disjoint|max-min; max-min biases the target away from "
+         "pi*: keeping only the extreme pair selects on the reward gap, so the teacher margins no longer match "
+         "pairs drawn from the sampling policy). A batch is whole groups; each response is forwarded once a step "
+         "and a group's loss is the mean over its pairs. "
          "Every file's rewards are z-scored with one set of statistics: the first file's, or those of "
          "--reward-stats FILE. Data-parallel on several processes under `accelerate launch -m modpo_pipe "
          "train ...` (DDP, FSDP or DeepSpeed, from the accelerate config), or with --num-processes N.",
     extra=(extra_option("num_processes", int, 1, "--num-processes",
                         "N > 1: train data-parallel on N processes on this machine (one per GPU; CPU processes "
                         "without GPUs) by running this command under `accelerate launch`. A step then takes "
-                        "batch_size * grad_accum * N pairs. FSDP, DeepSpeed, several machines: call "
+                        "batch_size * grad_accum * N groups. FSDP, DeepSpeed, several machines: call "
                         "`accelerate launch` yourself."),
            inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
 )
@@ -222,7 +228,8 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
     if not report.main_process:
         return
     _print_summary(f"wrote {report.out}/final", {
-        "pairs": report.pairs, "dropped (identical responses)": report.dropped_identical,
+        "groups": report.groups, "pairs": report.pairs,
+        "pairs dropped (identical responses)": report.dropped_identical,
         "optimizer steps": report.steps, "resumed from step": report.resumed_from,
         "first loss": report.first_loss, "last loss": report.last_loss,
         "first-batch |policy - ref| log-prob gap": report.first_batch_ref_gap, "seconds": report.seconds,
@@ -292,7 +299,7 @@ def merge_command(
 
     with user_errors():
         report = merge(list(shards), out or default_output(list(shards)))
-    _print_summary(f"wrote {report.out}", {"stage": report.stage, "shards": report.shards, "pairs": report.rows})
+    _print_summary(f"wrote {report.out}", {"stage": report.stage, "shards": report.shards, "groups": report.rows})
 
 
 @stage_command(

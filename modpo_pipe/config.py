@@ -55,7 +55,9 @@ class ModelSettings:
 class GenerateSettings:
     policy: str = setting("", "Policy that samples the pairs: a local directory or a hub id.", path="model")
     backend: str = setting("auto", "Sampler: auto (vllm when it imports and a GPU is present), transformers, vllm.")
-    pairs_per_prompt: int = setting(1, "P: sample 2P responses per prompt and form P disjoint pairs.")
+    samples_per_prompt: int = setting(
+        2, "N >= 2: responses sampled per prompt, stored together as one group; train forms pairs within a group "
+        "([train].pairs). Replaces pairs_per_prompt = P, which is read as N = 2P.")
     temperature: float = setting(1.0, "Sampling temperature (> 0).")
     top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
     max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
@@ -124,8 +126,13 @@ class TrainSettings:
     )
     lr: float = setting(1e-5, "Peak learning rate (AdamW). LoRA usually wants ~1e-4.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
-    epochs: int = setting(1, "Passes over the pairs.")
-    batch_size: int = setting(8, "Pairs per micro-batch.")
+    epochs: int = setting(1, "Passes over the groups.")
+    pairs: str = setting(
+        "all", "How a group's responses are paired: all (every i < j), disjoint ((1,2), (3,4), ...: each response in "
+        "one pair), max-min (the highest vs the lowest weighted reward, as RLHFlow builds DPO data; it biases the "
+        "target away from pi*: the pair kept is selected by its reward gap, so its teacher margins are larger than "
+        "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.")
+    batch_size: int = setting(8, "Groups (prompts) per micro-batch; every response of a group is forwarded once.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the cosine decay.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: off).")
@@ -304,6 +311,7 @@ def _section_from_mapping(name: str, raw: dict[str, Any], source: str, base: Pat
     types = field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
+    raw = _legacy_keys(name, raw, source)
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -317,6 +325,24 @@ def _section_from_mapping(name: str, raw: dict[str, Any], source: str, base: Pat
             value = {k: _resolve_reward_spec(v, base) for k, v in value.items()}
         out[key] = value
     return out
+
+
+def _legacy_keys(section: str, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keys older settings files hold, read as what replaced them (said once on stderr, never silently)."""
+    if section != "generate" or "pairs_per_prompt" not in raw:
+        return raw
+    raw = dict(raw)
+    pairs = coerce(raw.pop("pairs_per_prompt"), int, f"{source}: [generate].pairs_per_prompt")
+    if "samples_per_prompt" in raw:
+        raise ModpoError(f"{source}: [generate].pairs_per_prompt and samples_per_prompt are both set; keep "
+                         f"samples_per_prompt (pairs_per_prompt = P meant samples_per_prompt = 2P)")
+    if pairs <= 0:
+        raise ModpoError(f"{source}: [generate].pairs_per_prompt must be > 0; got {pairs}")
+    raw["samples_per_prompt"] = 2 * pairs
+    print(f"WARNING: {source}: [generate].pairs_per_prompt = {pairs} is replaced by samples_per_prompt; read as "
+          f"samples_per_prompt = {2 * pairs}" + (" (train --pairs disjoint gives the same pairs as before; the default "
+          "'all' pairs every two responses of a prompt)" if pairs > 1 else ""), file=sys.stderr)
+    return raw
 
 
 def find_config(config: Path | None) -> Path | None:
@@ -361,6 +387,7 @@ _CHOICES = {
     ("score", "on_invalid_reward"): ("error", "drop"),
     ("train", "loss"): ("rpo-sym", "rpo", "rebel"),
     ("train", "normalize"): ("zscore", "none"),
+    ("train", "pairs"): ("all", "disjoint", "max-min"),
 }
 
 
@@ -371,7 +398,7 @@ def validate(s: Settings) -> None:
             raise ModpoError(f"[{section}].{key} must be one of {', '.join(choices)}; got {value!r}")
     g, t = s.generate, s.train
     positive = [
-        ("generate", "pairs_per_prompt", g.pairs_per_prompt), ("generate", "max_new_tokens", g.max_new_tokens),
+        ("generate", "max_new_tokens", g.max_new_tokens),
         ("generate", "max_prompt_tokens", g.max_prompt_tokens), ("generate", "batch_size", g.batch_size),
         ("generate", "temperature", g.temperature), ("score", "batch_tokens", s.score.batch_tokens),
         ("score", "reward_batch_size", s.score.reward_batch_size), ("train", "beta", t.beta),
@@ -382,6 +409,9 @@ def validate(s: Settings) -> None:
     for section, key, value in positive:
         if value <= 0:
             raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    if g.samples_per_prompt < 2:
+        raise ModpoError(f"[generate].samples_per_prompt must be >= 2 (a pair needs two responses); got "
+                         f"{g.samples_per_prompt}")
     if not 0 < g.top_p <= 1:
         raise ModpoError(f"[generate].top_p must be in (0, 1]; got {g.top_p}")
     if not 0 <= t.warmup_ratio < 1:

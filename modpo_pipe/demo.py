@@ -60,7 +60,7 @@ def demo_settings(policy: str, size: DemoSize = DemoSize()) -> cfg.Settings:
     return cfg.Settings(
         model=cfg.ModelSettings(dtype="float32", device="auto"),
         generate=cfg.GenerateSettings(
-            policy=policy, backend="transformers", pairs_per_prompt=1, temperature=1.0, top_p=1.0,
+            policy=policy, backend="transformers", samples_per_prompt=2, temperature=1.0, top_p=1.0,
             max_new_tokens=size.max_new_tokens, seed=0, batch_size=48,
         ),
         score=cfg.ScoreSettings(rewards=dict(REWARDS), batch_tokens=16384, reward_batch_size=64),

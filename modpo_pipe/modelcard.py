@@ -93,7 +93,8 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
     counts = info.get("file_pairs")  # per file, when the info dict carries them
     if isinstance(counts, dict):
         lines += [f"  - `{f}`: {n} pairs" for f, n in counts.items()]
-    lines.append(f"- pairs trained on: {info.get('pairs')}; dropped (identical responses): "
+    groups = f" from {info['groups']} groups ({info.get('pairing', 'all')} pairing)" if "groups" in info else ""
+    lines.append(f"- pairs trained on: {info.get('pairs')}{groups}; dropped (identical responses): "
                  f"{info.get('dropped_identical')}")
     for key, value in info.items():  # other drop counts (e.g. invalid rewards), whatever the info dict has
         if key.startswith("dropped_") and key != "dropped_identical":

@@ -784,7 +784,7 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
     if not summary:
         return ""
     if stage == "generate":
-        return f"{summary['rows']} pairs from {summary['prompts']} prompts"
+        return f"{summary['rows']} groups from {summary['prompts']} prompts"
     if stage == "score":
         return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
@@ -954,7 +954,7 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
             from modpo_pipe.score import run_score
 
             report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
-        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} pairs in "
+        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
             f"{report.out})")
     return due.name
 

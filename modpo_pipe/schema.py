@@ -1,10 +1,17 @@
 """The Parquet contract between stages: columns, version, metadata, atomic writes, validation on read.
 
-Version 1.
+Version 2: one row per prompt, a "group" of its N >= 2 sampled responses.
 
-pairs.parquet (stage "pairs"): PAIR_COLUMNS below, one row per pair of responses to one prompt.
-scored.parquet (stage "scored"): the pair columns, then `reward_<name>_1`, `reward_<name>_2` for every
-reward model, then `ref_logp_1`, `ref_logp_2`.
+pairs.parquet (stage "pairs"): GROUP_COLUMNS below, one row per prompt; the per-response fields are list
+columns of N entries, in the order the responses were sampled. Plain Arrow list columns: pyarrow, pandas,
+datasets and DuckDB read them as they are.
+scored.parquet (stage "scored"): the group columns, then `reward_<name>` (list<float32>, one score per
+response) for every reward model, then `ref_logps` (list<float32>). Every response is scored once, whatever
+the number of pairs train forms from it (train pairs the responses of a group; see [train].pairs).
+
+Version 1 (one row per disjoint pair: `response_1`, `response_2`, `reward_<name>_1` ...) is still read:
+read_table and read_columns convert it on read, each pair row becoming a group of 2 whose group_id is the
+pair_id (the pair train formed from it before is the only pair of that group).
 
 File metadata is one JSON object under the key `modpo_pipe`: schema_version, stage, policy identity
 (path and content fingerprint), tokenizer fingerprint, sampling settings, seed, package version,
@@ -22,41 +29,52 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from modpo_pipe import __version__
 from modpo_pipe.errors import ModpoError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 is converted on read
 METADATA_KEY = b"modpo_pipe"
 FINISH_REASONS = ("stop", "length")
 REWARD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
-PAIR_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("pair_id", pa.string()),
+GROUP_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("group_id", pa.string()),
     ("prompt_id", pa.string()),
     ("prompt", pa.string()),
     # The un-rendered conversation (JSON list of {role, content}): reward models render it with their
     # own chat template, which may differ from the policy's.
     ("prompt_messages", pa.string()),
     ("prompt_ids", pa.list_(pa.int32())),
-    ("response_1", pa.string()),
-    ("response_2", pa.string()),
-    ("response_ids_1", pa.list_(pa.int32())),
-    ("response_ids_2", pa.list_(pa.int32())),
-    ("finish_reason_1", pa.string()),
-    ("finish_reason_2", pa.string()),
+    ("responses", pa.list_(pa.string())),
+    ("response_ids", pa.list_(pa.list_(pa.int32()))),
+    ("finish_reasons", pa.list_(pa.string())),
     ("round", pa.int32()),
-    # The sampler's own summed log-prob of each response (nullable: not every sampler reports it).
-    ("gen_logp_1", pa.float32()),
-    ("gen_logp_2", pa.float32()),
+    # The sampler's own summed log-prob of each response (items null when the sampler does not report it).
+    ("gen_logps", pa.list_(pa.float32())),
 ]
-REF_COLUMNS: list[tuple[str, pa.DataType]] = [("ref_logp_1", pa.float32()), ("ref_logp_2", pa.float32())]
-NULLABLE = {"gen_logp_1", "gen_logp_2"}
+REF_COLUMN = ("ref_logps", pa.list_(pa.float32()))
+# Per-response list columns: each holds N entries in every row. Items may be null only in these:
+NULLABLE_ITEMS = {"gen_logps"}
+PER_RESPONSE = ("responses", "response_ids", "finish_reasons", "gen_logps")
+
+# --- version 1, read only (converted to version 2 on read) ---
+V1_PAIR_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("pair_id", pa.string()), ("prompt_id", pa.string()), ("prompt", pa.string()),
+    ("prompt_messages", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+    ("response_1", pa.string()), ("response_2", pa.string()),
+    ("response_ids_1", pa.list_(pa.int32())), ("response_ids_2", pa.list_(pa.int32())),
+    ("finish_reason_1", pa.string()), ("finish_reason_2", pa.string()),
+    ("round", pa.int32()), ("gen_logp_1", pa.float32()), ("gen_logp_2", pa.float32()),
+]
+V1_NULLABLE = {"gen_logp_1", "gen_logp_2"}
 
 
-def reward_columns(name: str) -> tuple[str, str]:
-    return f"reward_{name}_1", f"reward_{name}_2"
+def reward_column(name: str) -> str:
+    return f"reward_{name}"
 
 
 def check_reward_name(name: str) -> str:
@@ -66,19 +84,43 @@ def check_reward_name(name: str) -> str:
 
 
 def pairs_schema() -> pa.Schema:
-    return pa.schema([pa.field(n, t, nullable=n in NULLABLE) for n, t in PAIR_COLUMNS])
+    """The schema of a "pairs" stage file: one group of responses per prompt."""
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in GROUP_COLUMNS])
 
 
 def scored_schema(reward_names: Iterable[str]) -> pa.Schema:
     fields = list(pairs_schema())
-    for name in reward_names:
-        fields += [pa.field(c, pa.float32(), nullable=False) for c in reward_columns(name)]
-    fields += [pa.field(n, t, nullable=False) for n, t in REF_COLUMNS]
+    fields += [pa.field(reward_column(name), pa.list_(pa.float32()), nullable=False) for name in reward_names]
+    fields += [pa.field(REF_COLUMN[0], REF_COLUMN[1], nullable=False)]
     return pa.schema(fields)
 
 
+def v1_pairs_schema() -> pa.Schema:
+    return pa.schema([pa.field(n, t, nullable=n in V1_NULLABLE) for n, t in V1_PAIR_COLUMNS])
+
+
+def v1_scored_schema(reward_names: Iterable[str]) -> pa.Schema:
+    fields = list(v1_pairs_schema())
+    for name in reward_names:
+        fields += [pa.field(f"reward_{name}_{j}", pa.float32(), nullable=False) for j in (1, 2)]
+    fields += [pa.field(f"ref_logp_{j}", pa.float32(), nullable=False) for j in (1, 2)]
+    return pa.schema(fields)
+
+
+def is_v1(schema: pa.Schema) -> bool:
+    return "pair_id" in schema.names
+
+
 def reward_names_of(schema: pa.Schema) -> list[str]:
-    return [n[len("reward_") : -len("_1")] for n in schema.names if n.startswith("reward_") and n.endswith("_1")]
+    """The reward names of a scored schema (either version), in column order."""
+    if is_v1(schema):
+        return [n[len("reward_"): -len("_1")] for n in schema.names if n.startswith("reward_") and n.endswith("_1")]
+    return [n[len("reward_"):] for n in schema.names if n.startswith("reward_")]
+
+
+def group_sizes(table: pa.Table) -> list[int]:
+    """N, the number of responses, of every row."""
+    return pc.list_value_length(table.column("response_ids")).to_pylist()
 
 
 def make_metadata(stage: str, **fields: Any) -> dict[str, Any]:
@@ -111,7 +153,7 @@ def fsync_replace(tmp: Path, path: Path) -> None:
         os.close(dir_fd)
 
 
-def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group_size: int = 4096) -> None:
+def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group_size: int = 1024) -> None:
     """Validate against the contract, write to a temporary name, fsync, rename: never a half file."""
     table = with_metadata(table, metadata)
     validate_table(table, metadata["stage"], str(path))
@@ -124,11 +166,12 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group
         tmp.unlink(missing_ok=True)
 
 
-def expected_schema(stage: str, schema: pa.Schema) -> pa.Schema:
+def expected_schema(stage: str, schema: pa.Schema, version: int = SCHEMA_VERSION) -> pa.Schema:
+    names = reward_names_of(schema)
     if stage == "pairs":
-        return pairs_schema()
+        return pairs_schema() if version == 2 else v1_pairs_schema()
     if stage == "scored":
-        return scored_schema(reward_names_of(schema))
+        return scored_schema(names) if version == 2 else v1_scored_schema(names)
     raise ModpoError(f"unknown stage {stage!r}")
 
 
@@ -139,22 +182,23 @@ def validate_table(table: pa.Table, stage: str, where: str) -> dict[str, Any]:
         if "shard" in meta:  # a shard whose chunks were all dropped, or one with no chunks (N > chunks)
             return meta
         raise ModpoError(f"{where}: has no rows")
-    _check_rows(table, where)
+    (_check_rows_v1 if meta["schema_version"] == 1 else _check_rows)(table, where)
     return meta
 
 
 def validate_schema(schema: pa.Schema, stage: str, where: str) -> dict[str, Any]:
-    """Check metadata, columns and types; return the metadata."""
+    """Check metadata, columns and types (of either readable version); return the metadata."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ModpoError(f"{where}: not a modpo-pipe file (no '{METADATA_KEY.decode()}' metadata)")
     meta = parse_metadata(raw, where)
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ModpoError(f"{where}: schema version {version} is not supported (this modpo-pipe reads {SCHEMA_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise ModpoError(f"{where}: schema version {version} is not supported (this modpo-pipe reads "
+                         f"{', '.join(map(str, READABLE_VERSIONS))})")
     if meta.get("stage") != stage:
         raise ModpoError(f"{where}: is a {meta.get('stage')!r} file, expected a {stage!r} file")
-    want = expected_schema(stage, schema)
+    want = expected_schema(stage, schema, version)
     for f in want:
         if f.name not in schema.names:
             raise ModpoError(f"{where}: missing column {f.name!r}")
@@ -164,40 +208,129 @@ def validate_schema(schema: pa.Schema, stage: str, where: str) -> dict[str, Any]
     extra = [n for n in schema.names if n not in want.names]
     if extra:
         raise ModpoError(f"{where}: unexpected columns {extra}")
+    rewards = meta.get("rewards")
+    if stage == "scored" and version == SCHEMA_VERSION and isinstance(rewards, dict):
+        for name in rewards:  # the metadata names every reward it scored: each needs its column
+            if reward_column(name) not in schema.names:
+                raise ModpoError(f"{where}: missing column {reward_column(name)!r}")
     return meta
 
 
-def _check_rows(table: pa.Table, where: str) -> None:
-    import pyarrow.compute as pc
+def _first_row(mask: pa.Array | pa.ChunkedArray) -> int:
+    return mask.to_pylist().index(True)
 
+
+def _check_unique(column: pa.ChunkedArray, name: str, where: str) -> None:
+    if pc.count_distinct(column).as_py() != len(column):
+        seen: set[str] = set()
+        for row, value in enumerate(column.to_pylist()):
+            if value in seen:
+                raise ModpoError(f"{where}: row {row}: duplicate {name} {value!r}")
+            seen.add(value)
+
+
+def _check_ids(column: pa.ChunkedArray, name: str, where: str, rows: pa.Array | None = None) -> None:
+    """Every id list non-empty with ids >= 0; `rows` maps each list to its file row (nested lists)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(column)
+    empty = pc.equal(lengths, 0)
+    if pc.any(empty).as_py():
+        i = _first_row(empty)
+        raise ModpoError(f"{where}: row {rows[i].as_py() if rows is not None else i}: {name} is empty")
+    flat = pc.list_flatten(column)
+    if len(flat) and pc.min(flat).as_py() < 0:
+        bad = pc.less(flat, 0)
+        i = pc.list_parent_indices(column)[_first_row(bad)].as_py()
+        raise ModpoError(f"{where}: row {rows[i].as_py() if rows is not None else i}: {name} holds negative "
+                         f"token ids")
+
+
+def _check_rows(table: pa.Table, where: str) -> None:
     for f in table.schema:
-        if f.name not in NULLABLE and table.column(f.name).null_count:
+        if table.column(f.name).null_count:
             row = table.column(f.name).to_pylist().index(None)
             raise ModpoError(f"{where}: row {row}: column {f.name!r} is null")
-    pair_ids = table.column("pair_id")
-    if pc.count_distinct(pair_ids).as_py() != table.num_rows:
-        seen: set[str] = set()
-        for row, pid in enumerate(pair_ids.to_pylist()):
-            if pid in seen:
-                raise ModpoError(f"{where}: row {row}: duplicate pair_id {pid!r}")
-            seen.add(pid)
+    _check_unique(table.column("group_id"), "group_id", where)
+    n_responses = None
+    lists = [n for n in table.column_names if n in PER_RESPONSE or n.startswith("reward_") or n == REF_COLUMN[0]]
+    if "response_ids" in table.column_names:
+        n_responses = pc.list_value_length(table.column("response_ids"))
+        few = pc.less(n_responses, 2)
+        if pc.any(few).as_py():
+            row = _first_row(few)
+            raise ModpoError(f"{where}: row {row}: a group needs at least 2 responses, it holds "
+                             f"{n_responses[row].as_py()}")
+    for name in lists:
+        column = table.column(name)
+        lengths = pc.list_value_length(column)
+        if n_responses is not None and name != "response_ids":
+            differ = pc.not_equal(lengths, n_responses)
+            if pc.any(differ).as_py():
+                row = _first_row(differ)
+                raise ModpoError(f"{where}: row {row}: {name} holds {lengths[row].as_py()} entries but "
+                                 f"response_ids {n_responses[row].as_py()}")
+        if name not in NULLABLE_ITEMS:
+            flat = pc.list_flatten(column)
+            if flat.null_count:
+                row = pc.list_parent_indices(column)[_first_row(pc.is_null(flat))].as_py()
+                raise ModpoError(f"{where}: row {row}: {name} holds a null entry")
+    if "finish_reasons" in table.column_names:
+        column = table.column("finish_reasons")
+        bad = pc.invert(pc.is_in(pc.list_flatten(column), pa.array(FINISH_REASONS)))
+        if pc.any(bad).as_py():
+            row = pc.list_parent_indices(column)[_first_row(bad)].as_py()
+            raise ModpoError(f"{where}: row {row}: finish_reasons must each be one of {FINISH_REASONS}")
+    if "prompt_ids" in table.column_names:
+        _check_ids(table.column("prompt_ids"), "prompt_ids", where)
+    if "response_ids" in table.column_names:
+        column = table.column("response_ids").combine_chunks()
+        _check_ids(pc.list_flatten(column), "a response's response_ids", where, pc.list_parent_indices(column))
+
+
+def _check_rows_v1(table: pa.Table, where: str) -> None:
+    for f in table.schema:
+        if f.name not in V1_NULLABLE and table.column(f.name).null_count:
+            row = table.column(f.name).to_pylist().index(None)
+            raise ModpoError(f"{where}: row {row}: column {f.name!r} is null")
+    _check_unique(table.column("pair_id"), "pair_id", where)
     for col in ("finish_reason_1", "finish_reason_2"):
-        if col not in table.column_names:  # read_columns: not read
-            continue
         bad = pc.invert(pc.is_in(table.column(col), pa.array(FINISH_REASONS)))
         if pc.any(bad).as_py():
-            row = bad.to_pylist().index(True)
-            raise ModpoError(f"{where}: row {row}: {col} must be one of {FINISH_REASONS}")
+            raise ModpoError(f"{where}: row {_first_row(bad)}: {col} must be one of {FINISH_REASONS}")
     for col in ("prompt_ids", "response_ids_1", "response_ids_2"):
-        if col not in table.column_names:
-            continue
-        lengths = pc.list_value_length(table.column(col))
-        if pc.any(pc.equal(lengths, 0)).as_py():
-            row = pc.equal(lengths, 0).to_pylist().index(True)
-            raise ModpoError(f"{where}: row {row}: {col} is empty")
-        if pc.min(pc.list_flatten(table.column(col))).as_py() < 0:
-            row = next(i for i, ids in enumerate(table.column(col).to_pylist()) if min(ids) < 0)
-            raise ModpoError(f"{where}: row {row}: {col} holds negative token ids")
+        _check_ids(table.column(col), col, where)
+
+
+def convert_v1(table: pa.Table, meta: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+    """A version-1 table (one row per pair) as version 2: each pair a group of 2, group_id = pair_id."""
+    n = table.num_rows
+    offsets = pa.array(range(0, 2 * n + 1, 2), pa.int32())
+    # y1 of row i at 2i, y2 at 2i + 1
+    order = pa.array([i // 2 + (i % 2) * n for i in range(2 * n)], pa.int64())
+
+    def two(first: str, second: str, value_type: pa.DataType) -> pa.Array:
+        values = pa.concat_arrays([table.column(first).combine_chunks().cast(value_type),
+                                   table.column(second).combine_chunks().cast(value_type)]).take(order)
+        return pa.ListArray.from_arrays(offsets, values)
+
+    columns: dict[str, Any] = {
+        "group_id": table.column("pair_id"), "prompt_id": table.column("prompt_id"),
+        "prompt": table.column("prompt"), "prompt_messages": table.column("prompt_messages"),
+        "prompt_ids": table.column("prompt_ids"),
+        "responses": two("response_1", "response_2", pa.string()),
+        "response_ids": two("response_ids_1", "response_ids_2", pa.list_(pa.int32())),
+        "finish_reasons": two("finish_reason_1", "finish_reason_2", pa.string()),
+        "round": table.column("round"),
+        "gen_logps": two("gen_logp_1", "gen_logp_2", pa.float32()),
+    }
+    names = reward_names_of(table.schema)
+    if meta.get("stage") == "scored":
+        for name in names:
+            columns[reward_column(name)] = two(f"reward_{name}_1", f"reward_{name}_2", pa.float32())
+        columns[REF_COLUMN[0]] = two("ref_logp_1", "ref_logp_2", pa.float32())
+    target = scored_schema(names) if meta.get("stage") == "scored" else pairs_schema()
+    converted = pa.table(columns).cast(target)
+    return converted, {**meta, "schema_version": SCHEMA_VERSION, "converted_from_schema_version": 1}
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -224,7 +357,8 @@ def parse_metadata(raw: bytes, where: str) -> dict[str, Any]:
 
 
 def read_table(path: Path, stage: str) -> tuple[pa.Table, dict[str, Any]]:
-    """Read and validate a stage file; every stage reads its input through here."""
+    """Read and validate a stage file (version 1 converted to version 2); every stage reads its input through
+    here."""
     path = Path(path)
     if not path.exists():
         raise ModpoError(f"{path}: no such file")
@@ -233,19 +367,25 @@ def read_table(path: Path, stage: str) -> tuple[pa.Table, dict[str, Any]]:
     except (pa.ArrowInvalid, OSError) as e:
         raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
     meta = validate_table(table, stage, str(path))
+    if meta["schema_version"] == 1:
+        table, meta = convert_v1(table, meta)
+        table = table.replace_schema_metadata(None)
     return table, meta
 
 
 def read_columns(path: Path, stage: str, columns: list[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """Read only `columns` (pair_id among them) of a stage file: its metadata and whole schema are checked as
+    """Read only `columns` (group_id among them) of a stage file: its metadata and whole schema are checked as
     read_table checks them, and the rows of the columns read. A stage that never looks at the text columns
-    need not hold them in memory."""
+    need not hold them in memory. A version-1 file is read whole and converted."""
     path = Path(path)
     if not path.exists():
         raise ModpoError(f"{path}: no such file")
     try:
         file = pq.ParquetFile(path)
         meta = validate_schema(file.schema_arrow, stage, str(path))
+        if meta["schema_version"] == 1:
+            table, meta = read_table(path, stage)
+            return table.select(columns), meta
         # Row group by row group: reading the whole file at once needs several times the memory of the result.
         table = pa.concat_tables([file.schema_arrow.empty_table().select(columns)]
                                  + [file.read_row_group(i, columns=columns) for i in range(file.num_row_groups)])
@@ -259,11 +399,15 @@ def read_columns(path: Path, stage: str, columns: list[str]) -> tuple[pa.Table, 
 
 def check_token_ids(table: pa.Table, vocab_size: int, where: str) -> None:
     """Ids outside the tokenizer's vocabulary mean the file was made with another tokenizer."""
-    import pyarrow.compute as pc
-
-    for col in ("prompt_ids", "response_ids_1", "response_ids_2"):
-        flat_max = pc.max(pc.list_flatten(table.column(col))).as_py()
-        if flat_max is not None and flat_max >= vocab_size:
-            for row, ids in enumerate(table.column(col).to_pylist()):
-                if max(ids) >= vocab_size:
-                    raise ModpoError(f"{where}: row {row}: {col} holds id {max(ids)} >= vocab size {vocab_size}")
+    for col in ("prompt_ids", "response_ids"):
+        column = table.column(col).combine_chunks()
+        rows = None
+        if col == "response_ids":
+            rows, column = pc.list_parent_indices(column), pc.list_flatten(column)
+        flat = pc.list_flatten(column)
+        top = pc.max(flat).as_py()
+        if top is not None and top >= vocab_size:
+            at = _first_row(pc.greater_equal(flat, vocab_size))
+            i = pc.list_parent_indices(column)[at].as_py()
+            row = rows[i].as_py() if rows is not None else i
+            raise ModpoError(f"{where}: row {row}: {col} holds id {flat[at].as_py()} >= vocab size {vocab_size}")

@@ -1,5 +1,6 @@
-"""Stage 2, pairs.parquet -> scored.parquet: every reward for both responses, and the reference model's
-summed log-prob of both, on exactly the stored token ids."""
+"""Stage 2, pairs.parquet -> scored.parquet: every reward for every response of every group, and the reference
+model's summed log-prob of each, on exactly the stored token ids. Each response is scored once, however many
+pairs train forms from it."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from modpo_pipe.rewards import CallableReward, load_reward, reward_inputs
 @dataclass
 class ScoreReport:
     out: str
-    pairs: int
+    pairs: int  # groups (rows) written
     rewards: dict[str, dict[str, float]]  # name -> {"mean", "std"}
     seconds: float
-    dropped_invalid_reward: int = 0  # pairs dropped for a NaN/inf/None reward (on_invalid_reward = "drop")
-    invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> pairs it made invalid
+    dropped_invalid_reward: int = 0  # groups dropped for a NaN/inf/None reward (on_invalid_reward = "drop")
+    invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> groups it made invalid
     chunks: int = 1
     resumed_parts: int = 0  # (component, chunk) parts found finished in OUT.parts/ from a killed run
     truncated_by_reward: dict[str, int] = field(default_factory=dict)  # name -> inputs cut to its max length
@@ -76,7 +77,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     work = parts.Parts(out_file, {"stage": "scored", "pairs": parts.file_fingerprint(pairs_path),
                                   "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size}).open()
     if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
-        return ScoreReport(str(out_file), meta["score_counts"]["pairs_out"], {}, time.time() - started,
+        return ScoreReport(str(out_file), meta["score_counts"]["groups_out"], {}, time.time() - started,
                            meta["score_counts"]["dropped_invalid_reward"], meta["score_counts"]["invalid_by_reward"],
                            len(chunks), meta["score_counts"]["resumed_parts"])
     selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's
@@ -90,25 +91,35 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         """Chunk c's values of one column, as Python objects: never the whole column at once."""
         return table.column(name).slice(starts[c], len(chunks[c])).to_pylist()
 
-    def compute_parts(component: str, columns: tuple[str, str], load, compute, what: str,
-                      allow_nan: bool) -> list[pa.Table]:
+    def per_response(name: str, c: int) -> list:
+        """Chunk c's values of a per-response list column, flattened: response j of group g at sizes[:g] + j."""
+        return [value for values in column(name, c) for value in values]
+
+    def sizes(c: int) -> list[int]:
+        return [len(ids) for ids in column("response_ids", c)]
+
+    def as_lists(flat: list, counts: list[int], value_type: pa.DataType) -> pa.Array:
+        offsets = list(itertools.accumulate(counts, initial=0))
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, value_type))
+
+    def compute_parts(component: str, column_name: str, load, compute, what: str, allow_nan: bool) -> list[pa.Table]:
         """The parts of one component (a reward or the reference): reuse finished ones, compute the rest.
-        A part is kept only when its values are finite as stored (float32); with `allow_nan`, NaN marks a pair
+        A part is kept only when its values are finite as stored (float32); with `allow_nan`, NaN marks a group
         to drop."""
         names = {c: f"{component}-{c:05d}" for c in selected}
         done = {c: t for c, t in ((c, work.read(names[c], len(chunks[c]))) for c in selected) if t is not None}
         todo = [c for c in selected if c not in done]
         if todo:
             model = load()
-            with tqdm(total=n, initial=n - sum(len(chunks[c]) for c in todo), desc=component, unit="pair",
+            with tqdm(total=n, initial=n - sum(len(chunks[c]) for c in todo), desc=component, unit="group",
                       disable=not progress) as bar:
                 for c in todo:
-                    first, second, *truncated = compute(model, c)
-                    part = pa.table({columns[0]: pa.array(first, pa.float32()),
-                                     columns[1]: pa.array(second, pa.float32()),
-                                     # per pair, how many of its two inputs a reward model had to shorten
-                                     **({"truncated": pa.array(truncated[0], pa.int8())} if truncated else {})})
-                    check_part(part.select(list(columns)), column("pair_id", c), what, allow_nan)
+                    counts = sizes(c)
+                    values, *truncated = compute(model, c)
+                    part = pa.table({column_name: as_lists(values, counts, pa.float32()),
+                                     # per group, how many of its inputs a reward model had to shorten
+                                     **({"truncated": pa.array(truncated[0], pa.int32())} if truncated else {})})
+                    check_part(part.select([column_name]), column("group_id", c), what, allow_nan)
                     done[c] = work.write(names[c], part)
                     bar.update(len(chunks[c]))
             del model  # free a model before loading the next one
@@ -122,22 +133,23 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                                                       trust_remote_code=m.trust_remote_code)
 
         def score_rows(reward, c):
-            k = len(chunks[c])
-            # Both responses in one pass: batches stay full.
-            inputs = reward_inputs(column("prompt_messages", c) * 2,
-                                   column("response_1", c) + column("response_2", c))
-            labels = [f"pair {pid!r} response {j}" for j in (1, 2) for pid in column("pair_id", c)]
-            both = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid)
+            counts = sizes(c)
+            # Every response of the chunk in one pass, once each: batches stay full.
+            messages = [m for m, k in zip(column("prompt_messages", c), counts) for _ in range(k)]
+            inputs = reward_inputs(messages, per_response("responses", c))
+            labels = [f"group {gid!r} response {j + 1}" for gid, k in zip(column("group_id", c), counts)
+                      for j in range(k)]
+            scores = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid)
             cut = getattr(reward, "truncated", None)  # model rewards: which inputs were cut to fit
             if cut is None:
-                return both[:k], both[k:]
-            return both[:k], both[k:], [int(a) + int(b) for a, b in zip(cut[:k], cut[k:])]
+                return (scores,)
+            starts_of = list(itertools.accumulate(counts, initial=0))
+            return scores, [sum(int(x) for x in cut[a:b]) for a, b in zip(starts_of, starts_of[1:])]
 
-        cols = schema.reward_columns(name)
-        done = compute_parts(f"reward-{name}", cols, load_this, score_rows, f"reward {name!r} ({spec})",
+        col = schema.reward_column(name)
+        done = compute_parts(f"reward-{name}", col, load_this, score_rows, f"reward {name!r} ({spec})",
                              allow_nan=drop_invalid)
-        for col in cols:
-            columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
+        columns[col] = pa.chunked_array([t.column(col) for t in done], pa.list_(pa.float32()))
         if name not in callables:
             truncated_by_reward[name] = sum(pc.sum(t.column("truncated")).as_py() or 0 for t in done
                                             if "truncated" in t.column_names)
@@ -147,33 +159,30 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                                      what="[score].ref")
 
     def ref_rows(ref, c):
-        k = len(chunks[c])
-        logps = batched_sequence_logps(ref, column("prompt_ids", c) * 2,
-                                       column("response_ids_1", c) + column("response_ids_2", c),
-                                       tokenizer.pad_token_id, s.batch_tokens, progress=False)
-        return logps[:k], logps[k:]
+        prompts = [ids for ids, k in zip(column("prompt_ids", c), sizes(c)) for _ in range(k)]
+        return (batched_sequence_logps(ref, prompts, per_response("response_ids", c), tokenizer.pad_token_id,
+                                       s.batch_tokens, progress=False),)
 
-    done = compute_parts("ref", ("ref_logp_1", "ref_logp_2"), load_ref, ref_rows, f"reference {ref_path}",
-                         allow_nan=False)
-    for col in ("ref_logp_1", "ref_logp_2"):
-        columns[col] = pa.chunked_array([t.column(col) for t in done], pa.float32())
+    ref_column = schema.REF_COLUMN[0]
+    done = compute_parts("ref", ref_column, load_ref, ref_rows, f"reference {ref_path}", allow_nan=False)
+    columns[ref_column] = pa.chunked_array([t.column(ref_column) for t in done], pa.list_(pa.float32()))
 
-    # Pairs with a non-finite reward: an error, or dropped and counted.
+    # Groups with a non-finite reward: an error, or dropped and counted.
     keep = pa.array([True] * n)
     invalid_by_reward: dict[str, int] = {}
     for name in s.rewards:
-        col_1, col_2 = schema.reward_columns(name)
-        valid = pc.and_(pc.is_finite(columns[col_1]), pc.is_finite(columns[col_2]))
-        invalid_by_reward[name] = n - pc.sum(valid.cast(pa.int64())).as_py()
+        col = columns[schema.reward_column(name)]
+        valid = pa.array([all(math.isfinite(v) for v in values) for values in col.to_pylist()])
+        invalid_by_reward[name] = n - (pc.sum(valid.cast(pa.int64())).as_py() or 0)  # (an empty shard: 0 - 0)
         if invalid_by_reward[name] and not drop_invalid:  # parts made by an earlier run with "drop"
             row = valid.to_pylist().index(False)
-            raise ModpoError(f"reward {name!r}: pair {table.column('pair_id')[row].as_py()!r} has a non-finite "
+            raise ModpoError(f"reward {name!r}: group {table.column('group_id')[row].as_py()!r} has a non-finite "
                              f"score (computed by an "
                              f"earlier run with on_invalid_reward = \"drop\"; set it again, or delete {work.dir})")
         keep = pc.and_(keep, valid)
-    kept = pc.sum(keep.cast(pa.int64())).as_py()
-    if kept == 0 and not shard:  # (a shard may hold no pairs: the merge checks that some shard does)
-        raise ModpoError(f"{pairs_path}: every pair has a NaN, inf or None reward "
+    kept = pc.sum(keep.cast(pa.int64())).as_py() or 0
+    if kept == 0 and not shard:  # (a shard may hold no groups: the merge checks that some shard does)
+        raise ModpoError(f"{pairs_path}: every group has a NaN, inf or None reward "
                          f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)}); nothing to write")
 
     scored = table.select(schema.pairs_schema().names)
@@ -187,7 +196,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         "pairs_file": str(pairs_path),
         "ref": ref_identity,
         "rewards": {name: {**specs[name], **stats[name]} for name in s.rewards},
-        "score_counts": {"pairs_in": n, "pairs_out": kept, "dropped_invalid_reward": n - kept,
+        "score_counts": {"groups_in": n, "groups_out": kept, "dropped_invalid_reward": n - kept,
                          "invalid_by_reward": invalid_by_reward, "on_invalid_reward": s.on_invalid_reward,
                          "chunks": len(chunks), "resumed_parts": work.reused,
                          "truncated_by_reward": truncated_by_reward},
@@ -201,22 +210,24 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                        len(chunks), work.reused, truncated_by_reward)
 
 
-def check_part(part: pa.Table, pair_ids: list[str], what: str, allow_nan: bool) -> None:
+def check_part(part: pa.Table, group_ids: list[str], what: str, allow_nan: bool) -> None:
     """Refuse a part holding a value that is not finite as stored (a float64 beyond float32's range is inf
-    there), naming the pair; with `allow_nan`, NaN is allowed: it marks a pair that on_invalid_reward drops."""
+    there), naming the group and response; with `allow_nan`, NaN is allowed: it marks a group that
+    on_invalid_reward drops."""
     for col in part.column_names:
-        for pair_id, value in zip(pair_ids, part.column(col).to_pylist()):
-            if value is None or math.isinf(value) or (math.isnan(value) and not allow_nan):
-                raise ModpoError(f"{what}: pair {pair_id!r}: {col} is {value} as stored (float32)")
+        for group_id, values in zip(group_ids, part.column(col).to_pylist()):
+            for j, value in enumerate(values):
+                if value is None or math.isinf(value) or (math.isnan(value) and not allow_nan):
+                    raise ModpoError(f"{what}: group {group_id!r} response {j + 1}: {col} is {value} as stored "
+                                     f"(float32)")
 
 
 def reward_stats(scored: pa.Table, names: list[str]) -> dict[str, dict[str, float | None]]:
-    """Mean and standard deviation of each reward over both responses of every pair (train's z-score);
+    """Mean and standard deviation of each reward over every response of every group (train's z-score);
     None for a table with no rows (an empty shard)."""
     stats: dict[str, dict[str, float | None]] = {}
     for name in names:
-        col_1, col_2 = schema.reward_columns(name)
-        both = scored.column(col_1).to_pylist() + scored.column(col_2).to_pylist()
-        stats[name] = ({"mean": statistics.fmean(both), "std": statistics.pstdev(both)} if both
+        values = pc.list_flatten(scored.column(schema.reward_column(name))).to_pylist()
+        stats[name] = ({"mean": statistics.fmean(values), "std": statistics.pstdev(values)} if values
                        else {"mean": None, "std": None})
     return stats

@@ -179,15 +179,15 @@ def merge(inputs: list[Path], out: Path) -> MergeReport:
 
 
 def _refuse_duplicate_pairs(table: pa.Table, spans: list[tuple[Path, int]]) -> None:
-    if pc.count_distinct(table.column("pair_id")).as_py() == table.num_rows:
+    if pc.count_distinct(table.column("group_id")).as_py() == table.num_rows:
         return
     seen: dict[str, Path] = {}
-    pair_ids = iter(table.column("pair_id").to_pylist())
+    group_ids = iter(table.column("group_id").to_pylist())
     for path, rows in spans:
         for _ in range(rows):
-            pid = next(pair_ids)
+            pid = next(group_ids)
             if pid in seen:
-                raise ModpoError(f"pair_id {pid!r} is in {seen[pid]} and in {path}: the shards overlap")
+                raise ModpoError(f"group_id {pid!r} is in {seen[pid]} and in {path}: the shards overlap")
             seen[pid] = path
 
 
@@ -209,7 +209,7 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
         from modpo_pipe.score import reward_stats
 
         counts = merged.setdefault("score_counts", {})
-        for key in ("pairs_in", "pairs_out", "dropped_invalid_reward", "resumed_parts"):
+        for key in ("groups_in", "groups_out", "dropped_invalid_reward", "resumed_parts"):
             counts[key] = sum(m.get("score_counts", {}).get(key, 0) for m in metas)
         counts["invalid_by_reward"] = {name: sum(m["score_counts"]["invalid_by_reward"].get(name, 0) for m in metas)
                                        for name in counts.get("invalid_by_reward", {})}

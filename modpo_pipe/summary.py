@@ -19,23 +19,24 @@ def summarize(path: Path) -> dict[str, Any]:
     table, meta = schema.read_table(Path(path), meta.get("stage", "?"))
     summary: dict[str, Any] = {"stage": meta["stage"], "schema_version": meta["schema_version"],
                                "rows": table.num_rows}
-    lengths = [len(ids) for col in ("response_ids_1", "response_ids_2") for ids in table.column(col).to_pylist()]
-    reasons = table.column("finish_reason_1").to_pylist() + table.column("finish_reason_2").to_pylist()
-    summary["response_tokens"] = _stats(lengths)
+    groups = table.column("response_ids").to_pylist()
+    summary["responses_per_group"] = _stats([float(len(ids)) for ids in groups])
+    summary["response_tokens"] = _stats([len(ids) for group in groups for ids in group])
+    reasons = [r for group in table.column("finish_reasons").to_pylist() for r in group]
     summary["finish_reason"] = {r: reasons.count(r) for r in schema.FINISH_REASONS}
-    identical = sum(a == b for a, b in zip(table.column("response_ids_1").to_pylist(),
-                                          table.column("response_ids_2").to_pylist()))
-    summary["identical_pairs"] = identical
+    # Pairs of identical responses give no signal; "all" pairing counts every two responses of a group.
+    summary["identical_pairs"] = sum(group[i] == group[j] for group in groups
+                                     for i in range(len(group)) for j in range(i + 1, len(group)))
     if meta["stage"] == "scored":
         summary["rewards"] = {}
         for name in schema.reward_names_of(table.schema):
-            col_1, col_2 = schema.reward_columns(name)
-            r1, r2 = table.column(col_1).to_pylist(), table.column(col_2).to_pylist()
-            summary["rewards"][name] = {**_stats(r1 + r2),
-                                        "mean_abs_margin": statistics.fmean(abs(a - b) for a, b in zip(r1, r2))}
-        ref = table.column("ref_logp_1").to_pylist() + table.column("ref_logp_2").to_pylist()
+            values = table.column(schema.reward_column(name)).to_pylist()
+            margins = [abs(g[i] - g[j]) for g in values for i in range(len(g)) for j in range(i + 1, len(g))]
+            summary["rewards"][name] = {**_stats([v for g in values for v in g]),
+                                        "mean_abs_margin": statistics.fmean(margins)}
+        ref = [v for g in table.column(schema.REF_COLUMN[0]).to_pylist() for v in g]
         summary["ref_logp"] = _stats(ref)
-        gen = table.column("gen_logp_1").to_pylist() + table.column("gen_logp_2").to_pylist()
+        gen = [v for g in table.column("gen_logps").to_pylist() for v in g]
         pairs = [(g, r) for g, r in zip(gen, ref) if g is not None]
         if pairs:
             # In a round whose sampler is the reference, this measures sampler/trainer numerical drift.

@@ -8,9 +8,10 @@ Read `train()` top to bottom: data, model, optimizer, then one loop. Output dire
     OUT/metrics.jsonl   one line per logging step
 
 Several processes (`accelerate launch -m modpo_pipe train ...`, or `--num-processes N`) train data-parallel:
-an optimizer step takes batch_size * grad_accum * processes pairs, each process computes the gradient of its
-own share of them, the gradients are averaged, and only the main process writes files. One process without
-a launcher is the same loop with nothing distributed.
+an optimizer step takes batch_size * grad_accum * processes groups (prompts, each with its N responses and the
+pairs formed from them), each process computes the gradient of its own share of them, the gradients are
+averaged, and only the main process writes files. One process without a launcher is the same loop with nothing
+distributed.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from modpo_pipe.losses import (
     margin_stats,
     normalise_weights,
     pair_loss,
-    student_margin,
-    teacher_margin,
     zscore,
 )
 from modpo_pipe.prompts import is_hub_id
@@ -155,26 +154,64 @@ def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
 
 @dataclass
 class TrainingPairs:
-    pair_ids: list[str]
-    prompt_ids: TokenLists
-    response_ids_1: TokenLists
-    response_ids_2: TokenLists
-    ref_logp_1: torch.Tensor  # (N,)
-    ref_logp_2: torch.Tensor
-    teacher: torch.Tensor  # (N,) weighted (normalised) reward margin
+    """The groups train learns from, flattened: response r of the file order sits at index r of the
+    per-response tensors, group g's responses are response_start[g] : response_start[g + 1], and its pairs
+    pair_start[g] : pair_start[g + 1] (first and second hold response indices). A pair's teacher margin is the
+    difference of two per-response weighted rewards, so every response carries one number, whatever the
+    number of pairs it appears in; its policy log-prob is computed once per step the same way."""
+
+    group_ids: list[str]
+    prompt_ids: TokenLists  # per group
+    response_ids: TokenLists  # per response
+    response_start: torch.Tensor  # (G + 1,) int64
+    ref_logps: torch.Tensor  # (R,)
+    scores: torch.Tensor  # (R,) weighted (normalised) reward per response
+    first: torch.Tensor  # (P,) int64 response index of each pair's y1
+    second: torch.Tensor  # (P,) its y2
+    pair_start: torch.Tensor  # (G + 1,) int64
     reward_names: list[str]
     weights: dict[str, float]  # normalised
-    dropped_identical: int
+    dropped_identical: int  # candidate pairs of two responses with identical ids (no signal)
     meta: dict[str, Any]  # the first file's metadata
     fingerprints: list[str]  # one per input file, for the resume check
     stats: RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
     max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
+    pairing: str = "all"
 
     def __len__(self) -> int:
-        return len(self.pair_ids)
+        """Groups: the unit steps and micro-batches are made of."""
+        return len(self.group_ids)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.first)
+
+    @property
+    def teacher(self) -> torch.Tensor:
+        """(P,) the weighted reward margin of every pair."""
+        return self.scores[self.first] - self.scores[self.second]
 
 
-TOKEN_COLUMNS = ("prompt_ids", "response_ids_1", "response_ids_2")
+TOKEN_COLUMNS = ("prompt_ids", "response_ids")
+PAIRINGS = ("all", "disjoint", "max-min")
+
+
+def group_pairs(ids: list[list[int]], scores: list[float], pairing: str) -> tuple[list[tuple[int, int]], int]:
+    """The pairs (i, j) one group of responses gives, and how many candidate pairs were dropped for identical
+    response ids. all: every i < j; disjoint: (0, 1), (2, 3), ... (an odd last response is left out); max-min:
+    the highest against the lowest weighted reward (first of ties), none when they are equal."""
+    if pairing == "all":
+        candidates = list(itertools.combinations(range(len(ids)), 2))
+    elif pairing == "disjoint":
+        candidates = [(2 * k, 2 * k + 1) for k in range(len(ids) // 2)]
+    elif pairing == "max-min":
+        high = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        low = min(range(len(scores)), key=lambda i: (scores[i], i))
+        candidates = [(high, low)] if scores[high] > scores[low] else []
+    else:
+        raise ModpoError(f"[train].pairs must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
+    kept = [(i, j) for i, j in candidates if ids[i] != ids[j]]
+    return kept, len(candidates) - len(kept)
 
 
 def read_scored_meta(path: Path) -> dict[str, Any]:
@@ -189,10 +226,18 @@ def read_scored_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def flat(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A list column's items, chunk by chunk (no copy of the token ids)."""
+    import pyarrow.compute as pc
+
+    return pa.chunked_array([pc.list_flatten(chunk) for chunk in column.chunks], column.type.value_type)
+
+
 def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str,
-                        stats_path: Path | None = None) -> TrainingPairs:
-    """Read scored files, compute each pair's teacher margin, drop pairs with identical responses. Only the
-    columns training needs are read (no text), and token ids stay in Arrow.
+                        stats_path: Path | None = None, pairing: str = "all") -> TrainingPairs:
+    """Read scored files, compute each response's weighted reward, pair the responses of every group
+    (`pairing`), drop pairs of identical responses and groups left without a pair. Only the columns training
+    needs are read (no text), and token ids stay in Arrow.
 
     With normalize = "zscore", every file's rewards are standardised with ONE set of statistics: those stored
     in `stats_path` when given, else the first file's. Per-file statistics would put pairs of different files
@@ -202,14 +247,17 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
 
     if not paths:
         raise ModpoError("train needs at least one scored file")
-    pair_ids: list[str] = []
-    tokens: dict[str, list[pa.ChunkedArray]] = {col: [] for col in TOKEN_COLUMNS}
-    ref_1, ref_2, teachers, fingerprints, max_ids = [], [], [], [], []
+    group_ids: list[str] = []
+    prompts: list[pa.ChunkedArray] = []
+    responses: list[pa.ChunkedArray] = []
+    sizes: list[torch.Tensor] = []
+    refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids = [], [], [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
     stats: RewardStats | None = None
     w = None
     dropped = 0
+    offset = 0  # responses kept before this file
     for path in paths:
         meta = read_scored_meta(path)
         file_names = schema.reward_names_of(pq.read_schema(path))
@@ -228,39 +276,58 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
             raise ModpoError(f"{path}: tokenised with another tokenizer than {paths[0]}")
-        numbers = [c for n in names for c in schema.reward_columns(n)] + ["ref_logp_1", "ref_logp_2"]
-        table, meta = schema.read_columns(path, "scored", ["pair_id", *TOKEN_COLUMNS, *numbers])
+        numbers = [schema.reward_column(n) for n in names] + [schema.REF_COLUMN[0]]
+        table, meta = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS, *numbers])
         check_finite(table, numbers, path)
-        max_ids.append(max((pc.max(pc.list_flatten(table.column(col))).as_py() or 0) for col in TOKEN_COLUMNS))
-        r1 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[0]).to_numpy() for n in names])).T
-        r2 = torch.tensor(np.stack([table.column(schema.reward_columns(n)[1]).to_numpy() for n in names])).T
+        max_ids.append(max(pc.max(pc.list_flatten(table.column("prompt_ids"))).as_py() or 0,
+                           pc.max(pc.list_flatten(flat(table.column("response_ids")))).as_py() or 0))
+        rewards = torch.tensor(np.stack([flat(table.column(schema.reward_column(n))).to_numpy() for n in names])).T
         if stats is not None:
             mean = torch.tensor([stats.mean[n] for n in names])
             # A reward that cannot be scaled (std 0, NaN or tiny) gets std 0: zscore makes it constant.
             std = torch.tensor([0.0 if n in stats.constant else stats.std[n] for n in names])
-            r1, r2 = zscore(r1, mean, std), zscore(r2, mean, std)
-        teacher = teacher_margin(r1, r2, w)
-        keep = [not same for same in identical_responses(table)]  # identical: no signal
-        dropped += table.num_rows - sum(keep)
-        rows = table.filter(pa.array(keep)) if not all(keep) else table
-        pair_ids += rows.column("pair_id").to_pylist()
-        for col in TOKEN_COLUMNS:
-            tokens[col].append(rows.column(col))
-        keep_mask = torch.tensor(keep, dtype=torch.bool)
-        ref_1.append(torch.tensor(table.column("ref_logp_1").to_numpy())[keep_mask])
-        ref_2.append(torch.tensor(table.column("ref_logp_2").to_numpy())[keep_mask])
-        teachers.append(teacher[keep_mask])
+            rewards = zscore(rewards, mean, std)
+        score = rewards @ w  # (responses,) the weighted reward: a pair's teacher margin is a difference of two
+        ref = torch.tensor(flat(table.column(schema.REF_COLUMN[0])).to_numpy())
+        size = torch.tensor(pc.list_value_length(table.column("response_ids")).to_numpy(), dtype=torch.int64)
+        start = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), size]), 0)
+        keep_group: list[bool] = []
+        row = 0
+        for batch in table.select(["response_ids"]).to_batches(max_chunksize=8192):
+            for ids in batch.column(0).to_pylist():
+                a = int(start[row])
+                pairs, same = group_pairs(ids, score[a: a + len(ids)].tolist(), pairing)
+                dropped += same
+                keep_group.append(bool(pairs))
+                if pairs:
+                    firsts.append(torch.tensor([i for i, _ in pairs]) + offset)
+                    seconds.append(torch.tensor([j for _, j in pairs]) + offset)
+                    pair_counts.append(len(pairs))
+                    offset += len(ids)
+                row += 1
+        keep = torch.tensor(keep_group, dtype=torch.bool)
+        keep_response = torch.repeat_interleave(keep, size)
+        rows = table.filter(pa.array(keep_group)) if not all(keep_group) else table
+        group_ids += rows.column("group_id").to_pylist()
+        prompts.append(rows.column("prompt_ids"))
+        responses.append(flat(rows.column("response_ids")))
+        sizes.append(size[keep])
+        refs.append(ref[keep_response])
+        scores.append(score[keep_response])
         fingerprints.append(f"{meta['created']}:{table.num_rows}:{meta.get('ref', {}).get('fingerprint')}")
-    if len(set(pair_ids)) != len(pair_ids):
-        raise ModpoError("the scored files share pair_ids: the same pairs given twice")
-    if not pair_ids:
+    if len(set(group_ids)) != len(group_ids):
+        raise ModpoError("the scored files share group_ids: the same groups given twice")
+    if not group_ids:
         raise ModpoError(f"no pairs left to train on ({dropped} had identical responses)")
     assert names is not None and w is not None
     pa.default_memory_pool().release_unused()  # what reading needed beyond the columns kept
+    zero = torch.zeros(1, dtype=torch.int64)
     return TrainingPairs(
-        pair_ids, *(TokenLists(tokens[col]) for col in TOKEN_COLUMNS),
-        torch.cat(ref_1), torch.cat(ref_2), torch.cat(teachers), names,
-        {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids,
+        group_ids, TokenLists(prompts), TokenLists(responses),
+        torch.cumsum(torch.cat([zero, *sizes]), 0), torch.cat(refs).float(), torch.cat(scores).float(),
+        torch.cat(firsts).long(), torch.cat(seconds).long(),
+        torch.cumsum(torch.cat([zero, torch.tensor(pair_counts, dtype=torch.int64)]), 0), names,
+        {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids, pairing,
     )
 
 
@@ -269,7 +336,7 @@ def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) ->
     offending file is read again only to name the row."""
     for path, top in zip(paths, data.max_token_ids):
         if top >= vocab_size:
-            table, _ = schema.read_columns(path, "scored", ["pair_id", *TOKEN_COLUMNS])
+            table, _ = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS])
             schema.check_token_ids(table, vocab_size, str(path))
             raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
 
@@ -286,24 +353,21 @@ def warn_unusable_stats(stats: RewardStats | None) -> None:
               f"teacher margin", file=sys.stderr)
 
 
-def identical_responses(table: pa.Table, rows_at_once: int = 8192) -> list[bool]:
-    """Per row, whether both responses have the same ids; a few thousand rows at a time as Python lists."""
-    same: list[bool] = []
-    for batch in table.select(["response_ids_1", "response_ids_2"]).to_batches(max_chunksize=rows_at_once):
-        same += [a == b for a, b in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())]
-    return same
-
-
 def check_finite(table: Any, columns: list[str], path: Path) -> None:
-    """Never train on NaN: a non-finite reward or reference log-prob names its file, row and column."""
+    """Never train on NaN: a non-finite reward or reference log-prob names its file, row, response and
+    column."""
     import pyarrow.compute as pc
 
     for col in columns:
-        bad = pc.invert(pc.is_finite(table.column(col)))
+        column = table.column(col).combine_chunks()
+        values = pc.list_flatten(column)
+        bad = pc.invert(pc.is_finite(values))
         if pc.any(bad).as_py():
-            row = bad.to_pylist().index(True)
-            raise ModpoError(f"{path}: row {row} (pair {table.column('pair_id')[row].as_py()!r}): {col} is "
-                             f"{table.column(col)[row].as_py()}; rescore the pairs")
+            at = bad.to_pylist().index(True)
+            row = pc.list_parent_indices(column)[at].as_py()
+            j = at - column.offsets[row].as_py()
+            raise ModpoError(f"{path}: row {row} (group {table.column('group_id')[row].as_py()!r}) response "
+                             f"{j + 1}: {col} is {values[at].as_py()}; rescore the groups")
 
 
 def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float) -> float:
@@ -337,8 +401,9 @@ def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
-    """Every optimizer step as (epoch, its pair indices), in training order. A step takes the global batch,
-    batch_size * grad_accum * processes pairs. The remainder of an epoch is folded into its last step (which
+    """Every optimizer step as (epoch, its group indices), in training order (`n_pairs`: the number of groups;
+    with N = 2 each group is one pair). A step takes the global batch, batch_size * grad_accum * processes
+    groups. The remainder of an epoch is folded into its last step (which
     then holds up to twice the global batch), never a step of its own: a step of one pair would move the
     weights as far as a full one, since Adam's update does not shrink with the gradient's scale (so scaling
     the loss down would not help). An epoch shorter than one global batch is one step."""
@@ -350,6 +415,38 @@ def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[
         steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_pairs])
                   for i in range(full)]
     return steps
+
+
+@dataclass
+class GroupBatch:
+    """One micro-batch of groups, laid out for a single forward: row r is response response_index[r]; pair p
+    (global index pair_index[p]) compares rows first[p] and second[p], weighted 1 / (its group's pairs)."""
+
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    response_index: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    pair_index: torch.Tensor
+    pair_weight: torch.Tensor
+
+
+def group_batch(data: TrainingPairs, groups: list[int]) -> GroupBatch:
+    prompts, responses, response_index, first, second, pair_index, pair_weight = [], [], [], [], [], [], []
+    for g in groups:
+        a, b = int(data.response_start[g]), int(data.response_start[g + 1])
+        p, q = int(data.pair_start[g]), int(data.pair_start[g + 1])
+        row = len(responses)  # where this group's responses start in the batch
+        prompt = data.prompt_ids[g]
+        prompts += [prompt] * (b - a)
+        responses += data.response_ids[a:b]
+        response_index += range(a, b)
+        first += (data.first[p:q] - a + row).tolist()
+        second += (data.second[p:q] - a + row).tolist()
+        pair_index += range(p, q)
+        pair_weight += [1.0 / (q - p)] * (q - p)
+    return GroupBatch(prompts, responses, torch.tensor(response_index), torch.tensor(first), torch.tensor(second),
+                      torch.tensor(pair_index), torch.tensor(pair_weight))
 
 
 def micro_batches(step_pairs: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
@@ -389,6 +486,7 @@ class TrainReport:
     processes: int = 1
     main_process: bool = True  # False on the other processes of a multi-process run: they print nothing
     target: dict[str, Any] | None = None  # beta, weights and reward statistics the policy was trained toward
+    groups: int = 0  # the prompts the pairs come from
 
 
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
@@ -403,7 +501,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if t.reward_stats and t.normalize != "zscore":
         raise ModpoError(f"[train].reward_stats ({t.reward_stats}) needs normalize = \"zscore\"")
     data = load_training_pairs(scored_paths, t.weights, t.normalize,
-                               Path(t.reward_stats) if t.reward_stats else None)
+                               Path(t.reward_stats) if t.reward_stats else None, t.pairs)
     target = target_record(data, t)
     ref_identity = data.meta.get("ref", {})
     policy_path = t.policy or ref_identity.get("path") or ""
@@ -473,8 +571,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     saved_step = start_step if start_step > 0 else None  # the step of the state on disk, if any
     merged_due = t.lora_r > 0 and t.merge and not (out / "merged" / "config.json").is_file()
     if start_step == len(steps) and (out / "final" / "modpo_pipe.json").is_file() and not merged_due:
-        return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, None, None,
-                           None, time.time() - started, processes, accelerator.is_main_process, target)
+        return TrainReport(str(out), data.pairs, data.dropped_identical, len(steps), start_step, None, None,
+                           None, time.time() - started, processes, accelerator.is_main_process, target, len(data))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         configure_deepspeed(accelerator, t)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -498,39 +596,43 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     bar = tqdm(total=len(steps), initial=start_step, desc="train", unit="step",
                disable=not progress or not accelerator.is_main_process)
     orientation_epoch, orientation = -1, torch.empty(0)
+    pair_teachers = data.teacher  # (pairs,) computed once: a property
     for step in range(start_step, len(steps)):
         epoch, step_pairs = steps[step]
         if epoch != orientation_epoch:
-            orientation_epoch, orientation = epoch, pair_orientation(len(data), t.seed, epoch)
+            orientation_epoch, orientation = epoch, pair_orientation(data.pairs, t.seed, epoch)
         lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Dropout noise depends on the step (resumable) and the process (each draws its own).
         torch.manual_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007)
         step_started = time.time()
-        pairs_in_step = len(step_pairs)
+        groups_in_step = len(step_pairs)
         batches = micro_batches(step_pairs, t.batch_size, rank, processes)
+        pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_pairs))
         loss_sum, tokens, students, teachers, log_ratios = 0.0, 0, [], [], []
         for j, idx in enumerate(batches):
-            padding = not idx  # this process has no pairs left in the step: a zero-weight pass over one
+            padding = not idx  # this process has no groups left in the step: a zero-weight pass over one
             idx = idx or step_pairs[:1]
             with gradient_sync(accelerator, model, last=j == len(batches) - 1):
-                # One forward over both responses of every pair: y1 rows then y2 rows.
-                prompts = [data.prompt_ids[i] for i in idx]
-                batch = build_batch(prompts * 2, [data.response_ids_1[i] for i in idx]
-                                    + [data.response_ids_2[i] for i in idx], pad_id).to(device)
+                batch_groups = group_batch(data, idx)
+                # One forward over every response of every group: each response once, however many pairs.
+                batch = build_batch(batch_groups.prompts, batch_groups.responses, pad_id).to(device)
                 with models.autocast(device, dtype):
                     logps = sequence_logps(model, batch, wrapped=accelerator.distributed_type != DistributedType.NO)
-                logp_1, logp_2 = logps[: len(idx)], logps[len(idx):]
-                ref_1, ref_2 = data.ref_logp_1[idx].to(device), data.ref_logp_2[idx].to(device)
+                ref = data.ref_logps[batch_groups.response_index].to(device)
                 if (step == start_step and ref_gap is None and policy_is_ref and start_step == 0 and not padding
                         and accelerator.is_main_process):
                     ref_gap, ref_gap_scaled = check_reference_gap(
-                        logps.detach().cpu(), torch.cat([ref_1, ref_2]).cpu(), batch.response_mask.sum(1).cpu(), dtype)
-                student = student_margin(logp_1, logp_2, ref_1, ref_2, t.beta)
-                teacher = data.teacher[idx].to(device)
-                sign = orientation[idx].to(device)  # the pair as (y1, y2) or as (y2, y1) this epoch
-                loss = pair_loss(sign * student, sign * teacher, t.loss).sum() / pairs_in_step
+                        logps.detach().cpu(), ref.cpu(), batch.response_mask.sum(1).cpu(), dtype)
+                log_ratio = logps - ref
+                first, second = batch_groups.first.to(device), batch_groups.second.to(device)
+                student = t.beta * (log_ratio[first] - log_ratio[second])
+                teacher = pair_teachers[batch_groups.pair_index].to(device)
+                sign = orientation[batch_groups.pair_index].to(device)  # the pair as (y1, y2) or (y2, y1)
+                # A group's loss is the mean over its pairs; the step's, the mean over its groups.
+                weight = batch_groups.pair_weight.to(device) / groups_in_step
+                loss = (pair_loss(sign * student, sign * teacher, t.loss) * weight).sum()
                 # Averaging over processes divides the summed gradient by their number: scale it back.
                 accelerator.backward(loss * (0 if padding else processes))
             if padding:
@@ -539,7 +641,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
             tokens += batch.num_tokens
             students.append(student.detach().cpu())
             teachers.append(teacher.cpu())
-            log_ratios.append(torch.cat([logp_1 - ref_1, logp_2 - ref_2]).detach().cpu())
+            log_ratios.append(log_ratio.detach().cpu())
         loss_sum, tokens = sum_over_processes(accelerator, loss_sum, tokens)
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
         bad_gradient = grad_norm is not None and not math.isfinite(float(grad_norm))  # None: DeepSpeed clips
@@ -563,7 +665,9 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
             record = {
                 "step": step + 1, "epoch": epoch, "loss": loss_sum, **margin_stats(student_all, teacher_all),
                 "kl_k2": kl_k2(ratio_all), "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": lr, "tokens_per_s": tokens / max(time.time() - step_started, 1e-9), "pairs": pairs_in_step,
+                "lr": lr, "tokens_per_s": tokens / max(time.time() - step_started, 1e-9),
+                "step_seconds": time.time() - step_started,
+                "pairs": pairs_in_step, "groups": groups_in_step,
             }
             if ref_gap is not None and step == 0:
                 record["first_batch_ref_gap"] = ref_gap
@@ -587,7 +691,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "weights": data.weights, "beta": t.beta, "loss": t.loss, "normalize": t.normalize,
         "scored_files": [str(p) for p in scored_paths],
         "policy": {"path": policy_path, "fingerprint": policy_fingerprint},
-        "ref": ref_identity, "pairs": len(data), "dropped_identical": data.dropped_identical,
+        "ref": ref_identity, "pairs": data.pairs, "groups": len(data), "pairing": data.pairing,
+        "dropped_identical": data.dropped_identical,
         "steps": len(steps), "lora_r": t.lora_r, "target": target, "dtype": str(dtype).removeprefix("torch."),
         "dropout_disabled": disabled_dropout,
         # For the model card: reward specs, fingerprints and normalisation statistics, the prompts, settings.
@@ -606,8 +711,9 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                                          trust_remote_code=m.trust_remote_code, what="the trained adapter")
 
         on_main(accelerator, lambda: save_final(out / "merged", merged(), tokenizer, info, dtype=dtype))
-    return TrainReport(str(out), len(data), data.dropped_identical, len(steps), start_step, first_loss,
-                       last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process, target)
+    return TrainReport(str(out), data.pairs, data.dropped_identical, len(steps), start_step, first_loss,
+                       last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process, target,
+                       len(data))
 
 
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:

@@ -48,3 +48,17 @@ def test_child_process_reports_json(workdir):
     assert "error" not in result, result
     assert result["pairs"] == run.SIZES["tiny"].score_pairs
     assert result["reward_slots"] >= result["reward_tokens"] > 0
+
+
+def test_groups_benchmark_trains_both_arms_on_the_same_responses(tmp_path, capsys):
+    """benchmarks/groups.py (issue 15, outcome 2) on the tiny shape: per step, N = 4 trains 6 pair terms a group
+    and N = 2 one, on the same number of responses. Timings are not asserted."""
+    groups = pytest.importorskip("benchmarks.groups")
+    out = tmp_path / "groups.json"
+    assert groups.main(["--size", "tiny", "--batch", "2", "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    n4, n2 = result["runs"]["4"][0], result["runs"]["2"][0]
+    assert n4["steps"] == n2["steps"] == 3  # the second epoch's (the first warms up)
+    assert n4["pairs"] == 3 * 2 * 6 and n2["pairs"] == 3 * 4 * 1  # 3 steps of 2 groups of 4, or 4 groups of 2
+    assert result["ratio_n4_over_n2"] > 0
+    assert "ratio N = 4 / N = 2" in capsys.readouterr().out

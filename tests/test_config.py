@@ -264,7 +264,7 @@ helpful = "my-org/rm"
 """)
     s = cfg.load_settings(path)
     assert s.model.trust_remote_code is True
-    assert s.generate.pairs_per_prompt == 2
+    assert s.generate.samples_per_prompt == 4  # the old key, read as what replaced it: N = 2P
     assert s.generate.temperature == 1.0 and type(s.generate.temperature) is float
     assert s.generate.top_p == 0.9
     assert s.generate.skip_invalid is True
@@ -450,6 +450,8 @@ def test_top_p_of_one_is_allowed():
     [
         ("generate", "temperature", 0.0, "[generate].temperature must be > 0"),
         ("generate", "pairs_per_prompt", 0, "[generate].pairs_per_prompt must be > 0"),
+        ("generate", "samples_per_prompt", 1, "[generate].samples_per_prompt must be >= 2"),
+        ("train", "pairs", "random", "[train].pairs must be one of all, disjoint, max-min"),
         ("train", "lr", -1e-5, "[train].lr must be > 0"),
         ("train", "grad_accum", 0, "[train].grad_accum must be > 0"),
         ("score", "batch_tokens", 0, "[score].batch_tokens must be > 0"),
@@ -472,3 +474,21 @@ def test_non_finite_numbers_are_refused(section, key, value):
     # BUG (config.coerce / validate): non-finite floats are not refused.
     message = load_error(None, {section: {key: value}})
     assert f"[{section}].{key}" in message
+
+
+def test_pairs_per_prompt_is_read_as_samples_per_prompt_and_said(tmp_path, capsys):
+    """Settings files written before groups keep working: P pairs per prompt meant 2P samples; a P > 1 file is
+    told how to get the old pairs back (never silently different)."""
+    path = write_toml(tmp_path, "[generate]\npairs_per_prompt = 3\n")
+    assert cfg.load_settings(path).generate.samples_per_prompt == 6
+    err = capsys.readouterr().err
+    assert "pairs_per_prompt = 3 is replaced by samples_per_prompt" in err and "--pairs disjoint" in err
+    assert len(err.strip().splitlines()) == 1
+    one = write_toml(tmp_path, "[generate]\npairs_per_prompt = 1\n")
+    assert cfg.load_settings(one).generate.samples_per_prompt == 2  # the old default: the same single pair
+
+
+def test_pairs_per_prompt_and_samples_per_prompt_together_are_refused(tmp_path):
+    path = write_toml(tmp_path, "[generate]\npairs_per_prompt = 1\nsamples_per_prompt = 4\n")
+    message = load_error(path)
+    assert "pairs_per_prompt and samples_per_prompt are both set" in message and "\n" not in message

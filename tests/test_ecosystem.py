@@ -18,14 +18,16 @@ from modpo_pipe.prompts import PromptFields, PromptRecord, read_prompts
 
 @pytest.fixture(scope="module")
 def scored(tiny, tmp_path_factory) -> Path:
-    """A work directory with modpo.toml, pairs.parquet and scored.parquet (6 prompts, 2 pairs each)."""
+    """A work directory with modpo.toml, pairs.parquet and scored.parquet (6 prompts, a group of 4 responses each;
+    3 groups a step, 2 epochs: 4 steps)."""
     work = tmp_path_factory.mktemp("ecosystem")
     ok(["init", "--policy", tiny.policy, "--reward", f"rm={tiny.reward}", "--reward", f"length={tiny.reward_fn}"],
        work)
     toml = (work / "modpo.toml").read_text()
     for old, new in (('backend = "auto"', 'backend = "transformers"'), ("max_new_tokens = 256", "max_new_tokens = 8"),
-                     ("pairs_per_prompt = 1", "pairs_per_prompt = 2"), ("batch_size = 8", "batch_size = 3"),
-                     ("lr = 1e-05", "lr = 0.0005"), ('device = "auto"', 'device = "cpu"')):
+                     ("samples_per_prompt = 2", "samples_per_prompt = 4"), ("batch_size = 8", "batch_size = 3"),
+                     ("lr = 1e-05", "lr = 0.0005"), ('device = "auto"', 'device = "cpu"'),
+                     ("epochs = 1", "epochs = 2")):
         toml = toml.replace(old, new)
     (work / "modpo.toml").write_text(toml)
     return generate_and_score(work, tiny.prompts)
@@ -225,7 +227,9 @@ def test_model_card_parses_and_says_what_was_trained(scored):
     assert "| rm | 0.25 |" in text and "| length | 0.75 |" in text and "β = 0.2" in text
     lines = metrics_lines(out / "metrics.jsonl")
     assert f"{lines[0]['loss']:.4g} at step 1 → {lines[-1]['loss']:.4g} at step {lines[-1]['step']}" in text
-    assert "pairs trained on: 12; dropped (identical responses): 0" in text
+    assert (f"pairs trained on: {meta['pairs']} from 6 groups (all pairing); dropped (identical responses): "
+            f"{meta['dropped_identical']}") in text
+    assert meta["pairs"] + meta["dropped_identical"] == 6 * 6  # 4 responses a prompt: 6 pairs each
     assert "modpo-pipe train scored.parquet" in text and "--beta 0.2" in text
     assert "--weights rm=0.25,length=0.75" in text
 

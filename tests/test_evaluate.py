@@ -105,7 +105,7 @@ def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp
     try:
         for args in (
             ["init", "--policy", str(tiny.policy), "--reward", f"short=py:{tmp_path / 'short.py'}:short"],
-            ["generate", "prompts.jsonl", "--max-new-tokens", "12", "--pairs-per-prompt", "4"],
+            ["generate", "prompts.jsonl", "--max-new-tokens", "12", "--samples-per-prompt", "8"],
             ["score", "pairs.parquet"],
             ["train", "scored.parquet", "--lr", "3e-3", "--epochs", "3", "--batch-size", "4", "--out", "short"],
             ["eval", "prompts.jsonl", "--max-new-tokens", "12", "--samples-per-prompt", "8",

@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -57,7 +59,8 @@ def as_dict(prompts, responses):
 
 @pytest.fixture(scope="module")
 def env(tiny, tmp_path_factory):
-    """A directory with a modpo.toml, reward callables, 6 prompts, pairs.parquet and scored.parquet (12 pairs)."""
+    """A directory with a modpo.toml, reward callables, 6 prompts, pairs.parquet and scored.parquet (6 groups of 4
+    responses, one group a step)."""
     work = tmp_path_factory.mktemp("failures")
     (work / "rewards.py").write_text(REWARD_FNS)
     (work / "modpo.toml").write_text(f"""
@@ -65,14 +68,14 @@ def env(tiny, tmp_path_factory):
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = {MAX_NEW_TOKENS}
-pairs_per_prompt = 2
+samples_per_prompt = 4
 
 [score.rewards]
 length = "py:{work / 'rewards.py'}:length"
 
 [train]
 lr = 0.0005
-batch_size = 2
+batch_size = 1
 epochs = 1
 save_every = 2
 """)
@@ -118,7 +121,7 @@ device = "cpu"
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = 4
-pairs_per_prompt = 1
+samples_per_prompt = 2
 [score.rewards]
 bad = "py:{env / 'rewards.py'}:exits_0"
 [run]
@@ -238,7 +241,7 @@ device = "cpu"
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = 4
-pairs_per_prompt = 1
+samples_per_prompt = 2
 [score.rewards]
 length = "{tiny.reward_fn}"
 [run]
@@ -274,7 +277,7 @@ def _surrogate_prompts(path: Path, row: bytes) -> Path:
 ], ids=["lone-high", "lone-low", "in-messages", "in-id"])
 def test_a_lone_surrogate_is_not_valid_unicode_and_skippable(env, tmp_path, row):
     prompts, out = _surrogate_prompts(tmp_path / "prompts.jsonl", row), tmp_path / "pairs.parquet"
-    args = ["generate", prompts, *config(env), "--out", out, "--pairs-per-prompt", 1]
+    args = ["generate", prompts, *config(env), "--out", out, "--samples-per-prompt", 2]
     fails(args, f"{prompts}:2: not valid Unicode")
     assert not out.exists()
     ok([*args, "--skip-invalid"])
@@ -289,9 +292,8 @@ def test_sweep_refuses_a_grid_of_fewer_than_two_points(env, tmp_path, grid):
     scored = tmp_path / "two.parquet"
     table, meta = schema.read_table(env / "scored.parquet", "scored")
     # a second reward: the grid spans two
-    table = table.append_column("reward_other_1", table.column("reward_length_1"))
-    table = table.append_column("reward_other_2", table.column("reward_length_2"))
-    order = [c for c in table.column_names if not c.startswith("ref_")] + ["ref_logp_1", "ref_logp_2"]
+    table = table.append_column("reward_other", table.column("reward_length"))
+    order = [c for c in table.column_names if not c.startswith("ref_")] + ["ref_logps"]
     meta["rewards"]["other"] = meta["rewards"]["length"]
     schema.write_table(table.select(order), scored, meta)
     fails(["sweep", scored, *config(env), "--out", out, "--grid", grid], f"--grid must be >= 2 (the two ends of "
@@ -334,14 +336,17 @@ def test_front_names_the_summary_that_lacks_a_reward(tmp_path):
 
 def test_a_reward_beyond_float32_is_an_error_naming_the_pair_and_value(env, tmp_path):
     out = tmp_path / "scored.parquet"
-    line = fails(_score(env, out, "huge"), "pair 'r0/p0/0' response 1: score 1e+300 is beyond float32 (inf)")
+    line = fails(_score(env, out, "huge"), "group 'r0/p0' response 1: score 1e+300 is beyond float32 (inf)")
     assert line.startswith("error: reward 'bad' (py:") and "earlier run" not in line
     assert not out.exists()
     # no part holds a value that is not finite as stored
     for part in parts.work_dir(out).glob("*.parquet"):
         table = pq.read_table(part)
         for col in table.column_names:
-            assert all(np.isfinite(table.column(col).to_numpy())), (part, col)
+            values = table.column(col)
+            if pa.types.is_list(values.type):
+                values = pa.compute.list_flatten(values)
+            assert all(np.isfinite(values.to_numpy())), (part, col)
     assert not list(parts.work_dir(out).glob("reward-bad-*.parquet"))
 
 
@@ -349,9 +354,9 @@ def test_a_reward_beyond_float32_is_dropped_and_counted_in_drop_mode(env, tmp_pa
     out = tmp_path / "scored.parquet"
     ok(_score(env, out, "huge", "--on-invalid-reward", "drop"))
     table, meta = schema.read_table(out, "scored")
-    assert meta["score_counts"]["invalid_by_reward"] == {"bad": 2, "length": 0}
-    assert not any(pid.startswith("r0/p0/") for pid in table.column("pair_id").to_pylist())
-    assert np.isfinite(table.column("reward_bad_1").to_numpy()).all()
+    assert meta["score_counts"]["invalid_by_reward"] == {"bad": 1, "length": 0}  # the group of p0
+    assert "r0/p0" not in table.column("group_id").to_pylist()
+    assert np.isfinite(pa.compute.list_flatten(table.column("reward_bad")).to_numpy()).all()
 
 
 def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, monkeypatch):
@@ -366,7 +371,7 @@ def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, mon
     monkeypatch.setattr(score, "batched_sequence_logps", infinite)
     out = tmp_path / "scored.parquet"
     fails(["score", env / "pairs.parquet", *config(env), "--out", out, "--shard-size", 4],
-          "pair 'r0/p0/0': ref_logp_1 is -inf as stored (float32)")
+          "group 'r0/p0' response 1: ref_logps is -inf as stored (float32)")
     assert not list(parts.work_dir(out).glob("ref-*.parquet"))  # the finished reward parts stay, no ref part
 
 
@@ -510,7 +515,7 @@ def test_a_huge_prompt_is_dropped_without_tokenising_it_whole(env, tmp_path, mon
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "pairs.parquet"
     prompts.write_text(json.dumps({"id": "a", "prompt": "Why is the sky blue?"}) + "\n"
                        + json.dumps({"id": "huge", "prompt": huge}) + "\n")
-    args = ["generate", prompts, *config(env), "--out", out, "--pairs-per-prompt", 1]
+    args = ["generate", prompts, *config(env), "--out", out, "--samples-per-prompt", 2]
     ok(args)
     assert schema.read_table(out, "pairs")[1]["counts"]["long_prompts_dropped"] == 1
     limit = 512 - MAX_NEW_TOKENS  # the tiny policy's context leaves this for a prompt
@@ -621,7 +626,7 @@ def test_rerunning_a_finished_generate_samples_nothing(env, tmp_path, monkeypatc
     monkeypatch.setattr(generate, "load_policy", lambda *a, **k: pytest.fail("loaded the policy again"))
     output = ok(args)
     assert f"nothing to do: {out} is already written from these prompts, this policy and these settings" in output
-    assert "pairs: 12" in output
+    assert "groups: 6" in output
     assert out.read_bytes() == before
     monkeypatch.undo()
     # other settings, other prompts or a damaged file: sampled again

@@ -69,7 +69,7 @@ def rows_of(path: Path) -> list[dict]:
 
 def same_rows(a: Path, b: Path) -> None:
     ra, rb = rows_of(a), rows_of(b)
-    assert [r["pair_id"] for r in ra] == [r["pair_id"] for r in rb]
+    assert [r["group_id"] for r in ra] == [r["group_id"] for r in rb]
     assert ra == rb
 
 
@@ -93,7 +93,8 @@ def enospc(*_args, **_kwargs):
 
 @pytest.fixture(scope="module")
 def env(tiny, tmp_path_factory):
-    """A directory with a modpo.toml, 6 prompts, and a good pairs.parquet and scored.parquet (12 pairs)."""
+    """A directory with a modpo.toml, 6 prompts, and a good pairs.parquet and scored.parquet (6 groups of 4
+    responses; one group a step, as one pair a step before groups: 6 steps an epoch)."""
     work = tmp_path_factory.mktemp("faults")
     (work / "rewards.py").write_text(REWARD_FNS)
     (work / "modpo.toml").write_text(f"""
@@ -101,14 +102,14 @@ def env(tiny, tmp_path_factory):
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = {MAX_NEW_TOKENS}
-pairs_per_prompt = 2
+samples_per_prompt = 4
 
 [score.rewards]
 length = "py:{work / 'rewards.py'}:length"
 
 [train]
 lr = 0.0005
-batch_size = 2
+batch_size = 1
 epochs = 2
 save_every = 2
 """)
@@ -164,7 +165,7 @@ PROMPT_CASES = [
 def test_prompt_file_cases(env, tmp_path, tiny_tokenizer, case, content, flags, expected):
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "pairs.parquet"
     prompts.write_bytes(content)
-    args = ["generate", prompts, *config(env), "--out", out, "--pairs-per-prompt", 1, *flags]
+    args = ["generate", prompts, *config(env), "--out", out, "--samples-per-prompt", 2, *flags]
     if isinstance(expected, str):
         line = fails(args, expected)
         if case != "no-room-in-context":
@@ -208,7 +209,7 @@ def _bad_pairs(kind: str, env: Path, tmp_path: Path) -> Path:
     if kind == "schema-version":
         return _raw(table, {**meta, "schema_version": 99}, path)
     if kind == "missing-column":
-        return _raw(table.drop_columns(["response_ids_2"]), meta, path)
+        return _raw(table.drop_columns(["response_ids"]), meta, path)
     if kind == "mistyped-column":
         return _raw(table.set_column(table.schema.get_field_index("round"), "round",
                                      table.column("round").cast(pa.int64())), meta, path)
@@ -225,25 +226,25 @@ def _bad_pairs(kind: str, env: Path, tmp_path: Path) -> Path:
         return _raw(table.slice(0, 0), meta, path)
     if kind == "ids-outside-vocab":
         rows = table.to_pylist()
-        rows[3]["response_ids_1"] = [5, 100_000]
+        rows[3]["response_ids"][0] = [5, 100_000]
         return _raw(pa.Table.from_pylist(rows, schema=table.schema), meta, path)
-    if kind == "duplicate-pair-id":
+    if kind == "duplicate-group-id":
         rows = table.to_pylist()
-        rows[1]["pair_id"] = rows[0]["pair_id"]
+        rows[1]["group_id"] = rows[0]["group_id"]
         return _raw(pa.Table.from_pylist(rows, schema=table.schema), meta, path)
     raise AssertionError(kind)
 
 
 PAIRS_CASES = [
-    ("schema-version", "schema version 99 is not supported (this modpo-pipe reads 1)"),
-    ("missing-column", "missing column 'response_ids_2'"),
+    ("schema-version", "schema version 99 is not supported (this modpo-pipe reads 1, 2)"),
+    ("missing-column", "missing column 'response_ids'"),
     ("mistyped-column", "column 'round' has type int64, expected int32"),
     ("other-stage", "is a 'scored' file, expected a 'pairs' file"),
     ("not-modpo", "not a modpo-pipe file"),
     ("truncated", "not a readable Parquet file (truncated or corrupt?)"),
     ("zero-rows", "has no rows"),
-    ("ids-outside-vocab", "row 3: response_ids_1 holds id 100000 >= vocab size"),
-    ("duplicate-pair-id", "row 1: duplicate pair_id"),
+    ("ids-outside-vocab", "row 3: response_ids holds id 100000 >= vocab size"),
+    ("duplicate-group-id", "row 1: duplicate group_id"),
 ]
 
 
@@ -262,12 +263,15 @@ def _bad_scored(kind: str, env: Path, tmp_path: Path) -> Path:
     if kind == "pairs-file":
         return env / "pairs.parquet"
     if kind == "missing-reward-column":
-        return _raw(table.drop_columns(["reward_length_2"]), meta, path)
+        return _raw(table.drop_columns(["reward_length"]), meta, path)
     if kind in ("nan-reward", "inf-ref-logp"):
-        col = "reward_length_2" if kind == "nan-reward" else "ref_logp_1"
+        col = "reward_length" if kind == "nan-reward" else "ref_logps"
         values = table.column(col).to_pylist()
-        values[4] = float("nan") if kind == "nan-reward" else float("-inf")
-        table = table.set_column(table.schema.get_field_index(col), col, pa.array(values, pa.float32()))
+        if kind == "nan-reward":
+            values[2][1] = float("nan")
+        else:
+            values[2][0] = float("-inf")
+        table = table.set_column(table.schema.get_field_index(col), col, pa.array(values, pa.list_(pa.float32())))
         return _raw(table, meta, path)
     if kind == "truncated":
         data = (env / "scored.parquet").read_bytes()
@@ -278,9 +282,9 @@ def _bad_scored(kind: str, env: Path, tmp_path: Path) -> Path:
 
 SCORED_CASES = [
     ("pairs-file", "is a 'pairs' file, expected a 'scored' file"),
-    ("missing-reward-column", "missing column 'reward_length_2'"),
-    ("nan-reward", "row 4 (pair 'r0/p2/0'): reward_length_2 is nan; rescore the pairs"),
-    ("inf-ref-logp", "row 4 (pair 'r0/p2/0'): ref_logp_1 is -inf"),
+    ("missing-reward-column", "missing column 'reward_length'"),
+    ("nan-reward", "row 2 (group 'r0/p2') response 2: reward_length is nan; rescore the groups"),
+    ("inf-ref-logp", "row 2 (group 'r0/p2') response 1: ref_logps is -inf"),
     ("truncated", "not a readable Parquet file (truncated or corrupt?)"),
 ]
 
@@ -301,13 +305,13 @@ REWARD_CASES = [
     ("raises-even-with-drop", "raises", "drop", "raised ValueError: model server unreachable"),
     ("wrong-count", "wrong_count", "error", "returned 23 scores for 24 responses"),
     ("wrong-count-even-with-drop", "wrong_count", "drop", "returned 23 scores for 24 responses"),
-    ("nan", "nan", "error", "pair 'r0/p0/0' response 1: score is nan; [score].on_invalid_reward = \"drop\""),
-    ("inf", "inf", "error", "pair 'r0/p0/0' response 1: score is inf"),
-    ("none", "none", "error", "pair 'r0/p0/0' response 1: score None is not a number"),
-    ("nan-dropped", "nan", "drop", 2),
-    ("inf-dropped", "inf", "drop", 2),
-    ("none-dropped", "none", "drop", 2),
-    ("all-nan-dropped", "all_nan", "drop", "every pair has a NaN, inf or None reward (bad: 12); nothing to write"),
+    ("nan", "nan", "error", "group 'r0/p0' response 1: score is nan; [score].on_invalid_reward = \"drop\""),
+    ("inf", "inf", "error", "group 'r0/p0' response 1: score is inf"),
+    ("none", "none", "error", "group 'r0/p0' response 1: score None is not a number"),
+    ("nan-dropped", "nan", "drop", 1),
+    ("inf-dropped", "inf", "drop", 1),
+    ("none-dropped", "none", "drop", 1),
+    ("all-nan-dropped", "all_nan", "drop", "every group has a NaN, inf or None reward (bad: 6); nothing to write"),
 ]
 
 
@@ -319,17 +323,17 @@ def test_reward_callable_cases(env, tmp_path, case, fn, mode, expected):
             "--reward-batch-size", 64]
     if isinstance(expected, str):
         line = fails(args, expected)
-        assert "reward 'bad'" in line or "every pair" in line
+        assert "reward 'bad'" in line or "every group" in line
         assert not out.exists()
         return
     output = ok(args)
     table, meta = schema.read_table(out, "scored")
-    assert table.num_rows == 12 - expected
-    assert not any(pid.startswith("r0/p0/") for pid in table.column("pair_id").to_pylist())
+    assert table.num_rows == 6 - expected
+    assert "r0/p0" not in table.column("group_id").to_pylist()
     counts = meta["score_counts"]
-    assert counts["dropped_invalid_reward"] == expected and counts["pairs_in"] == 12
+    assert counts["dropped_invalid_reward"] == expected and counts["groups_in"] == 6
     assert counts["invalid_by_reward"] == {"bad": expected, "length": 0}
-    assert f"dropped (NaN/inf/None reward): {expected} (bad: {expected})" in output
+    assert f"groups dropped (NaN/inf/None reward): {expected} (bad: {expected})" in output
     for name in ("bad", "length"):  # the stored statistics are over the kept pairs: finite
         assert math.isfinite(meta["rewards"][name]["mean"]) and math.isfinite(meta["rewards"][name]["std"])
     # and training reads it: nothing NaN reaches the loss
@@ -615,11 +619,11 @@ def test_train_resumes_after_sigkill_mid_epoch_with_the_same_result(env, tmp_pat
 
 @pytest.fixture(scope="module")
 def chunked(env) -> dict[str, Path]:
-    """Uninterrupted generate (3 chunks of 2 prompts) and score (4 chunks of 3 pairs) runs to compare with."""
+    """Uninterrupted generate (3 chunks of 2 prompts) and score (3 chunks of 2 groups) runs to compare with."""
     base = env / "chunked"
     base.mkdir()
     ok(["generate", env / "prompts.jsonl", *config(env), "--shard-size", 2, "--out", base / "pairs.parquet"])
-    ok(["score", base / "pairs.parquet", *config(env), "--shard-size", 3, "--out", base / "scored.parquet"])
+    ok(["score", base / "pairs.parquet", *config(env), "--shard-size", 2, "--out", base / "scored.parquet"])
     return {"pairs": base / "pairs.parquet", "scored": base / "scored.parquet"}
 
 
@@ -666,7 +670,7 @@ def test_interrupted_generate_resumes_with_the_same_rows(env, chunked, tmp_path,
     (["--seed", 1], "seed"),
     (["--temperature", 0.7], "sampling"),
     (["--shard-size", 3], "shard_size"),
-    (["--pairs-per-prompt", 1], "sampling"),
+    (["--samples-per-prompt", 2], "sampling"),
 ])
 def test_parts_of_another_run_are_refused_never_merged(env, chunked, tmp_path, monkeypatch, flags, differs):
     import modpo_pipe.generate as generate
@@ -777,18 +781,18 @@ def test_interrupted_score_recomputes_no_finished_part(env, chunked, tmp_path, m
     import modpo_pipe.score as score
 
     out = tmp_path / "scored.parquet"
-    args = ["score", chunked["pairs"], *config(env), "--shard-size", 3, "--out", out]
-    _interrupt(monkeypatch, score, "batched_sequence_logps", after=1)  # all reward chunks done, 1 of 4 ref chunks
+    args = ["score", chunked["pairs"], *config(env), "--shard-size", 2, "--out", out]
+    _interrupt(monkeypatch, score, "batched_sequence_logps", after=1)  # all reward chunks done, 1 of 3 ref chunks
     result = cli(args)
     assert isinstance(result.exception, RuntimeError)
     names = sorted(p.name for p in parts.work_dir(out).glob("*.parquet"))
-    assert names == [f"ref-{0:05d}.parquet"] + [f"reward-length-{c:05d}.parquet" for c in range(4)]
+    assert names == [f"ref-{0:05d}.parquet"] + [f"reward-length-{c:05d}.parquet" for c in range(3)]
     monkeypatch.undo()
     reward_calls = _interrupt(monkeypatch, rewards.CallableReward, "_score_batch", after=10**6)
     ref_calls = _interrupt(monkeypatch, score, "batched_sequence_logps", after=10**6)
     output = ok(args)
-    assert reward_calls["n"] == 0 and ref_calls["n"] == 3
-    assert "parts reused from a killed run: 5" in output
+    assert reward_calls["n"] == 0 and ref_calls["n"] == 2
+    assert "parts reused from a killed run: 4" in output
     same_rows(out, chunked["scored"])
     no_leftovers(out)
 
@@ -797,7 +801,7 @@ def test_score_parts_of_other_rewards_are_refused(env, chunked, tmp_path, monkey
     import modpo_pipe.score as score
 
     out = tmp_path / "scored.parquet"
-    args = ["score", chunked["pairs"], *config(env), "--shard-size", 3, "--out", out]
+    args = ["score", chunked["pairs"], *config(env), "--shard-size", 2, "--out", out]
     _interrupt(monkeypatch, score, "batched_sequence_logps", after=0)
     cli(args)
     monkeypatch.undo()
@@ -808,15 +812,15 @@ def test_drop_mode_parts_are_not_merged_in_error_mode(env, chunked, tmp_path, mo
     import modpo_pipe.score as score
 
     out = tmp_path / "scored.parquet"
-    args = ["score", chunked["pairs"], *config(env), "--shard-size", 3, "--out", out,
+    args = ["score", chunked["pairs"], *config(env), "--shard-size", 2, "--out", out,
             "--reward", f"bad=py:{env / 'rewards.py'}:nan"]
     _interrupt(monkeypatch, score, "batched_sequence_logps", after=0)
     cli([*args, "--on-invalid-reward", "drop"])
     monkeypatch.undo()
-    fails([*args, "--on-invalid-reward", "error"], "reward 'bad': pair 'r0/p0/0' has a non-finite score")
+    fails([*args, "--on-invalid-reward", "error"], "reward 'bad': group 'r0/p0' has a non-finite score")
     assert not out.exists()
     ok([*args, "--on-invalid-reward", "drop"])
-    assert schema.read_table(out, "scored")[1]["score_counts"]["dropped_invalid_reward"] == 2
+    assert schema.read_table(out, "scored")[1]["score_counts"]["dropped_invalid_reward"] == 1
 
 
 def test_chunk_selection_is_ready_for_disjoint_workers():
@@ -860,7 +864,7 @@ def _stress(args: list, out: Path, cwd: Path, rng: random.Random, max_runs: int 
 
 def test_stress_random_kills_lose_and_duplicate_nothing(env, tmp_path):
     """Many small chunks, SIGKILL at seeded random points of generate and score, rerun until done: the
-    output equals an uninterrupted run's, every pair_id once."""
+    output equals an uninterrupted run's, every group_id once."""
     rng = random.Random(20261125)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i:02d}", "prompt": f"Question {i}: why is the sky blue?"})
@@ -870,7 +874,7 @@ def test_stress_random_kills_lose_and_duplicate_nothing(env, tmp_path):
     killed.mkdir()
 
     def generate(out: Path) -> list:
-        return ["generate", prompts, *config(env), "--shard-size", 2, "--pairs-per-prompt", 1, "--out", out]
+        return ["generate", prompts, *config(env), "--shard-size", 2, "--samples-per-prompt", 2, "--out", out]
 
     def score(pairs: Path, out: Path) -> list:
         return ["score", pairs, *config(env), "--shard-size", 2, "--out", out]
@@ -883,9 +887,9 @@ def test_stress_random_kills_lose_and_duplicate_nothing(env, tmp_path):
                      tmp_path, rng)
     assert kills >= 4, kills
     for name in ("pairs.parquet", "scored.parquet"):
-        ids = pq.read_table(killed / name).column("pair_id").to_pylist()
+        ids = pq.read_table(killed / name).column("group_id").to_pylist()
         assert len(ids) == len(set(ids)) == 24
-        assert ids == [f"r0/q{i:02d}/0" for i in range(24)]
+        assert ids == [f"r0/q{i:02d}" for i in range(24)]
         same_rows(killed / name, full / name)
         no_leftovers(killed / name)
 

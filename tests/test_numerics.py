@@ -28,7 +28,7 @@ dtype = "float32"
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = 16
-pairs_per_prompt = 4
+samples_per_prompt = 8
 
 [score.rewards]
 length = "{tiny.reward_fn}"

@@ -17,9 +17,9 @@ from modpo_pipe.cli import app
 
 runner = CliRunner()
 
-PAIR_COLUMNS = [
-    "pair_id", "prompt_id", "prompt", "prompt_messages", "prompt_ids", "response_1", "response_2",
-    "response_ids_1", "response_ids_2", "finish_reason_1", "finish_reason_2", "round", "gen_logp_1", "gen_logp_2",
+GROUP_COLUMNS = [
+    "group_id", "prompt_id", "prompt", "prompt_messages", "prompt_ids", "responses", "response_ids",
+    "finish_reasons", "round", "gen_logps",
 ]
 
 
@@ -44,9 +44,9 @@ def workdir(tiny, tmp_path_factory) -> Path:
     toml = (work / "modpo.toml").read_text()
     toml = toml.replace('backend = "auto"', 'backend = "transformers"').replace("max_new_tokens = 256",
                                                                                 "max_new_tokens = 20")
-    toml = toml.replace("pairs_per_prompt = 1", "pairs_per_prompt = 3")
+    toml = toml.replace("samples_per_prompt = 2", "samples_per_prompt = 4")
     toml = toml.replace("lr = 1e-05", "lr = 0.0005").replace("epochs = 1", "epochs = 4")
-    toml = toml.replace("batch_size = 8", "batch_size = 6")
+    toml = toml.replace("batch_size = 8", "batch_size = 2")
     (work / "modpo.toml").write_text(toml)
     invoke(["generate", "prompts.jsonl"], work)
     invoke(["score", "pairs.parquet"], work)
@@ -63,16 +63,17 @@ def test_outputs_land_next_to_the_config(workdir):
 
 
 def test_columns_are_exactly_the_contract(workdir):
-    assert pq.read_schema(workdir / "pairs.parquet").names == PAIR_COLUMNS
+    assert pq.read_schema(workdir / "pairs.parquet").names == GROUP_COLUMNS
     scored = pq.read_schema(workdir / "scored.parquet").names
-    assert scored == PAIR_COLUMNS + ["reward_rm_1", "reward_rm_2", "reward_length_1", "reward_length_2",
-                                     "ref_logp_1", "ref_logp_2"]
+    assert scored == GROUP_COLUMNS + ["reward_rm", "reward_length", "ref_logps"]
     table, meta = schema.read_table(workdir / "scored.parquet", "scored")
-    assert table.num_rows == 6 * 3  # six prompts, three pairs each
-    assert meta["schema_version"] == 1 and set(meta["rewards"]) == {"rm", "length"}
+    assert table.num_rows == 6  # six prompts, one group each
+    assert schema.group_sizes(table) == [4] * 6  # every response of a prompt, in its row
+    assert meta["schema_version"] == 2 and set(meta["rewards"]) == {"rm", "length"}
+    assert meta["sampling"]["samples_per_prompt"] == 4
     assert {"mean", "std", "spec", "fingerprint"} <= set(meta["rewards"]["rm"])
-    pair_ids = table.column("pair_id").to_pylist()
-    assert len(set(pair_ids)) == len(pair_ids)
+    group_ids = table.column("group_id").to_pylist()
+    assert len(set(group_ids)) == len(group_ids)
 
 
 def test_stored_ids_round_trip(workdir, tiny_tokenizer):
@@ -81,11 +82,11 @@ def test_stored_ids_round_trip(workdir, tiny_tokenizer):
     for row in table.to_pylist():
         assert row["prompt_ids"] == tiny_tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         assert json.loads(row["prompt_messages"])[0]["role"] == "user"
-        for j in (1, 2):
-            ids = row[f"response_ids_{j}"]
-            assert row[f"response_{j}"] == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+        for j in range(4):
+            ids = row["response_ids"][j]
+            assert row["responses"][j] == tiny_tokenizer.decode(ids, skip_special_tokens=True)
             assert eos not in ids[:-1]  # nothing after the end of turn
-            assert row[f"finish_reason_{j}"] == ("stop" if ids[-1] == eos else "length")
+            assert row["finish_reasons"][j] == ("stop" if ids[-1] == eos else "length")
             assert len(ids) <= 20
     assert meta["policy"]["fingerprint"] and meta["tokenizer_fingerprint"]
 
@@ -98,15 +99,15 @@ def test_ref_logps_equal_an_independent_transformers_computation(workdir, tiny):
     worst = 0.0
     with torch.inference_mode():
         for row in table.to_pylist():
-            for j in (1, 2):
-                ids = row["prompt_ids"] + row[f"response_ids_{j}"]
+            for j in range(4):
+                ids = row["prompt_ids"] + row["response_ids"][j]
                 logits = model(input_ids=torch.tensor([ids])).logits[0]
                 logp = torch.log_softmax(logits.double(), -1)
                 n = len(row["prompt_ids"])
                 expected = sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
-                worst = max(worst, abs(expected - row[f"ref_logp_{j}"]))
+                worst = max(worst, abs(expected - row["ref_logps"][j]))
                 # the sampler's own log-prob (temperature 1, top-p 1) is the same quantity
-                assert row[f"gen_logp_{j}"] == pytest.approx(expected, abs=1e-3)
+                assert row["gen_logps"][j] == pytest.approx(expected, abs=1e-3)
     assert worst < 1e-4
 
 
@@ -127,10 +128,12 @@ def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
 
     data = load_training_pairs([workdir / "scored.parquet"], {}, "zscore")
     trained = AutoModelForCausalLM.from_pretrained(workdir / "checkpoints" / "final", dtype=torch.float32).eval()
-    logp = batched_sequence_logps(trained, data.prompt_ids * 2, data.response_ids_1 + data.response_ids_2,
-                                  pad_id=1, token_budget=4096)
-    n = len(data)
-    student = 0.1 * ((torch.tensor(logp[:n]) - data.ref_logp_1) - (torch.tensor(logp[n:]) - data.ref_logp_2))
+    sizes = (data.response_start[1:] - data.response_start[:-1]).tolist()
+    prompts = [ids for ids, k in zip(data.prompt_ids, sizes) for _ in range(k)]
+    logp = batched_sequence_logps(trained, prompts, list(data.response_ids), pad_id=1, token_budget=4096)
+    ratio = torch.tensor(logp) - data.ref_logps
+    student = 0.1 * (ratio[data.first] - ratio[data.second])
+    assert data.pairs == 6 * 6  # all pairs of 4 responses (none identical here)
     before = data.teacher.abs().mean()  # at the start the student margin is 0
     after = (student - data.teacher).abs().mean()
     assert after < 0.7 * before, (after, before)
@@ -139,7 +142,7 @@ def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
 def test_train_is_idempotent_once_finished(workdir):
     before = (workdir / "checkpoints" / "final" / "model.safetensors").stat().st_mtime_ns
     output = invoke(["train", "scored.parquet"], workdir)
-    assert "resumed from step: 12" in output  # 18 pairs / batch 6 = 3 steps an epoch, 4 epochs
+    assert "resumed from step: 12" in output  # 6 groups / batch 2 = 3 steps an epoch, 4 epochs
     assert (workdir / "checkpoints" / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -149,7 +152,7 @@ def test_resume_continues_at_the_same_step_with_the_same_result(workdir, tmp_pat
 
     import modpo_pipe.train as train_module
 
-    # 18 pairs, batch 6: 3 steps an epoch, 6 in all; state saved at steps 2 and 4.
+    # 6 groups, batch 2: 3 steps an epoch, 6 in all; state saved at steps 2 and 4.
     common = ["train", str(workdir / "scored.parquet"), "--config", str(workdir / "modpo.toml"),
               "--epochs", "2", "--save-every", "2"]
     invoke([*common, "--out", str(tmp_path / "full")], tmp_path)
@@ -182,8 +185,8 @@ def test_resume_continues_at_the_same_step_with_the_same_result(workdir, tmp_pat
 def test_identical_pairs_are_dropped_and_counted(workdir, tmp_path):
     table, meta = schema.read_table(workdir / "scored.parquet", "scored")
     rows = table.to_pylist()
-    rows[0]["response_ids_2"] = rows[0]["response_ids_1"]
-    rows[0]["response_2"] = rows[0]["response_1"]
+    rows[0]["response_ids"][1] = rows[0]["response_ids"][0]
+    rows[0]["responses"][1] = rows[0]["responses"][0]
     import pyarrow as pa
 
     copy = pa.Table.from_pylist(rows, schema=table.schema)
@@ -191,7 +194,11 @@ def test_identical_pairs_are_dropped_and_counted(workdir, tmp_path):
     from modpo_pipe.train import load_training_pairs
 
     data = load_training_pairs([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore")
-    assert data.dropped_identical == 1 and len(data) == table.num_rows - 1
+    assert data.dropped_identical == 1 and len(data) == table.num_rows  # the group keeps its other 5 pairs
+    assert data.pairs == 6 * 6 - 1
+    disjoint = load_training_pairs([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore",
+                                   pairing="disjoint")
+    assert disjoint.dropped_identical == 1 and disjoint.pairs == 6 * 2 - 1
 
 
 def test_weights_must_name_the_file_rewards(workdir):

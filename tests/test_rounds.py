@@ -34,7 +34,7 @@ def write_config(run_dir: Path, tiny, **extra: dict[str, object]) -> Path:
     sections: dict[str, dict[str, object]] = {
         "model": {"device": "cpu", "dtype": "float32"},
         "generate": {"policy": str(tiny.policy), "backend": "transformers", "max_new_tokens": 8,
-                     "pairs_per_prompt": 1, "seed": 3},
+                     "samples_per_prompt": 2, "seed": 3},
         "score.rewards": {"rm": str(tiny.reward), "length": tiny.reward_fn},
         "train": {"lr": 5e-4, "epochs": 2, "batch_size": 1, "save_every": 1},
         "run": {"rounds": ROUNDS, "prompts": str(run_dir.parent / "prompts.jsonl")},
@@ -115,12 +115,14 @@ def assert_same_run(a: Path, b: Path) -> None:
         ra, rb = a / rounds.round_name(k), b / rounds.round_name(k)
         for name in ("pairs.parquet", "scored.parquet"):
             ta, tb = pq.read_table(ra / name), pq.read_table(rb / name)
-            for column in ("pair_id", "prompt_ids", "response_ids_1", "response_ids_2", "round"):
+            for column in ("group_id", "prompt_ids", "response_ids", "round"):
                 assert ta.column(column).to_pylist() == tb.column(column).to_pylist(), (k, name, column)
-            assert len(set(tb.column("pair_id").to_pylist())) == tb.num_rows
+            assert len(set(tb.column("group_id").to_pylist())) == tb.num_rows
         sa, sb = pq.read_table(ra / "scored.parquet"), pq.read_table(rb / "scored.parquet")
-        for column in ("reward_rm_1", "reward_length_2", "ref_logp_1", "ref_logp_2"):
-            assert sa.column(column).to_pylist() == pytest.approx(sb.column(column).to_pylist(), abs=1e-5)
+        for column in ("reward_rm", "reward_length", "ref_logps"):
+            flat_a = [v for values in sa.column(column).to_pylist() for v in values]
+            flat_b = [v for values in sb.column(column).to_pylist() for v in values]
+            assert flat_a == pytest.approx(flat_b, abs=1e-5)
         wa = load_file(str(ra / "policy" / "model.safetensors"))
         wb = load_file(str(rb / "policy" / "model.safetensors"))
         # Adam turns float noise (reduction order under thread contention) into up to a fraction of one lr
@@ -153,7 +155,7 @@ def test_three_rounds_layout_manifest_and_status(reference):
         assert (rd / "policy" / "model.safetensors").is_file()
         table = pq.read_table(rd / "pairs.parquet")
         assert set(table.column("round").to_pylist()) == {k}
-        assert all(pid.startswith(f"r{k}/") for pid in table.column("pair_id").to_pylist())
+        assert all(pid.startswith(f"r{k}/") for pid in table.column("group_id").to_pylist())
     m = manifest(reference)
     assert m["rounds"]["1"]["generate"]["inputs"] == {"round-000/policy": m["rounds"]["0"]["train"]["outputs"][
         "policy"]["fingerprint"]}

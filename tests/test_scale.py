@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import config, fails, generate_and_score, ok
@@ -31,8 +32,8 @@ WEIGHT_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def env(tiny, tmp_path_factory) -> Path:
-    """A modpo.toml on the CPU; an unsharded pairs.parquet (6 chunks of 1 prompt, 3 pairs each) and
-    scored.parquet (6 chunks of 3 pairs) to compare the sharded runs with."""
+    """A modpo.toml on the CPU; an unsharded pairs.parquet (6 chunks of 1 prompt, a group of 6 responses each) and
+    scored.parquet (6 chunks of 1 group) to compare the sharded runs with."""
     work = tmp_path_factory.mktemp("scale")
     (work / "modpo.toml").write_text(f"""
 [model]
@@ -43,11 +44,11 @@ dtype = "float32"
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = 8
-pairs_per_prompt = 3
+samples_per_prompt = 6
 shard_size = 1
 
 [score]
-shard_size = 3
+shard_size = 1
 
 [score.rewards]
 rm = "{tiny.reward}"
@@ -95,19 +96,29 @@ def test_one_process_steps_are_the_global_batch_of_many():
     assert one == two and [len(pairs) for _, pairs in one] == [8, 9, 8, 9]  # the remainder folded in
 
 
+PER_RESPONSE = ("responses", "response_ids", "finish_reasons", "gen_logps", "reward_rm", "reward_length",
+                "ref_logps")
+
+
 @pytest.fixture(scope="module")
 def odd_scored(env) -> Path:
-    """17 pairs: with a global batch of 8, every epoch ends with a step of 9 (the remainder folded in), whose
-    odd pair one of two processes takes alone while the other runs a zero-weight pass."""
+    """17 groups of mixed sizes (16 of 2 responses, one of 4), cut from the 6 groups of 6: with a global batch
+    of 8, every epoch ends with a step of 9 groups (the remainder folded in), whose odd group one of two
+    processes takes alone while the other runs a zero-weight pass."""
     table, meta = schema.read_table(env / "scored.parquet", "scored")
+    rows = []
+    for k, row in enumerate(table.to_pylist()):
+        for piece, (a, b) in enumerate([(0, 2), (2, 6)] if k == 5 else [(0, 2), (2, 4), (4, 6)]):
+            rows.append({**row, "group_id": f"{row['group_id']}/{piece}",
+                         **{c: row[c][a:b] for c in PER_RESPONSE}})
     path = env / "scored-17.parquet"
-    schema.write_table(table.slice(0, 17), path, meta)
+    schema.write_table(pa.Table.from_pylist(rows, schema=table.schema), path, meta)
     return path
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored, tiny, tmp_path):
     """`--num-processes 2` runs this command under `accelerate launch` (torchrun, gloo on the CPU): 2 processes
-    x 2 micro-batches x 2 pairs per step against 1 process x 2 x 4. Same steps, losses, final weights."""
+    x 2 micro-batches x 2 groups per step against 1 process x 2 x 4. Same steps, losses, final weights."""
     one, two = tmp_path / "one", tmp_path / "two"
     ok(["train", odd_scored, *config(env), "--batch-size", 4, "--grad-accum", 2, "--out", one])
     result = subprocess.run(
@@ -119,7 +130,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored
 
     a, b = steps_logged(one), steps_logged(two)
     assert [m["step"] for m in b] == [1, 2, 3, 4]  # one metrics line a step: only the main process writes
-    assert [m["pairs"] for m in b] == [m["pairs"] for m in a] == [8, 9, 8, 9]
+    assert [m["groups"] for m in b] == [m["groups"] for m in a] == [8, 9, 8, 9]
+    assert [m["pairs"] for m in b] == [m["pairs"] for m in a]
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
@@ -145,7 +157,7 @@ def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(
 
     def dies_in_step_3(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # micro-batches of 8: one in step 1, two in step 2 (9 pairs), then step 3
+        if calls["n"] == 4:  # micro-batches of 8: one in step 1, two in step 2 (9 groups), then step 3
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
@@ -215,13 +227,13 @@ def test_three_shards_merge_to_the_unsharded_rows(env, sharded):
     # Shard i holds chunks i and i+3 of the 6: disjoint, deterministic slices.
     held = [schema.read_metadata(p)["shard"]["chunks"] for p in pair_shards]
     assert held == [[0, 3], [1, 4], [2, 5]]
-    assert sorted(r["pair_id"] for p in pair_shards for r in rows(p)) == sorted(
-        r["pair_id"] for r in rows(env / "pairs.parquet"))
+    assert sorted(r["group_id"] for p in pair_shards for r in rows(p)) == sorted(
+        r["group_id"] for r in rows(env / "pairs.parquet"))
     assert rows(sharded["pairs"]) == rows(env / "pairs.parquet")
     assert rows(sharded["scored"]) == rows(env / "scored.parquet")
     unsharded, merged = schema.read_metadata(env / "scored.parquet"), schema.read_metadata(sharded["scored"])
     assert merged["rewards"] == unsharded["rewards"]  # statistics over all rows, as train's z-score needs
-    assert merged["score_counts"]["pairs_in"] == merged["score_counts"]["pairs_out"] == 18
+    assert merged["score_counts"]["groups_in"] == merged["score_counts"]["groups_out"] == 6
     assert "shard" not in merged and merged["merged_shards"] == 3
 
 
@@ -239,7 +251,7 @@ def test_more_shards_than_chunks_leave_empty_shards_that_merge(env, tmp_path):
         ok(["generate", env / "prompts.jsonl", *config(env), "--shard-size", 2, "--shard", f"{i}/4", "--out", out])
     assert pq.read_metadata(shards.shard_path(out, (3, 4))).num_rows == 0
     ok(["merge", shards.shard_dir(out)])
-    assert len({r["pair_id"] for r in rows(out)}) == 18
+    assert len({r["group_id"] for r in rows(out)}) == 6
 
 
 def test_shard_files_are_not_stage_inputs(env, sharded):
@@ -298,7 +310,7 @@ def _run_config(run_dir: Path, tiny, prompts: Path, **run: object) -> None:
     sections = {
         "model": {"device": "cpu", "dtype": "float32"},
         "generate": {"policy": str(tiny.policy), "backend": "transformers", "max_new_tokens": 8,
-                     "pairs_per_prompt": 1, "seed": 3, "shard_size": 1},
+                     "samples_per_prompt": 2, "seed": 3, "shard_size": 1},
         "score": {"shard_size": 1},
         "score.rewards": {"rm": str(tiny.reward), "length": tiny.reward_fn},
         "train": {"lr": 5e-4, "epochs": 1, "batch_size": 2, "save_every": 1},

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -19,21 +20,18 @@ REWARD_NAMES = ["helpful_v2", "is_safe", "x"]
 
 
 def pair_row(i: int, **changes) -> dict:
+    """Row i of a pairs (groups) file: three responses to one prompt."""
     row = {
-        "pair_id": f"pair-{i}",
-        "prompt_id": f"prompt-{i // 2}",
+        "group_id": f"group-{i}",
+        "prompt_id": f"prompt-{i}",
         "prompt": f"Question {i}?",
         "prompt_messages": json.dumps([{"role": "user", "content": f"Question {i}?"}]),
         "prompt_ids": [1, 2, 3 + i],
-        "response_1": "yes",
-        "response_2": "no way",
-        "response_ids_1": [7],
-        "response_ids_2": [8, 9],
-        "finish_reason_1": "stop",
-        "finish_reason_2": "length",
+        "responses": ["yes", "no way", "maybe"],
+        "response_ids": [[7], [8, 9], [10]],
+        "finish_reasons": ["stop", "length", "stop"],
         "round": 0,
-        "gen_logp_1": -1.5 if i % 2 else None,
-        "gen_logp_2": -2.25,
+        "gen_logps": [-1.5 if i % 2 else None, -2.25, -0.5],
     }
     row.update(changes)
     return row
@@ -49,11 +47,23 @@ def scored_table(n: int = 3, names: list[str] = REWARD_NAMES) -> pa.Table:
     for i in range(n):
         row = pair_row(i)
         for k, name in enumerate(names):
-            c1, c2 = schema.reward_columns(name)
-            row[c1], row[c2] = float(k + i), float(k - i)
-        row["ref_logp_1"], row["ref_logp_2"] = -3.0, -4.5
+            row[schema.reward_column(name)] = [float(k + i), float(k - i), 0.5]
+        row["ref_logps"] = [-3.0, -4.5, -1.0]
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=schema.scored_schema(names))
+
+
+def v1_row(i: int, names: list[str] = ()) -> dict:
+    row = {"pair_id": f"pair-{i}", "prompt_id": f"prompt-{i}", "prompt": f"Q{i}?",
+           "prompt_messages": json.dumps([{"role": "user", "content": f"Q{i}?"}]), "prompt_ids": [1, 2 + i],
+           "response_1": "yes", "response_2": "no", "response_ids_1": [7], "response_ids_2": [8, 9],
+           "finish_reason_1": "stop", "finish_reason_2": "length", "round": 0,
+           "gen_logp_1": None, "gen_logp_2": -2.0}
+    for k, name in enumerate(names):
+        row[f"reward_{name}_1"], row[f"reward_{name}_2"] = float(k + i), float(-i)
+    if names:
+        row["ref_logp_1"], row["ref_logp_2"] = -3.0, -4.0 - i
+    return row
 
 
 def write_raw(table: pa.Table, path: Path, stage: str = "pairs", **meta) -> Path:
@@ -84,8 +94,9 @@ def test_round_trip(tmp_path):
     back, meta = schema.read_table(path, "pairs")
     assert back.schema.remove_metadata() == schema.pairs_schema()
     assert back.to_pylist() == table.to_pylist()
-    assert back.column("gen_logp_1").null_count == 3
-    assert meta["schema_version"] == schema.SCHEMA_VERSION == 1
+    assert pa.compute.list_flatten(back.column("gen_logps")).null_count == 3  # items may be null (rows 0, 2, 4)
+    assert schema.group_sizes(back) == [3] * 5
+    assert meta["schema_version"] == schema.SCHEMA_VERSION == 2
     assert meta["stage"] == "pairs"
     assert meta["seed"] == 7 and meta["policy"] == {"path": "p", "fingerprint": "f"}
     assert meta["package_version"] == __version__
@@ -100,16 +111,21 @@ def test_plain_pyarrow_and_datasets_load_the_file_unchanged(tmp_path):
     schema.write_table(table, path, schema.make_metadata("pairs"))
     assert pq.read_table(path).to_pylist() == table.to_pylist()
     ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
-    assert ds.column_names == [name for name, _ in schema.PAIR_COLUMNS]
+    assert ds.column_names == [name for name, _ in schema.GROUP_COLUMNS]
     assert ds.to_list() == table.to_pylist()
     assert ds.features["prompt_ids"].feature.dtype == "int32"
+    frame = pq.read_table(path).to_pandas()  # pandas: one list per cell
+    assert list(frame["responses"][0]) == ["yes", "no way", "maybe"]
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(f"select group_id, len(response_ids) as n from '{path}' order by group_id").fetchall()
+    assert rows == [(f"group-{i}", 3) for i in range(4)]
 
 
 def test_scored_round_trip_with_underscored_reward_names(tmp_path):
     sch = schema.scored_schema(REWARD_NAMES)
     assert schema.reward_names_of(sch) == REWARD_NAMES
-    assert sch.names[-2:] == ["ref_logp_1", "ref_logp_2"]
-    assert "reward_helpful_v2_1" in sch.names and "reward_is_safe_2" in sch.names
+    assert sch.names[-1] == "ref_logps"
+    assert "reward_helpful_v2" in sch.names and "reward_is_safe" in sch.names
     table = scored_table(3)
     path = tmp_path / "scored.parquet"
     schema.write_table(table, path, schema.make_metadata("scored", rewards={"x": {"mean": 0.0, "std": 1.0}}))
@@ -142,9 +158,9 @@ def test_failed_write_keeps_the_existing_good_file(tmp_path):
     path = tmp_path / "pairs.parquet"
     schema.write_table(pairs_table(3), path, schema.make_metadata("pairs"))
     before = path.read_bytes()
-    bad = pairs_table(3, {1: {"pair_id": "pair-0"}})
+    bad = pairs_table(3, {1: {"group_id": "group-0"}})
     error = write_error(bad, path)
-    assert "row 1: duplicate pair_id 'pair-0'" in str(error)
+    assert "row 1: duplicate group_id 'group-0'" in str(error)
     assert path.read_bytes() == before
     assert schema.read_table(path, "pairs")[0].num_rows == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.parquet"]
@@ -152,8 +168,8 @@ def test_failed_write_keeps_the_existing_good_file(tmp_path):
 
 def test_write_refuses_a_table_that_breaks_the_contract(tmp_path):
     path = tmp_path / "pairs.parquet"
-    error = write_error(pairs_table(2, {0: {"finish_reason_1": "eos"}}), path)
-    assert str(path) in str(error) and "row 0: finish_reason_1" in str(error)
+    error = write_error(pairs_table(2, {0: {"finish_reasons": ["eos", "stop", "stop"]}}), path)
+    assert str(path) in str(error) and "row 0: finish_reasons" in str(error)
     assert not path.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -166,10 +182,10 @@ def test_missing_file(tmp_path):
 
 
 def test_wrong_schema_version_refused(tmp_path):
-    path = write_raw(pairs_table(), tmp_path / "pairs.parquet", schema_version=2)
+    path = write_raw(pairs_table(), tmp_path / "pairs.parquet", schema_version=3)
     message = str(read_error(path))
     assert str(path) in message
-    assert "schema version 2 is not supported" in message and "reads 1" in message
+    assert "schema version 3 is not supported" in message and "reads 1, 2" in message
 
 
 def test_file_without_contract_metadata_refused(tmp_path):
@@ -189,9 +205,9 @@ def test_unparseable_metadata_refused_cleanly(tmp_path):
 
 
 def test_missing_column(tmp_path):
-    path = write_raw(pairs_table().drop_columns(["response_2"]), tmp_path / "pairs.parquet")
+    path = write_raw(pairs_table().drop_columns(["responses"]), tmp_path / "pairs.parquet")
     message = str(read_error(path))
-    assert str(path) in message and "missing column 'response_2'" in message
+    assert str(path) in message and "missing column 'responses'" in message
 
 
 def test_mistyped_column(tmp_path):
@@ -222,9 +238,9 @@ def test_scored_file_where_pairs_expected_and_back(tmp_path):
 
 
 def test_scored_file_missing_one_reward_column(tmp_path):
-    table = scored_table().drop_columns(["reward_is_safe_2"])
+    table = scored_table().drop_columns(["ref_logps"])
     message = str(read_error(write_raw(table, tmp_path / "s.parquet", stage="scored"), "scored"))
-    assert "missing column 'reward_is_safe_2'" in message
+    assert "missing column 'ref_logps'" in message
 
 
 def test_truncated_file_refused_with_a_clear_message(tmp_path):
@@ -259,6 +275,11 @@ def test_inspect_reads_a_good_file(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["stage"] == "scored" and summary["rows"] == 4
     assert sorted(summary["rewards"]) == sorted(REWARD_NAMES)
+    assert summary["responses_per_group"]["mean"] == 3 and summary["finish_reason"] == {"stop": 8, "length": 4}
+    assert summary["identical_pairs"] == 0 and summary["ref_logp"]["min"] == -4.5
+    # every pair i < j of a group: |k + i - (k - i)|, |k + i - 0.5|, |k - i - 0.5| averaged over rows and pairs
+    assert summary["rewards"]["x"]["mean_abs_margin"] == pytest.approx(
+        sum(abs(a - b) for i in range(4) for a, b in ((2 + i, 2 - i), (2 + i, 0.5), (2 - i, 0.5))) / 12)
 
 
 def test_zero_rows_refused(tmp_path):
@@ -268,55 +289,120 @@ def test_zero_rows_refused(tmp_path):
     assert "has no rows" in str(write_error(empty, tmp_path / "other.parquet"))
 
 
-def test_duplicate_pair_id_names_the_row(tmp_path):
-    path = write_raw(pairs_table(4, {3: {"pair_id": "pair-1"}}), tmp_path / "pairs.parquet")
+def test_duplicate_group_id_names_the_row(tmp_path):
+    path = write_raw(pairs_table(4, {3: {"group_id": "group-1"}}), tmp_path / "pairs.parquet")
     message = str(read_error(path))
-    assert str(path) in message and "row 3: duplicate pair_id 'pair-1'" in message
+    assert str(path) in message and "row 3: duplicate group_id 'group-1'" in message
 
 
 def test_bad_finish_reason_names_the_row(tmp_path):
-    path = write_raw(pairs_table(3, {2: {"finish_reason_2": "eos"}}), tmp_path / "pairs.parquet")
+    path = write_raw(pairs_table(3, {2: {"finish_reasons": ["stop", "eos", "stop"]}}), tmp_path / "pairs.parquet")
     message = str(read_error(path))
-    assert "row 2: finish_reason_2 must be one of ('stop', 'length')" in message
+    assert "row 2: finish_reasons must each be one of ('stop', 'length')" in message
 
 
-@pytest.mark.parametrize("column", ["response_ids_1", "response_ids_2", "prompt_ids"])
-def test_empty_token_ids_refused(tmp_path, column):
-    path = write_raw(pairs_table(3, {1: {column: []}}), tmp_path / "pairs.parquet")
-    assert f"row 1: {column} is empty" in str(read_error(path))
+@pytest.mark.parametrize(("column", "value", "says"), [
+    ("prompt_ids", [], "prompt_ids is empty"),
+    ("response_ids", [[7], [], [10]], "a response's response_ids is empty"),
+])
+def test_empty_token_ids_refused(tmp_path, column, value, says):
+    path = write_raw(pairs_table(3, {1: {column: value}}), tmp_path / "pairs.parquet")
+    assert f"row 1: {says}" in str(read_error(path))
 
 
 def test_null_in_a_required_column_names_the_row(tmp_path):
-    table = pairs_table(3, {2: {"response_1": None}})
+    table = pairs_table(3, {2: {"prompt": None}})
     # pyarrow will not write nulls into a non-nullable field; a foreign writer may declare it nullable.
     nullable = pa.schema([f.with_nullable(True) for f in table.schema])
     path = write_raw(table.cast(nullable), tmp_path / "pairs.parquet")
-    assert "row 2: column 'response_1' is null" in str(read_error(path))
-    assert "row 2: column 'response_1' is null" in str(write_error(table, tmp_path / "other.parquet"))
+    assert "row 2: column 'prompt' is null" in str(read_error(path))
+    assert "row 2: column 'prompt' is null" in str(write_error(table, tmp_path / "other.parquet"))
 
 
-def test_negative_token_id_refused(tmp_path):
-    path = write_raw(pairs_table(3, {1: {"response_ids_2": [4, -1]}}), tmp_path / "pairs.parquet")
-    message = str(read_error(path))
-    assert str(path) in message and "response_ids_2" in message and "negative" in message
+def test_null_response_in_a_group_names_the_row(tmp_path):
+    path = write_raw(pairs_table(3, {1: {"responses": ["a", None, "c"]}}), tmp_path / "pairs.parquet")
+    assert "row 1: responses holds a null entry" in str(read_error(path))
 
 
 def test_negative_token_id_names_the_row(tmp_path):
-    # Every other row check names its row; this one only says "response_ids_2 holds negative token ids".
-    # BUG (schema._check_rows): name the first offending row.
-    path = write_raw(pairs_table(3, {1: {"response_ids_2": [4, -1]}}), tmp_path / "pairs.parquet")
-    assert "row 1: response_ids_2" in str(read_error(path))
+    path = write_raw(pairs_table(3, {1: {"response_ids": [[7], [4, -1], [10]]}}), tmp_path / "pairs.parquet")
+    message = str(read_error(path))
+    assert str(path) in message and "row 1: a response's response_ids holds negative token ids" in message
+
+
+# --------------------------------------------------------------------------------------- groups
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("responses", ["yes", "no"]), ("finish_reasons", ["stop"] * 4), ("gen_logps", [None, None]),
+])
+def test_per_response_lists_must_agree_in_length(tmp_path, column, value):
+    path = write_raw(pairs_table(3, {2: {column: value}}), tmp_path / "pairs.parquet")
+    message = str(read_error(path))
+    assert f"row 2: {column} holds {len(value)} entries but response_ids 3" in message
+    assert "\n" not in message
+
+
+def test_scored_lists_must_agree_in_length(tmp_path):
+    table = scored_table(2)
+    rows = table.to_pylist()
+    rows[1]["ref_logps"] = [-1.0, -2.0]
+    path = write_raw(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "s.parquet", stage="scored")
+    assert "row 1: ref_logps holds 2 entries but response_ids 3" in str(read_error(path, "scored"))
+
+
+def test_a_group_needs_two_responses(tmp_path):
+    one = {"responses": ["a"], "response_ids": [[7]], "finish_reasons": ["stop"], "gen_logps": [None]}
+    path = write_raw(pairs_table(3, {0: one}), tmp_path / "pairs.parquet")
+    assert "row 0: a group needs at least 2 responses, it holds 1" in str(read_error(path))
+
+
+# --------------------------------------------------------------------------------------- version 1
+
+
+def test_version_1_pairs_are_converted_on_read(tmp_path):
+    """A version-1 file (one row per pair) reads as groups of 2, y1 then y2, group_id = pair_id."""
+    v1 = pa.Table.from_pylist([v1_row(i) for i in range(3)], schema=schema.v1_pairs_schema())
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(schema.with_metadata(v1, {**schema.make_metadata("pairs"), "schema_version": 1}), path)
+    table, meta = schema.read_table(path, "pairs")
+    assert table.schema == schema.pairs_schema()
+    assert meta["schema_version"] == 2 and meta["converted_from_schema_version"] == 1
+    row = table.to_pylist()[1]
+    assert row["group_id"] == "pair-1" and row["responses"] == ["yes", "no"]
+    assert row["response_ids"] == [[7], [8, 9]] and row["finish_reasons"] == ["stop", "length"]
+    assert row["gen_logps"] == [None, -2.0]
+    part, _ = schema.read_columns(path, "pairs", ["group_id", "response_ids"])
+    assert part.column_names == ["group_id", "response_ids"] and part.num_rows == 3
+
+
+def test_version_1_scored_files_are_converted_on_read(tmp_path):
+    names = ["a", "b"]
+    v1 = pa.Table.from_pylist([v1_row(i, names) for i in range(2)], schema=schema.v1_scored_schema(names))
+    path = tmp_path / "scored.parquet"
+    pq.write_table(schema.with_metadata(v1, {**schema.make_metadata("scored"), "schema_version": 1}), path)
+    assert schema.reward_names_of(pq.read_schema(path)) == names
+    table, _ = schema.read_table(path, "scored")
+    row = table.to_pylist()[1]
+    assert row["reward_a"] == [1.0, -1.0] and row["reward_b"] == [2.0, -1.0] and row["ref_logps"] == [-3.0, -5.0]
+
+
+def test_a_broken_version_1_file_is_refused_by_the_version_1_rules(tmp_path):
+    v1 = pa.Table.from_pylist([v1_row(0), {**v1_row(1), "pair_id": "pair-0"}], schema=schema.v1_pairs_schema())
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(schema.with_metadata(v1, {**schema.make_metadata("pairs"), "schema_version": 1}), path)
+    assert "row 1: duplicate pair_id 'pair-0'" in str(read_error(path))
 
 
 # --------------------------------------------------------------------------------------- token ids
 
 
 def test_check_token_ids_names_the_row_with_an_out_of_vocab_id():
-    table = pairs_table(4, {2: {"response_ids_1": [3, 12, 5]}})
+    table = pairs_table(4, {2: {"response_ids": [[7], [3, 12, 5], [10]]}})
     schema.check_token_ids(table, vocab_size=13, where="pairs.parquet")  # 12 < 13: fine
     with pytest.raises(ModpoError) as excinfo:
         schema.check_token_ids(table, vocab_size=12, where="pairs.parquet")
-    assert "pairs.parquet: row 2: response_ids_1 holds id 12 >= vocab size 12" in str(excinfo.value)
+    assert "pairs.parquet: row 2: response_ids holds id 12 >= vocab size 12" in str(excinfo.value)
 
 
 def test_check_token_ids_checks_prompt_ids_too():

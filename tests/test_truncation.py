@@ -119,7 +119,7 @@ dtype = "float32"
 policy = "{tiny.policy}"
 backend = "transformers"
 max_new_tokens = 8
-pairs_per_prompt = 2
+samples_per_prompt = 4
 max_prompt_tokens = 48
 long_prompts = "truncate"
 

@@ -242,20 +242,20 @@ def test_generate_score_train_through_the_cli_with_vllm(tiny, tmp_path):
 
     table, meta = schema.read_table(tmp_path / "pairs.parquet", "pairs")
     assert meta["sampling"]["backend"] == "vllm"
-    assert pq.read_schema(tmp_path / "pairs.parquet").names == [n for n, _ in schema.PAIR_COLUMNS]
+    assert pq.read_schema(tmp_path / "pairs.parquet").names == [n for n, _ in schema.GROUP_COLUMNS]
     tokenizer = AutoTokenizer.from_pretrained(tiny.policy)
     model = AutoModelForCausalLM.from_pretrained(tiny.policy, dtype=torch.float32).eval()
     worst = 0.0
     with torch.no_grad():
         for row in table.to_pylist():
-            for j in (1, 2):
-                ids = row[f"response_ids_{j}"]
-                assert row[f"response_{j}"] == tokenizer.decode(ids, skip_special_tokens=True)
+            for j in range(len(row["response_ids"])):
+                ids = row["response_ids"][j]
+                assert row["responses"][j] == tokenizer.decode(ids, skip_special_tokens=True)
                 full = torch.tensor([row["prompt_ids"] + ids])
                 logp = torch.log_softmax(model(full).logits[0].double(), -1)
                 n = len(row["prompt_ids"])
                 expected = sum(logp[t - 1, full[0, t]].item() for t in range(n, full.shape[1]))
-                worst = max(worst, abs(expected - row[f"gen_logp_{j}"]))
+                worst = max(worst, abs(expected - row["gen_logps"][j]))
     print(f"vLLM fp32 gen_logp vs transformers: max abs gap {worst:.2e}")
     assert worst < 1e-3
     assert (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()

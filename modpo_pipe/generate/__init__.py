@@ -1,4 +1,4 @@
-"""Stage 1, prompts -> pairs.parquet: sample 2P responses per prompt and store them as P disjoint pairs.
+"""Stage 1, prompts -> pairs.parquet: sample N responses per prompt and store them as one group (one row).
 
 Token ids are stored as sampled; every later stage scores exactly those ids, never a re-tokenisation.
 """
@@ -207,7 +207,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     Resumable: the prompts are cut into chunks of [generate].shard_size, each finished chunk is kept as a
     part file in OUT.parts/ (see parts.py), and the parts are merged into `out` once all exist. Chunk c
     samples with seed batch_seed(seed, c), so a rerun after a kill writes exactly the rows an uninterrupted
-    run would, with no pair_id missing or twice.
+    run would, with no group_id missing or twice.
     """
     from tqdm.auto import tqdm
 
@@ -228,9 +228,9 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     if not records:
         raise ModpoError(f"{prompts_path}: every prompt is longer than {limit} tokens (max_prompt_tokens="
                          f"{g.max_prompt_tokens}, policy context {context}, max_new_tokens={g.max_new_tokens})")
-    n = 2 * g.pairs_per_prompt
+    n = g.samples_per_prompt
     sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
-                "max_new_tokens": g.max_new_tokens, "pairs_per_prompt": g.pairs_per_prompt,
+                "max_new_tokens": g.max_new_tokens, "samples_per_prompt": n,
                 "chat_template": g.chat_template, "max_prompt_tokens": g.max_prompt_tokens,
                 "prompt_token_limit": limit, "dtype": m.dtype}
     policy = models.identity(g.policy)
@@ -250,13 +250,13 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
         return GenerateReport(str(out_file), len(records), sum(meta[shards.SHARD_KEY]["chunk_rows"]),
                               prompt_stats.skipped_invalid, dropped, truncated, backend, time.time() - started, 0,
                               len(selected), len(selected))
-    if not shard and (rows := finished_rows(out, work.key, len(records) * g.pairs_per_prompt)) is not None:
+    if not shard and (rows := finished_rows(out, work.key, len(records))) is not None:
         return GenerateReport(str(out), len(records), rows, prompt_stats.skipped_invalid, dropped, truncated,
                               backend, time.time() - started, 0, len(chunks), 0, up_to_date=True)
     names = [f"part-{c:05d}" for c in range(len(chunks))]
     tables: dict[int, pa.Table] = {}
     for c in selected:
-        table = work.read(names[c], len(chunks[c]) * g.pairs_per_prompt)
+        table = work.read(names[c], len(chunks[c]))
         if table is not None:
             tables[c] = table
     todo = [c for c in selected if c not in tables]
@@ -272,7 +272,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                 rows = slice(chunks[c].start, chunks[c].stop)
                 samples = sample(settings, g.policy, tokenizer, prompt_ids[rows], n, backend, progress=False,
                                  seed=batch_seed(g.seed, c), model=model)
-                table = pairs_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
+                table = groups_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
                                     round_index)
                 tables[c] = work.write(names[c], table)
                 response_tokens += sum(len(s.ids) for per_prompt in samples for s in per_prompt)
@@ -324,21 +324,18 @@ def finished_rows(out: Path, key: str, rows: int) -> int | None:
     return found if meta.get(RUN_KEY) == key and found == rows else None
 
 
-def pairs_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:
-    """Rows of the pairs contract: samples 2k and 2k+1 of each prompt form pair k."""
-    rows: dict[str, list] = {name: [] for name, _ in schema.PAIR_COLUMNS}
+def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:
+    """Rows of the pairs contract: one row per prompt, holding every response sampled for it, in order."""
+    rows: dict[str, list] = {name: [] for name, _ in schema.GROUP_COLUMNS}
     for record, text, ids, per_prompt in zip(records, prompt_texts, prompt_ids, samples):
-        for k in range(len(per_prompt) // 2):
-            first, second = per_prompt[2 * k], per_prompt[2 * k + 1]
-            rows["pair_id"].append(f"r{round_index}/{record.id}/{k}")
-            rows["prompt_id"].append(record.id)
-            rows["prompt"].append(text)
-            rows["prompt_messages"].append(json.dumps(raw_messages(record), ensure_ascii=False))
-            rows["prompt_ids"].append(ids)
-            for j, sample in ((1, first), (2, second)):
-                rows[f"response_{j}"].append(tokenizer.decode(sample.ids, skip_special_tokens=True))
-                rows[f"response_ids_{j}"].append(sample.ids)
-                rows[f"finish_reason_{j}"].append(sample.finish_reason)
-                rows[f"gen_logp_{j}"].append(sample.logp)
-            rows["round"].append(round_index)
+        rows["group_id"].append(f"r{round_index}/{record.id}")
+        rows["prompt_id"].append(record.id)
+        rows["prompt"].append(text)
+        rows["prompt_messages"].append(json.dumps(raw_messages(record), ensure_ascii=False))
+        rows["prompt_ids"].append(ids)
+        rows["responses"].append([tokenizer.decode(smp.ids, skip_special_tokens=True) for smp in per_prompt])
+        rows["response_ids"].append([smp.ids for smp in per_prompt])
+        rows["finish_reasons"].append([smp.finish_reason for smp in per_prompt])
+        rows["gen_logps"].append([smp.logp for smp in per_prompt])
+        rows["round"].append(round_index)
     return pa.Table.from_pydict(rows, schema=schema.pairs_schema())
