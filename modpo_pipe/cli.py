@@ -435,11 +435,14 @@ def soup_command(
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
-    train_prompts: int = typer.Option(0, "--train-prompts", help="Training prompts, one pair each (0: 96)."),
+    train_prompts: int = typer.Option(0, "--train-prompts", help="Training prompts (0: 96)."),
     eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 40)."),
     eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
     train_steps: int = typer.Option(
-        0, "--train-steps", help="Optimizer steps per policy; the batch is pairs / steps (0: 24)."),
+        0, "--train-steps", help="Optimizer steps per policy; the batch is prompts / steps (0: 24)."),
+    samples_per_prompt: int = typer.Option(
+        0, "--samples-per-prompt", help="Responses per training prompt, one group; all pairs train (0: 2)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of sampling and training."),
 ) -> None:
     """The whole method on a real model, offline: SmolLM2-135M-Instruct, positivity vs concision, three
     weight vectors, evaluated on held-out prompts, with the front plotted."""
@@ -449,9 +452,9 @@ def demo_command(
 
     size = QUICK if quick else DemoSize()
     chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples,
-              "train_steps": train_steps}
+              "train_steps": train_steps, "samples_per_prompt": samples_per_prompt}
     with user_errors():
-        run_demo(out, dataclasses.replace(size, **{k: v for k, v in chosen.items() if v}))
+        run_demo(out, dataclasses.replace(size, seed=seed, **{k: v for k, v in chosen.items() if v}))
 
 
 @app.command("init")

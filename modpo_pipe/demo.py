@@ -37,7 +37,7 @@ REWARDS = {
 class DemoSize:
     """How much work the demo does; what it measured at each size is in the README."""
 
-    train_prompts: int = 96  # one pair each
+    train_prompts: int = 96
     eval_prompts: int = 40
     eval_samples: int = 1  # replies per held-out prompt and policy
     max_new_tokens: int = 40
@@ -46,6 +46,9 @@ class DemoSize:
     # +0.264, in 24 steps +0.323; 192 pairs in 24 steps +0.379 and +0.374 (two samplings of the pairs),
     # in 48 steps +0.305.
     train_steps: int = 24
+    # Responses per training prompt: a group of N gives N(N-1)/2 pairs (2: one pair, the measured default).
+    samples_per_prompt: int = 2
+    seed: int = 0  # sampling and training seed
 
     @property
     def train_batch(self) -> int:
@@ -60,14 +63,14 @@ def demo_settings(policy: str, size: DemoSize = DemoSize()) -> cfg.Settings:
     return cfg.Settings(
         model=cfg.ModelSettings(dtype="float32", device="auto"),
         generate=cfg.GenerateSettings(
-            policy=policy, backend="transformers", samples_per_prompt=2, temperature=1.0, top_p=1.0,
-            max_new_tokens=size.max_new_tokens, seed=0, batch_size=48,
+            policy=policy, backend="transformers", samples_per_prompt=size.samples_per_prompt, temperature=1.0,
+            top_p=1.0, max_new_tokens=size.max_new_tokens, seed=size.seed, batch_size=48,
         ),
         score=cfg.ScoreSettings(rewards=dict(REWARDS), batch_tokens=16384, reward_batch_size=64),
         train=cfg.TrainSettings(
             loss="rpo-sym", beta=0.1, normalize="zscore", lr=3e-4, epochs=1, batch_size=size.train_batch,
             grad_accum=1,
-            warmup_ratio=0.1, max_grad_norm=1.0, seed=0, save_every=0, log_every=1,
+            warmup_ratio=0.1, max_grad_norm=1.0, seed=size.seed, save_every=0, log_every=1,
             lora_r=16, lora_alpha=32, lora_targets=list(LORA_TARGETS), merge=True,
         ),
     )
@@ -100,10 +103,13 @@ def check_size(size: DemoSize, out: Path) -> None:
         raise ModpoError(f"--eval-samples must be at least 1, got {size.eval_samples}")
     if size.train_steps < 1:
         raise ModpoError(f"--train-steps must be at least 1, got {size.train_steps}")
+    if size.samples_per_prompt < 2:
+        raise ModpoError(f"--samples-per-prompt must be at least 2, got {size.samples_per_prompt}")
     stamp = out / "demo-size.json"
     wanted = dataclasses.asdict(size)
     if stamp.is_file():
-        if json.loads(stamp.read_text()) != wanted:
+        # A stamp written before a field existed holds that field's default (the only value it could have had).
+        if {**dataclasses.asdict(DemoSize()), **json.loads(stamp.read_text())} != wanted:
             raise ModpoError(f"{out} holds a demo run of another size ({stamp}: {stamp.read_text().strip()}); "
                              "pass another --out")
         return
@@ -133,7 +139,7 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
 
     pairs, scored = out / "pairs.parquet", out / "scored.parquet"
     if not pairs.exists():
-        step(f"generate: 2 responses to each of {train_prompts} training prompts")
+        step(f"generate: {size.samples_per_prompt} responses to each of {train_prompts} training prompts")
         prompts = demo_prompts(EXAMPLES / "prompts.jsonl", out / "train-prompts.jsonl", train_prompts)
         run_generate(settings, prompts, pairs)
     if not scored.exists():

@@ -273,6 +273,7 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
     ({"eval_prompts": 0}, "--eval-prompts must be between 1 and 67"),
     ({"eval_samples": 0}, "--eval-samples must be at least 1"),
     ({"train_steps": 0}, "--train-steps must be at least 1"),
+    ({"samples_per_prompt": 1}, "--samples-per-prompt must be at least 2"),
 ])
 def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, message):
     from modpo_pipe import demo
@@ -280,6 +281,23 @@ def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, 
     with pytest.raises(ModpoError, match=message):
         demo.check_size(dataclasses.replace(demo.DemoSize(), **change), tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_stamp_from_before_groups_and_seeds_still_matches_the_default(tmp_path):
+    """A demo-out made before --samples-per-prompt and --seed existed resumes at the defaults (the only values
+    it could have had), and is refused for any other value."""
+    from modpo_pipe import demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    old = {k: v for k, v in dataclasses.asdict(demo.DemoSize()).items() if k not in ("samples_per_prompt", "seed")}
+    (out / "demo-size.json").write_text(json.dumps(old) + "\n")
+    demo.check_size(demo.DemoSize(), out)
+    for change in ({"samples_per_prompt": 4}, {"seed": 1}):
+        with pytest.raises(ModpoError, match="holds a demo run of another size"):
+            demo.check_size(dataclasses.replace(demo.DemoSize(), **change), out)
+    assert demo.demo_settings("p", demo.DemoSize(samples_per_prompt=4, seed=3)).generate.samples_per_prompt == 4
+    assert demo.demo_settings("p", demo.DemoSize(seed=3)).train.seed == 3
 
 
 def test_demo_batch_grows_with_the_pairs_to_keep_the_step_count():
