@@ -156,6 +156,29 @@ def generate_and_score(work: Path, prompts: Path) -> Path:
     return work
 
 
+def scored_env(work: Path, tiny, reward_fns: str, max_new_tokens: int, epochs: int) -> Path:
+    """`work` with reward_fns as rewards.py (its `length` the one reward), a modpo.toml of 4 responses per
+    prompt and one group a training step saving every 2, and pairs.parquet and scored.parquet made from it."""
+    (work / "rewards.py").write_text(reward_fns)
+    (work / "modpo.toml").write_text(f"""
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = {max_new_tokens}
+samples_per_prompt = 4
+
+[score.rewards]
+length = "py:{work / 'rewards.py'}:length"
+
+[train]
+lr = 0.0005
+batch_size = 1
+epochs = {epochs}
+save_every = 2
+""")
+    return generate_and_score(work, tiny.prompts)
+
+
 def config(env: Path) -> list:
     return ["--config", env / "modpo.toml"]
 

@@ -17,7 +17,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import config, fails, generate_and_score, ok
+from conftest import config, fails, ok, scored_env
 
 from modpo_pipe import parts, schema
 from modpo_pipe.errors import ModpoError
@@ -62,24 +62,27 @@ def env(tiny, tmp_path_factory):
     """A directory with a modpo.toml, reward callables, 6 prompts, pairs.parquet and scored.parquet (6 groups of 4
     responses, one group a step)."""
     work = tmp_path_factory.mktemp("failures")
-    (work / "rewards.py").write_text(REWARD_FNS)
-    (work / "modpo.toml").write_text(f"""
+    return scored_env(work, tiny, REWARD_FNS, MAX_NEW_TOKENS, epochs=1)
+
+
+def one_round_run(run_dir: Path, tiny, reward: str, spec: str) -> Path:
+    """A run directory whose modpo.toml asks for one round of the tiny policy with one reward."""
+    run_dir.mkdir()
+    (run_dir / "modpo.toml").write_text(f"""
+[model]
+device = "cpu"
 [generate]
 policy = "{tiny.policy}"
 backend = "transformers"
-max_new_tokens = {MAX_NEW_TOKENS}
-samples_per_prompt = 4
-
+max_new_tokens = 4
+samples_per_prompt = 2
 [score.rewards]
-length = "py:{work / 'rewards.py'}:length"
-
-[train]
-lr = 0.0005
-batch_size = 1
-epochs = 1
-save_every = 2
+{reward} = "{spec}"
+[run]
+rounds = 1
+prompts = "{tiny.prompts}"
 """)
-    return generate_and_score(work, tiny.prompts)
+    return run_dir
 
 
 def _score(env: Path, out: Path, fn: str, *flags) -> list:
@@ -112,22 +115,7 @@ def test_a_reward_module_that_exits_on_import_fails_with_one_line(env, tmp_path)
 
 
 def test_run_exits_1_on_every_firing_while_a_reward_exits_and_status_says_so(env, tiny, tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 4
-samples_per_prompt = 2
-[score.rewards]
-bad = "py:{env / 'rewards.py'}:exits_0"
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-""")
+    run_dir = one_round_run(tmp_path / "run", tiny, "bad", f"py:{env / 'rewards.py'}:exits_0")
     for _ in range(2):  # every firing, not only the first
         fails(["run", "--workdir", run_dir], f"reward 'bad' (py:{env / 'rewards.py'}:exits_0) raised SystemExit: 0")
     report = json.loads(ok(["status", "--workdir", run_dir, "--json"]))
@@ -232,22 +220,7 @@ def _make_writable(path: Path) -> None:
 
 
 def test_read_only_run_directory_fails_with_one_line_and_status_stays_true(env, tiny, tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 4
-samples_per_prompt = 2
-[score.rewards]
-length = "{tiny.reward_fn}"
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-""")
+    run_dir = one_round_run(tmp_path / "run", tiny, "length", tiny.reward_fn)
     ok(["run", "--workdir", run_dir, "--max-stages", 1])
     before = (run_dir / "state.json").read_bytes()
     _make_read_only(run_dir)

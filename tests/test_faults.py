@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, config, fails, generate_and_score, ok
+from conftest import cli, config, fails, ok, scored_env
 
 from modpo_pipe import parts, schema
 from modpo_pipe.cli import app
@@ -96,24 +96,7 @@ def env(tiny, tmp_path_factory):
     """A directory with a modpo.toml, 6 prompts, and a good pairs.parquet and scored.parquet (6 groups of 4
     responses; one group a step, as one pair a step before groups: 6 steps an epoch)."""
     work = tmp_path_factory.mktemp("faults")
-    (work / "rewards.py").write_text(REWARD_FNS)
-    (work / "modpo.toml").write_text(f"""
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = {MAX_NEW_TOKENS}
-samples_per_prompt = 4
-
-[score.rewards]
-length = "py:{work / 'rewards.py'}:length"
-
-[train]
-lr = 0.0005
-batch_size = 1
-epochs = 2
-save_every = 2
-""")
-    return generate_and_score(work, tiny.prompts)
+    return scored_env(work, tiny, REWARD_FNS, MAX_NEW_TOKENS, epochs=2)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
