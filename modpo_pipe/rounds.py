@@ -962,6 +962,50 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
 # ----------------------------------------------------------------------------------------------- status
 
 
+def share_stages(source_dir: Path, run_dir: Path, settings: Settings, k: int,
+                 stages: tuple[str, ...] = ("generate", "score"),
+                 log: Callable[[str], None] = _log_stderr) -> list[str]:
+    """Give `run_dir` the finished generate and score of round k from `source_dir`, when their settings and
+    inputs are exactly what `run_dir`'s own survey would ask of them; returns the stages it shared.
+
+    Runs that differ only in [train] (a weight vector each, say) sample and score round 0 identically: one
+    run computes it, the others take copies instead of sampling and scoring again. The copied records keep
+    their fingerprints (marked `shared_from`), so the next survey verifies the copies like any finished
+    stage. Train is never shared: its policy depends on the weights."""
+    if not set(stages) <= {"generate", "score"}:
+        raise ModpoError(f"only generate and score can be shared between runs; got {', '.join(stages)}")
+    with filesystem_errors(Path(run_dir)):
+        source, run = Run(source_dir, settings, progress=False), Run(run_dir, settings, progress=False)
+        with run_lock(source.dir), run_lock(run.dir):
+            source_manifest, manifest = Manifest.load(source.dir), Manifest.load(run.dir)
+            shared: list[str] = []
+            for stage in stages:
+                name = f"{round_name(k)} {stage}"
+                mine = manifest.get(k, stage)
+                if mine is not None and mine["status"] == "done":
+                    continue  # its own (or an earlier share): the survey judges it
+                record = source_manifest.get(k, stage)
+                if record is None or record["status"] != "done":
+                    raise ModpoError(f"{source.dir}: {name} is not done; nothing to share")
+                changed = _diff(record["settings"], run.stage_settings(k, stage))
+                if changed:
+                    raise ModpoError(f"{source.dir}: {name} ran with other settings than {run.dir} asks for: "
+                                     + "; ".join(changed))
+                if record["inputs"] != _json_normal(run.stage_inputs(k, stage, manifest)):
+                    raise ModpoError(f"{source.dir}: {name} read other inputs than {run.dir} has")
+                problem = source.output_problem(k, record)
+                if problem:
+                    raise ModpoError(f"{source.dir}: {problem}; nothing shared")
+                run.round_dir(k).mkdir(parents=True, exist_ok=True)
+                for output in record["outputs"]:
+                    copy_atomic(source.round_dir(k) / output, run.round_dir(k) / output)
+                manifest.put(k, stage, {**record, "shared_from": str(source.dir)})
+                manifest.save()
+                shared.append(name)
+                log(f"{name}: shared from {source.dir}")
+            return shared
+
+
 def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
     """Per round and stage: status, rows, wall time and headline metrics; read-only, takes no lock."""
     run = Run(run_dir, settings, progress=False)

@@ -233,12 +233,14 @@ def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- the demo itself
 
 
-def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
-    """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2: three trained
-    policies plus the reference evaluated, the table printed, the front drawn; a rerun redoes nothing."""
+def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny, capsys):
+    """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2: a run directory per
+    weight vector advanced in rounds, round 0 sampled and scored once and shared, three trained policies plus
+    the reference evaluated, the per-round rewards and the table printed, the front drawn; a rerun redoes
+    nothing."""
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("matplotlib")
-    from modpo_pipe import demo
+    from modpo_pipe import demo, rounds
 
     monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
     out = tmp_path / "demo"
@@ -246,24 +248,47 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
     demo.run_demo(out, size)
     first = capsys.readouterr().out
     summaries = json.loads((out / "eval.json").read_text())
-    assert [s["label"] for s in summaries] == ["reference", "w_positivity=0.0", "w_positivity=0.5",
-                                               "w_positivity=1.0"]
+    labels = ["w_positivity=0.0", "w_positivity=0.5", "w_positivity=1.0"]
+    assert [s["label"] for s in summaries] == ["reference", *labels]
     assert [s["weights"] for s in summaries[1:]] == [{"positivity": w, "concision": 1.0 - w} for w in (0.0, 0.5, 1.0)]
     assert all(s["samples"] == 2 * 12 and set(s["rewards"]) == {"positivity", "concision"} for s in summaries)
     assert (out / "front.png").stat().st_size > 0 and (out / "front.svg").is_file()
-    # The system message reached the rendered prompts the pairs were sampled from.
+    # The system message reached the rendered prompts the groups were sampled from.
     first_prompt = json.loads((out / "train-prompts.jsonl").read_text().splitlines()[0])
     assert first_prompt["messages"][0] == {"role": "system", "content": demo.SYSTEM_MESSAGE}
-    assert "w_positivity=1.0" in first and "== train" in first
 
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".png"
-              and p.suffix != ".svg"}
+    # Every weight vector ran its rounds in its own run directory; round 0 was sampled and scored once.
+    run_dirs = [out / "runs" / label.replace("=", "-") for label in labels]
+    assert first.count("round-000 generate: starting") == 1 and first.count("round-000 score: starting") == 1
+    assert first.count("round-000 generate: shared from") == 2 and first.count("round-000 train: starting") == 3
+    assert first.count("round-001 generate: starting") == 3  # later rounds sample with each run's own policy
+    scored = [(d / "round-000" / "scored.parquet").read_bytes() for d in run_dirs]
+    assert scored[0] == scored[1] == scored[2]
+    later = [(d / "round-001" / "pairs.parquet").read_bytes() for d in run_dirs]
+    assert later[0] != later[2]
+    for d in run_dirs:
+        assert [r["status"] for stages in json.loads((d / "state.json").read_text())["rounds"].values()
+                for r in stages.values()] == ["done"] * 3 * size.rounds
+    # The per-round rewards: one line per weight vector and round, matching the runs' own status.
+    table = first.split("rewards of each round's training samples")[1].split("== eval")[0]
+    status = rounds.status(run_dirs[2], demo.demo_settings(str(tiny.policy), size, str(out / "train-prompts.jsonl")))
+    round_one = [line for line in table.splitlines() if line.startswith("w_positivity=1.0") and line.split()[1] == "1"]
+    assert len(round_one) == 1
+    assert float(round_one[0].split()[2]) == pytest.approx(status["reward_mean_by_round"][1]["positivity"], abs=6e-4)
+    # The final policies and the front's own time, for benchmarks/peers_grpo.py.
+    policies = json.loads((out / "policies.json").read_text())
+    assert list(policies) == labels
+    assert all(Path(p) == (d / "round-001" / "train" / "merged").resolve() for p, d in zip(policies.values(), run_dirs))
+    assert json.loads((out / "timing.json").read_text())["front_seconds"] > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".svg")
+              and p.name not in ("policies.json", "timing.json", "state.json", ".lock")}
     demo.run_demo(out, size)
     again = capsys.readouterr().out
-    assert "== train" not in again and "== generate" not in again and "== eval" not in again
+    assert "starting" not in again and "shared from" not in again and "== eval" not in again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    # Another size must not reuse this run's pairs and policies.
+    # Another size must not reuse this run's groups and policies.
     with pytest.raises(ModpoError, match="holds a demo run of another size"):
         demo.run_demo(out, demo.QUICK)
 
@@ -272,8 +297,11 @@ def test_demo_runs_every_step_and_resumes(monkeypatch, tmp_path, tiny, capsys):
     ({"train_prompts": 10_000}, "--train-prompts must be between 1 and 267"),
     ({"eval_prompts": 0}, "--eval-prompts must be between 1 and 67"),
     ({"eval_samples": 0}, "--eval-samples must be at least 1"),
-    ({"train_steps": 0}, "--train-steps must be at least 1"),
+    ({"train_steps": 0}, r"--train-steps \(0\) must be at least --rounds \(2\)"),
     ({"samples_per_prompt": 1}, "--samples-per-prompt must be at least 2"),
+    ({"rounds": 0}, "--rounds must be at least 1"),
+    ({"rounds": 3, "train_prompts": 2}, r"--train-prompts \(2\) must be at least --rounds \(3\)"),
+    ({"rounds": 3, "train_steps": 2}, r"--train-steps \(2\) must be at least --rounds \(3\)"),
 ])
 def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, message):
     from modpo_pipe import demo
@@ -283,25 +311,34 @@ def test_demo_sizes_the_prompt_files_cannot_serve_are_refused(tmp_path, change, 
     assert not (tmp_path / "demo").exists()
 
 
-def test_demo_stamp_from_before_groups_and_seeds_still_matches_the_default(tmp_path):
-    """A demo-out made before --samples-per-prompt and --seed existed resumes at the defaults (the only values
-    it could have had), and is refused for any other value."""
+def test_demo_directory_of_the_one_round_demo_is_refused(tmp_path):
+    """A demo-out made by the one-round demo holds pairs.parquet and policies/, not run directories: it is
+    refused in one line rather than half reused; a directory of this layout resumes only at its own size."""
     from modpo_pipe import demo
 
     out = tmp_path / "demo"
     out.mkdir()
-    old = {k: v for k, v in dataclasses.asdict(demo.DemoSize()).items() if k not in ("samples_per_prompt", "seed")}
+    old = {"train_prompts": 96, "eval_prompts": 40, "eval_samples": 1, "max_new_tokens": 40, "train_steps": 24,
+           "samples_per_prompt": 2, "seed": 0}
     (out / "demo-size.json").write_text(json.dumps(old) + "\n")
+    with pytest.raises(ModpoError, match="holds a one-round demo from an earlier modpo-pipe"):
+        demo.check_size(demo.DemoSize(), out)
+    (out / "demo-size.json").unlink()
     demo.check_size(demo.DemoSize(), out)
-    for change in ({"samples_per_prompt": 4}, {"seed": 1}):
+    demo.check_size(demo.DemoSize(), out)
+    for change in ({"samples_per_prompt": 2}, {"seed": 1}, {"rounds": 3}):
         with pytest.raises(ModpoError, match="holds a demo run of another size"):
             demo.check_size(dataclasses.replace(demo.DemoSize(), **change), out)
     assert demo.demo_settings("p", demo.DemoSize(samples_per_prompt=4, seed=3)).generate.samples_per_prompt == 4
     assert demo.demo_settings("p", demo.DemoSize(seed=3)).train.seed == 3
 
 
-def test_demo_batch_grows_with_the_pairs_to_keep_the_step_count():
+def test_demo_rounds_split_the_prompts_and_steps():
     from modpo_pipe import demo
 
-    assert [demo.DemoSize(train_prompts=n).train_batch for n in (96, 100, 192, 10)] == [4, 5, 8, 1]
-    assert demo.demo_settings("policy", demo.DemoSize(train_prompts=192)).train.batch_size == 8
+    size = demo.DemoSize(train_prompts=64, rounds=2, train_steps=16)
+    assert (size.prompts_per_round, size.steps_per_round, size.train_batch) == (32, 8, 4)
+    assert [demo.DemoSize(train_prompts=n, rounds=1, train_steps=24).train_batch for n in (96, 100, 10)] == [4, 5, 1]
+    settings = demo.demo_settings("policy", size, "prompts.jsonl")
+    assert (settings.train.batch_size, settings.run.rounds, settings.run.prompts_per_round) == (4, 2, 32)
+    assert settings.run.reference == "fixed" and settings.train.normalize == "zscore"

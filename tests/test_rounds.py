@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from modpo_pipe import rounds
 from modpo_pipe.cli import app
 from modpo_pipe.config import _toml_value, load_settings
+from modpo_pipe.errors import ModpoError
 
 runner = CliRunner()
 ROUNDS = 3
@@ -344,7 +345,6 @@ def test_lora_rotating_prompts_and_replay(base, tiny):
 
 
 def test_round_semantics_and_refusals(base, tiny, tmp_path):
-    from modpo_pipe.errors import ModpoError
 
     config = write_config(tmp_path / "run", tiny, run={"rounds": 4, "prompts_per_round": 3, "replay": 2,
                                                        "prompts": str(tiny.prompts)})
@@ -388,3 +388,39 @@ def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
     holder.wait()
     with rounds.run_lock(tmp_path):  # the dead holder's lock is gone with it
         pass
+
+
+def test_round_zero_is_shared_between_runs_that_differ_only_in_train(base, tiny, reference):
+    """Two weight vectors sample and score round 0 identically: a run given the reference run's round 0
+    (rounds.share_stages) trains at once on the same rows, and its survey verifies the copies. Different
+    sampling settings, a source that has not scored, a corrupt source file and train itself are refused."""
+    weights = {"train": {"weights": {"rm": 0.3, "length": 0.7}}}
+    run_dir = base / "share-other-weights"
+    settings = load_settings(write_config(run_dir, tiny, **weights))
+    assert rounds.share_stages(reference, run_dir, settings, 0, log=lambda m: None) == [
+        "round-000 generate", "round-000 score"]
+    assert (run_dir / "round-000" / "scored.parquet").read_bytes() == (
+        reference / "round-000" / "scored.parquet").read_bytes()
+    assert record(run_dir, 0, "score")["shared_from"] == str(reference.resolve())
+    assert rounds.share_stages(reference, run_dir, settings, 0, log=lambda m: None) == []  # already there
+    out = invoke(["run", "-w", str(run_dir), "--until", "round"])
+    assert stages_ran(out) == ["round-000 train"]
+
+    hotter = base / "share-hotter"
+    hot = load_settings(write_config(hotter, tiny, generate={"temperature": 0.7}))
+    with pytest.raises(ModpoError, match=r"round-000 generate ran with other settings .*generate.temperature"):
+        rounds.share_stages(reference, hotter, hot, 0)
+    assert not (hotter / "state.json").exists()
+    fresh = base / "share-fresh"
+    write_config(fresh, tiny)
+    with pytest.raises(ModpoError, match="round-000 generate is not done; nothing to share"):
+        rounds.share_stages(fresh, base / "share-nowhere", settings, 0)
+    with pytest.raises(ModpoError, match="only generate and score can be shared"):
+        rounds.share_stages(reference, run_dir, settings, 0, stages=("train",))
+    broken = base / "share-broken"
+    shutil.copytree(reference, broken, symlinks=True)
+    with open(broken / "round-000" / "pairs.parquet", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(ModpoError, match="nothing shared"):
+        rounds.share_stages(broken, base / "share-third", settings, 0)
