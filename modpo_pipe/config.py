@@ -500,7 +500,7 @@ def reference_markdown() -> str:
         "[generate], [score] and [train] flags with their section as prefix (`--train-beta 0.2`,",
         "`--score-reward NAME=SPEC`), and set each round's outputs, `[train].policy` and `[train].reward_stats`",
         "themselves. Tables (`[score.rewards]`, `[train.weights]`) take `NAME=VALUE` flags, repeated or",
-        "comma-separated.",
+        "comma-separated; a boolean's flag also has a `--no-` form (`--no-chat-template`).",
         "",
     ]
     for name, cls in SECTIONS.items():
