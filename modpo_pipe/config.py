@@ -473,3 +473,45 @@ def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> 
                 lines.append("# harmless = 0.3")
             lines.append("")
     return "\n".join(lines)
+
+
+def _markdown_cell(text: str) -> str:
+    # Help strings are plain text: keep `|` from ending the cell and `*` from starting emphasis.
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("*", "\\*")
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every section and key `render_template` writes, with its default, flag and help.
+
+    `python docs/gen_config.py` writes it; tests/test_docs.py checks the file is this text."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from the settings in modpo_pipe/config.py: do not edit by hand. Regenerate with",
+        "     `python docs/gen_config.py` (tests/test_docs.py fails while this file is stale). -->",
+        "",
+        "Generated from the settings' own help strings (`modpo_pipe/config.py`); regenerate it with",
+        "`python docs/gen_config.py`. `modpo-pipe init [FILE]` writes the same keys and defaults, each with its",
+        "help as a comment, into `modpo.toml`.",
+        "",
+        "Relative paths in the file are relative to the file; flags override the file, and paths given as flags",
+        "are relative to the current directory. Every key has the flag of the same name on the commands that",
+        "read its section (`[train].beta`: `modpo-pipe train --beta 0.2`); `run` and `status` take the",
+        "[generate], [score] and [train] flags with their section as prefix (`--train-beta 0.2`,",
+        "`--score-reward NAME=SPEC`), and set each round's outputs, `[train].policy` and `[train].reward_stats`",
+        "themselves. Tables (`[score.rewards]`, `[train.weights]`) take `NAME=VALUE` flags, repeated or",
+        "comma-separated; a boolean's flag also has a `--no-` form (`--no-chat-template`).",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        doc = (cls.__doc__ or "").strip()
+        lines += [f"## [{name}]", ""]
+        if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
+            lines += [doc, ""]
+        lines += ["| key | default | flag | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            value = "{}" if default == {} else _toml_value(default)
+            lines.append(f"| `{f.name}` | `{value}` | `{flag_name(f)}` | {_markdown_cell(f.metadata['help'])} |")
+        lines.append("")
+    return "\n".join(lines)

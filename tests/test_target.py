@@ -39,7 +39,7 @@ def tiny_spread(prompts, responses):
 '''
 PROMPT = "w0 w1"
 BETA = 0.25
-# Measured on this bandit (see the tests below); the README and the issue note quote the same numbers.
+# Measured on this bandit (see the tests below); docs/experiments.md and the issue note quote the same numbers.
 TV_TOLERANCE = 0.05
 
 
