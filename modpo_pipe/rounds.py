@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -61,8 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modpo_pipe import storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.storage import file_info, file_problem, tree_fingerprint, tree_info, tree_problem
 from modpo_pipe.tracking import RunTracker
 
 # Exit codes of `modpo-pipe run` (sysexits.h names where one fits).
@@ -76,10 +77,6 @@ MANIFEST_NAME = "state.json"
 LOCK_NAME = ".lock"
 MANIFEST_VERSION = 1
 REFERENCES = ("fixed", "previous")
-
-# Files up to this size are re-hashed in full at every check; larger ones (model weights) only when their
-# size or modification time changed since the manifest recorded them.
-FULL_HASH_LIMIT = 64 << 20
 
 # Settings that cannot change a stage's result, so changing them never invalidates a finished stage.
 _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
@@ -153,101 +150,7 @@ def lock_is_held(run_dir: Path) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------ atomic files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary sibling, fsync, rename over `path`: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
-
-
-def symlink_atomic(target: str, link: Path) -> None:
-    """Point `link` at `target` (relative to the link's directory) in one rename."""
-    tmp = link.with_name(f".{link.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    os.symlink(target, tmp)
-    if link.is_dir() and not link.is_symlink():
-        shutil.rmtree(link)
-    os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-# ------------------------------------------------------------------------------------------ fingerprints
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_info(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def file_problem(path: Path, info: dict[str, Any]) -> str | None:
-    """Why `path` no longer is the file `info` recorded, or None when it is."""
-    if not path.is_file():
-        return "is missing"
-    st = path.stat()
-    if st.st_size != info["size"]:
-        return f"has {st.st_size} bytes, the manifest recorded {info['size']} (truncated or replaced)"
-    if st.st_size > FULL_HASH_LIMIT and st.st_mtime_ns == info.get("mtime_ns"):
-        return None
-    if _sha256(path) != info["sha256"]:
-        return "changed or corrupted (content fingerprint differs)"
-    return None
-
-
-def tree_info(root: Path) -> dict[str, dict[str, Any]]:
-    """file_info of every file under a directory (links followed), by relative path."""
-    return {str(p.relative_to(root)): file_info(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def tree_fingerprint(infos: dict[str, dict[str, Any]]) -> str:
-    return hashlib.sha256(json.dumps({n: i["sha256"] for n, i in infos.items()}, sort_keys=True).encode()
-                          ).hexdigest()
-
-
-def tree_problem(root: Path, infos: dict[str, dict[str, Any]]) -> str | None:
-    if not root.is_dir():
-        return "is missing"
-    names = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    if names != set(infos):
-        changed = sorted(names ^ set(infos))
-        return f"holds other files than the manifest recorded ({', '.join(changed[:3])})"
-    for name, info in infos.items():
-        problem = file_problem(root / name, info)
-        if problem:
-            return f"{name} {problem}"
-    return None
+# ------------------------------------------------------------------------------------------ identities
 
 
 def model_identity(path_or_id: str) -> str:
@@ -272,7 +175,7 @@ def reward_identity(spec: str) -> str:
         except (ImportError, ValueError):
             source = None
     if source and Path(source).is_file():
-        return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:32]
+        return storage.sha256_file(Path(source))[:32]
     return "unresolved:" + spec
 
 
@@ -315,7 +218,7 @@ class Manifest:
 
     def save(self) -> None:
         self.data["updated"] = now()
-        write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        storage.write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- plan
@@ -447,8 +350,7 @@ class Run:
                 if f.name not in _GENERATE_IGNORED:
                     out[f"generate.{f.name}"] = getattr(s.generate, f.name)
             prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages} for r in self.prompt_slice(k)]
-            out["run.prompts (this round's prompts)"] = hashlib.sha256(
-                json.dumps(prompts, sort_keys=True).encode()).hexdigest()[:32]
+            out["run.prompts (this round's prompts)"] = storage.json_fingerprint(prompts)
             if k == 0:
                 out["generate.policy (initial policy)"] = self._identity("model", s.generate.policy)
         elif stage == "score":
@@ -596,7 +498,7 @@ class Run:
         blob = {"stage": stage, "round": k, "section": dataclasses.asdict(section),
                 "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
                 "settings": self.stage_settings(k, stage)}
-        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return storage.json_fingerprint(blob)
 
     def _clear(self, k: int, stage: str, fresh: bool) -> None:
         """Remove what a killed attempt may have left; with `fresh`, everything the stage writes. Directories
@@ -604,8 +506,7 @@ class Run:
         round_dir = self.round_dir(k)
         names = _STAGE_FILES[stage]
         for name in names:
-            for leftover in round_dir.glob(f".{name}.tmp*"):
-                leftover.unlink(missing_ok=True)
+            storage.remove_temps(round_dir, name)
         dirs = [f"{name}.parts" for name in names] + (["train"] if stage == "train" else [])
         for name in dirs:
             shutil.rmtree(round_dir / f".{name}.trash", ignore_errors=True)
@@ -680,7 +581,7 @@ class Run:
             row: dict[str, Any] = {"id": r.id}
             row.update({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt})
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-        write_atomic(prompts_path, "".join(lines))
+        storage.write_atomic(prompts_path, "".join(lines))
         settings, _, out = self.stage_job(k, "generate")
         if self.settings.run.shards > 1:
             self.merge_shards(k, "generate", key, out)
@@ -727,8 +628,8 @@ class Run:
         scored = [self.round_dir(j) / "scored.parquet" for j in [k, *self.replay_rounds(k)]]
         report = train(settings, scored, out, progress=self.progress)
         target = "train/merged" if lora else "train/final"
-        symlink_atomic(target, round_dir / "policy")
-        copy_atomic(out / "metrics.jsonl", round_dir / "metrics.jsonl")
+        storage.symlink_atomic(target, round_dir / "policy")
+        storage.copy_atomic(out / "metrics.jsonl", round_dir / "metrics.jsonl")
         files = tree_info(round_dir / "policy")
         outputs = {"policy": {"target": target, "fingerprint": tree_fingerprint(files), "files": files},
                    "metrics.jsonl": file_info(round_dir / "metrics.jsonl")}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -38,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modpo_pipe import modelcard, models, schema, tracking
+from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
 from modpo_pipe.config import Settings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
@@ -94,65 +93,6 @@ class TokenLists(Sequence):
 
 
 @dataclass
-class RewardStats:
-    """The z-score statistics one training target is built from: one mean and std per reward, read from one
-    scored file's metadata and applied to every input file, so that every pair's teacher margin is on the same
-    scale. A reward whose std is 0, NaN or tiny is treated as constant: it contributes nothing."""
-
-    source: str  # the scored file they were read from
-    mean: dict[str, float]
-    std: dict[str, float]  # as stored
-    constant: dict[str, str]  # reward -> why it contributes nothing
-
-    def as_record(self) -> dict[str, Any]:
-        return {"from": self.source, "rewards": {n: {"mean": self.mean[n], "std": self.std[n]} for n in self.mean},
-                **({"constant": self.constant} if self.constant else {})}
-
-
-# A std below this fraction of the reward's mean magnitude is float rounding noise (float32 keeps ~7 digits),
-# and one below the floor too small to divide by: z-scoring would blow every margin up by 1/std.
-TINY_STD_RELATIVE = 1e-6
-TINY_STD_FLOOR = 1e-12
-
-
-def unusable_std(mean: float, std: float) -> str | None:
-    """Why a stored std cannot scale its reward (None: it can). Pure: the caller decides what to say."""
-    if not math.isfinite(std) or not math.isfinite(mean):
-        return f"its stored mean/std is {mean}/{std}"
-    if std == 0:
-        return "its stored std is 0 (the reward is constant)"
-    if std < max(TINY_STD_RELATIVE * abs(mean), TINY_STD_FLOOR):
-        return (f"its stored std {std:.3g} is below {TINY_STD_RELATIVE:g} of its mean {mean:.6g} (or below "
-                f"{TINY_STD_FLOOR:g}): rounding noise, which z-scoring would blow up by 1/std")
-    return None
-
-
-def reward_stats(meta: dict[str, Any], names: list[str], source: Path) -> RewardStats:
-    """The statistics of `names` stored in a scored file's metadata (score.reward_stats wrote them)."""
-    rewards = metadata_key(meta, "rewards", source)
-    mean: dict[str, float] = {}
-    std: dict[str, float] = {}
-    for name in names:
-        entry = rewards.get(name) if isinstance(rewards, dict) else None
-        if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
-            raise ModpoError(f"{source}: metadata has no 'rewards.{name}' mean and std: corrupt or not written by "
-                             f"modpo-pipe" + ("" if isinstance(rewards, dict) and name in rewards
-                                              else f" (it holds statistics of {sorted(rewards)})"
-                                              if isinstance(rewards, dict) else ""))
-        m, sd = entry["mean"], entry["std"]
-        mean[name] = float("nan") if m is None else float(m)
-        std[name] = float("nan") if sd is None else float(sd)
-    constant = {n: why for n in names if (why := unusable_std(mean[n], std[n]))}
-    return RewardStats(str(source), mean, std, constant)
-
-
-def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise ModpoError(f"{path}: metadata has no '{key}': corrupt or not written by modpo-pipe")
-    return meta[key]
-
-
-@dataclass
 class TrainingPairs:
     """The groups train learns from, flattened: response r of the file order sits at index r of the
     per-response tensors, group g's responses are response_start[g] : response_start[g + 1], and its pairs
@@ -174,7 +114,7 @@ class TrainingPairs:
     dropped_identical: int  # candidate pairs of two responses with identical ids (no signal)
     meta: dict[str, Any]  # the first file's metadata
     fingerprints: list[str]  # one per input file, for the resume check
-    stats: RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
+    stats: reward_stats.RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
     max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
     pairing: str = "all"
 
@@ -254,7 +194,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids = [], [], [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
-    stats: RewardStats | None = None
+    stats: reward_stats.RewardStats | None = None
     w = None
     dropped = 0
     offset = 0  # responses kept before this file
@@ -262,7 +202,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
         meta = read_scored_meta(path)
         file_names = schema.reward_names_of(pq.read_schema(path))
         for key in ("rewards", "tokenizer_fingerprint"):
-            metadata_key(meta, key, path)
+            schema.metadata_key(meta, key, path)
         if names is None:
             names, first_meta = file_names, meta
             try:
@@ -271,7 +211,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
                 raise ModpoError(f"--weights / [train].weights: {e} (file {path})") from None
             if normalize == "zscore":
                 source = stats_path or path
-                stats = reward_stats(read_scored_meta(source) if stats_path else meta, names, source)
+                stats = reward_stats.from_metadata(read_scored_meta(source) if stats_path else meta, names, source)
         elif sorted(file_names) != sorted(names):
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
@@ -347,7 +287,7 @@ def target_record(data: TrainingPairs, t: TrainSettings) -> dict[str, Any]:
             "reward_stats": data.stats.as_record() if data.stats else None}
 
 
-def warn_unusable_stats(stats: RewardStats | None) -> None:
+def warn_unusable_stats(stats: reward_stats.RewardStats | None) -> None:
     for name, why in (stats.constant.items() if stats else ()):
         print(f"WARNING: reward {name!r}: {why} (statistics from {stats.source}); it contributes nothing to the "
               f"teacher margin", file=sys.stderr)
@@ -467,9 +407,8 @@ def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: s
                                                                            "merge", "policy", "batch_size",
                                                                            "grad_accum", "report_to")}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
-    blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
-                       "reward_stats": data.stats.as_record() if data.stats else None}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
+                                     "reward_stats": data.stats.as_record() if data.stats else None})
 
 
 @dataclass
@@ -852,16 +791,6 @@ def disable_dropout(model: torch.nn.Module) -> int:
 
 # --- files: state, checkpoints, metrics. Every write goes to a temporary name, then a rename. ---
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary directory into place; a crash leaves either the old or the new one."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @contextmanager
 def _saving(tmp: Path, final: Path, what: str) -> Iterator[None]:
     """Write into `tmp`; on any failure (a full disk...) delete it and say that `final` is untouched."""
@@ -895,7 +824,7 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     tmp = path.with_name(path.name + ".tmp")
     with _saving(tmp, path, f"the training state of step {step}"):
         _write_state(tmp, model, optimizer, step, fingerprint)
-        _replace_dir(tmp, path)
+        storage.replace_dir(tmp, path)
 
 
 def _write_state(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -918,7 +847,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     from safetensors.torch import load_file
 
     if not path.exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # a crash between the two renames of _replace_dir
+        path = path.with_name(path.name + ".old")  # a crash between the two renames of storage.replace_dir
     if not (path / "state.json").is_file():
         return 0
     state = json.loads((path / "state.json").read_text())
@@ -964,7 +893,7 @@ def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[st
         lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         card = modelcard.model_card(info, lines, adapter=(tmp / "adapter_config.json").is_file())
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        _replace_dir(tmp, path)
+        storage.replace_dir(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -983,6 +912,4 @@ def truncate_metrics(path: Path, start_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    storage.write_atomic(path, "".join(line + "\n" for line in keep))

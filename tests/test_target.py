@@ -327,7 +327,7 @@ def test_a_zero_nan_or_tiny_std_warns_and_names_the_reward(bandit_scored, tmp_pa
 
 
 def test_a_tiny_spread_at_a_large_mean_is_noise():
-    from modpo_pipe.train import unusable_std
+    from modpo_pipe.reward_stats import unusable_std
 
     assert unusable_std(1000.0, 1e-4) is not None  # 1e-7 of the mean: float32 rounding
     assert unusable_std(1000.0, 1e-2) is None
