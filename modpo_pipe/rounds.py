@@ -38,6 +38,11 @@ stage's resume key, so shards made with other settings never mix in), holding on
 .lock-shard-I-of-N while they work. The coordinator's next invocation merges the N shards (shards.py) and
 marks the stage done; training stays with the coordinator. The rows do not depend on N.
 
+The lock, the manifest and its records live in runstate.py, durable files and fingerprints in storage.py, the
+status view in status.py. This module reads top to bottom: the two entry points (`advance`, `work_shard`), what
+they share, then `Run`: what each round's stages read and write, the survey of what is due, and the running of
+one stage.
+
 This module imports no torch at import time: a second invocation that finds the lock held exits in well
 under a second.
 """
@@ -47,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -56,14 +60,25 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modpo_pipe import storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.storage import file_info, file_problem, tree_fingerprint, tree_info, tree_problem
+from modpo_pipe.runstate import (
+    STAGES,
+    Manifest,
+    StageState,
+    json_normal,
+    model_identity,
+    now,
+    reward_identity,
+    round_name,
+    run_lock,
+    settings_diff,
+)
 from modpo_pipe.tracking import RunTracker
 
 # Exit codes of `modpo-pipe run` (sysexits.h names where one fits).
@@ -72,10 +87,6 @@ EXIT_FAILURE = 1  # a stage failed, or the settings/inputs are wrong; the messag
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another invocation holds the run's lock; nothing was touched
 EXIT_CONFIG_CHANGED = 78  # EX_CONFIG: the settings changed in a way that would redo finished stages
 
-STAGES = ("generate", "score", "train")
-MANIFEST_NAME = "state.json"
-LOCK_NAME = ".lock"
-MANIFEST_VERSION = 1
 REFERENCES = ("fixed", "previous")
 
 # Settings that cannot change a stage's result, so changing them never invalidates a finished stage.
@@ -93,10 +104,6 @@ _STAGE_FILES = {"generate": ["prompts.jsonl", "pairs.parquet"], "score": ["score
                 "train": ["policy", "metrics.jsonl"]}
 
 
-class LockHeld(ModpoError):
-    """Another invocation holds the run directory's lock."""
-
-
 class ConfigChanged(ModpoError):
     """The settings differ from those finished stages ran with."""
 
@@ -105,149 +112,174 @@ class ShardsPending(ModpoError):
     """A sharded stage is open and not every shard is written yet: the stage waits for its workers."""
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+# ------------------------------------------------------------------------------------------- entry points
 
 
-# ----------------------------------------------------------------------------------------------------- lock
+def _log_stderr(message: str) -> None:
+    print(f"{now()} {message}", file=sys.stderr, flush=True)
+
+
+def advance(run_dir: Path, settings: Settings, *, max_stages: int | None = None, until: str | None = None,
+            allow_config_change: bool = False, log: Callable[[str], None] = _log_stderr,
+            progress: bool | None = None) -> AdvanceReport:
+    """Run what is due in `run_dir`, stage by stage, holding its lock throughout.
+
+    max_stages: run at most this many stages; until="round": stop once the round of the first due stage is
+    trained. Raises LockHeld, ConfigChanged, or whatever a failing stage raised (after recording it);
+    an OSError as a ModpoError."""
+    with filesystem_errors(Path(run_dir)):
+        return _advance(run_dir, settings, max_stages=max_stages, until=until,
+                        allow_config_change=allow_config_change, log=log, progress=progress)
+
+
+def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until: str | None,
+             allow_config_change: bool, log: Callable[[str], None], progress: bool | None) -> AdvanceReport:
+    if max_stages is not None and max_stages < 1:
+        raise ModpoError(f"--max-stages must be >= 1; got {max_stages}")
+    if until not in (None, "round", "end"):
+        raise ModpoError(f"--until must be 'round' or 'end'; got {until!r}")
+    run_dir = Path(run_dir)
+    with run_lock(run_dir), contextlib.closing(RunTracker(run_dir.resolve(), settings.train.report_to, {
+            "run": settings.run, "generate": settings.generate, "score": settings.score, "train": settings.train,
+            "model": settings.model}, settings.model.device)) as tracker:
+        run = Run(run_dir, settings, progress)
+        if not run.progress:  # cron logs: no progress bars from model loading either (read at import)
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        manifest = Manifest.load(run.dir)
+        manifest.data["initial_policy"] = settings.generate.policy  # saved with the next stage transition
+        states = run.survey(manifest)
+        if any(s.changed for s in states):
+            message = config_change_message(states)
+            if not allow_config_change:
+                raise ConfigChanged(message)
+            log("--allow-config-change: " + message.splitlines()[0].replace("running now would redo", "redoing"))
+        ran: list[str] = []
+        target_round: int | None = None
+        while True:
+            due = next((s for s in states if not s.valid), None)
+            if due is None:
+                log(f"{run.dir}: all {settings.run.rounds} rounds done; nothing to do")
+                return AdvanceReport(ran, None, settings.run.rounds)
+            if due.status == "redo":
+                log(f"{due.name}: redoing: {due.reason}")
+            elif due.status == "failed" and due.reason:
+                log(f"{due.name}: the last attempt failed: {due.reason}")
+            stop = (max_stages is not None and len(ran) >= max_stages) or (
+                until == "round" and target_round is not None and due.round != target_round)
+            if stop:
+                log(f"stopping as asked; next due: {due.name}")
+                return AdvanceReport(ran, due.name, settings.run.rounds)
+            target_round = due.round if target_round is None else target_round
+            if run.execute(due, manifest, log)["status"] == "waiting":  # its shard workers have work to do
+                return AdvanceReport(ran, due.name, settings.run.rounds)
+            ran.append(due.name)
+            track_stage(tracker, manifest, due.round, due.stage, run.round_dir(due.round))
+            states = run.survey(manifest)
+
+
+def work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
+               log: Callable[[str], None] = _log_stderr, progress: bool | None = None) -> str | None:
+    """`run --shard I/N`: compute shard I of the generate or score stage the coordinating `run` opened (status
+    `waiting`). Holds the run's lock only to read the manifest, then RUN/.lock-shard-I-of-N while it works.
+    Returns the stage's name, or None when no stage waits for shards (nothing is touched then)."""
+    with filesystem_errors(Path(run_dir)):
+        return _work_shard(run_dir, settings, shard, log=log, progress=progress)
+
+
+def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
+                log: Callable[[str], None], progress: bool | None) -> str | None:
+    from modpo_pipe import shards
+
+    index, count = shard
+    if settings.run.shards != count:
+        raise ModpoError(f"--shard {index}/{count}: the run is split into [run].shards = {settings.run.shards}")
+    run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        run = Run(run_dir, settings, progress)
+        if not run.progress:
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        manifest = Manifest.load(run.dir)
+        states = run.survey(manifest)
+        if any(s.changed for s in states):
+            raise ConfigChanged(config_change_message(states))
+        due = next((s for s in states if not s.valid), None)
+        if due is None or due.status != "waiting" or due.record is None or due.inputs is None:
+            log(f"shard {index}/{count}: nothing to do now; "
+                + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
+            return None
+        key = run.resume_key(due.round, due.stage, due.inputs)
+        if due.record.get("resume_key") != key:  # opened with other settings: the coordinator reopens it
+            log(f"shard {index}/{count}: {due.name} was opened with other settings; nothing to do until the "
+                "coordinating `run` opens it again")
+            return None
+        stage_settings, source, out = run.stage_job(due.round, due.stage, key)
+    with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
+        log(f"{due.name}: shard {index}/{count}: starting")
+        started = time.time()
+        if due.stage == "generate":
+            from modpo_pipe.generate import run_generate
+
+            report = run_generate(stage_settings, source, out, round_index=due.round, progress=run.progress,
+                                  shard=shard)
+        else:
+            from modpo_pipe.score import run_score
+
+            report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
+        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
+            f"{report.out})")
+    return due.name
+
+
+# --------------------------------------------------------------------------- what the entry points share
+
+
+def track_stage(tracker: RunTracker, manifest: Manifest, k: int, stage: str, round_dir: Path) -> None:
+    """All rounds on one tracker run, one step axis (optimizer steps summed over rounds): round k's reward means
+    once it is scored, at the step its training starts from; its training metrics once it is trained."""
+    trained = [manifest.get(j, "train") or {} for j in range(k)]
+    offset = sum(int(r.get("summary", {}).get("steps", 0)) for r in trained if r.get("status") == "done")
+    record = manifest.get(k, stage) or {}
+    if stage == "score":
+        tracker.round_rewards(k, record.get("summary", {}).get("reward_mean", {}), offset)
+    elif stage == "train":
+        tracker.round_training(round_dir / "metrics.jsonl", offset)
+
+
+@dataclass
+class AdvanceReport:
+    ran: list[str]  # stage names run by this invocation, in order
+    due: str | None  # what the next invocation would run; None: every round is done
+    rounds: int
+
+
+def config_change_message(states: list[StageState]) -> str:
+    changed = [s for s in states if s.changed]
+    first = min(states.index(s) for s in changed)
+    later = [s for s in states[first + 1:] if s.record and s.record["status"] == "done" and not s.changed]
+    lines = ["the settings changed since these finished stages ran; running now would redo them:"]
+    for s in changed:
+        lines.append(f"  {s.name}: " + "; ".join(s.changed))
+    if later:
+        lines.append(f"  and, since they depend on {changed[0].name}, the finished stages after it: "
+                     + ", ".join(s.name for s in later))
+    lines.append("Restore the settings, or pass --allow-config-change to redo them with the new ones.")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, name: str = LOCK_NAME) -> Iterator[None]:
-    """Hold an exclusive flock on RUN/.lock (or RUN/`name`) for the block. The kernel drops it when the holder
-    dies, so a lock left by a killed process never blocks. A second holder gets LockHeld without writing
-    anything."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def filesystem_errors(run_dir: Path) -> Iterator[None]:
+    """An OSError that no stage turned into a message (a read-only run directory, a full disk while writing
+    the manifest): one line naming the file. state.json is only ever replaced whole, so it still holds the
+    last state it recorded."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            raise LockHeld(f"{run_dir / name}: another invocation holds the lock ({holder or 'holder unknown'}); "
-                           "nothing done") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
         yield
-    finally:
-        os.close(fd)
+    except OSError as e:
+        where = e.filename or run_dir
+        hint = "; the run directory must be writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise ModpoError(f"{where}: {e.strerror or e}{hint}") from e
 
 
-def lock_is_held(run_dir: Path) -> bool:
-    """Whether an invocation holds the lock now (a momentary shared-lock probe; never blocks)."""
-    path = run_dir / LOCK_NAME
-    if not path.exists():
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's lock
-    return False
-
-
-# ------------------------------------------------------------------------------------------ identities
-
-
-def model_identity(path_or_id: str) -> str:
-    """Content fingerprint of an external model (initial policy, fixed reference, reward model)."""
-    from modpo_pipe import models
-
-    return models.fingerprint(path_or_id)
-
-
-def reward_identity(spec: str) -> str:
-    """Fingerprint of a reward spec without loading it: the model's files, or the callable's source file."""
-    if not spec.startswith("py:"):
-        return model_identity(spec)
-    module, _, _ = spec[len("py:"):].rpartition(":")
-    source: str | None = module if module.endswith(".py") else None
-    if source is None:
-        import importlib.util
-
-        try:
-            found = importlib.util.find_spec(module)
-            source = found.origin if found else None
-        except (ImportError, ValueError):
-            source = None
-    if source and Path(source).is_file():
-        return storage.sha256_file(Path(source))[:32]
-    return "unresolved:" + spec
-
-
-def _json_normal(value: Any) -> Any:
-    """The value as it reads back from the manifest (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(value, sort_keys=True))
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-
-
-@dataclass
-class Manifest:
-    path: Path
-    data: dict[str, Any]
-
-    @classmethod
-    def load(cls, run_dir: Path) -> Manifest:
-        path = run_dir / MANIFEST_NAME
-        if not path.exists():
-            return cls(path, {"version": MANIFEST_VERSION, "created": now(), "rounds": {}})
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModpoError(f"{path}: unreadable manifest ({e}); it is only ever replaced atomically, so "
-                             "something else wrote it. Restore it, or move it aside to redo every round") from None
-        if data.get("version") != MANIFEST_VERSION:
-            raise ModpoError(f"{path}: manifest version {data.get('version')} is not supported "
-                             f"(this modpo-pipe writes {MANIFEST_VERSION})")
-        return cls(path, data)
-
-    def get(self, k: int, stage: str) -> dict[str, Any] | None:
-        return self.data["rounds"].get(str(k), {}).get(stage)
-
-    def put(self, k: int, stage: str, record: dict[str, Any]) -> None:
-        self.data["rounds"].setdefault(str(k), {})[stage] = record
-
-    def recorded_rounds(self) -> list[int]:
-        return sorted(int(k) for k in self.data["rounds"])
-
-    def save(self) -> None:
-        self.data["updated"] = now()
-        storage.write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------- plan
-
-
-@dataclass
-class StageState:
-    """One stage of one round as the current settings and files see it."""
-
-    round: int
-    stage: str
-    status: str  # done | pending | running | failed | redo
-    reason: str = ""  # why it is due again (redo), or the last error (failed)
-    record: dict[str, Any] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    inputs: dict[str, Any] | None = None  # None: an earlier stage is not done yet
-    changed: list[str] = field(default_factory=list)  # settings that differ from a finished record
-
-    @property
-    def name(self) -> str:
-        return f"{round_name(self.round)} {self.stage}"
-
-    @property
-    def valid(self) -> bool:
-        return self.status == "done"
-
-
-def round_name(k: int) -> str:
-    return f"round-{k:03d}"
+# ---------------------------------------------------------------------------------------------- the run
 
 
 def check_run_settings(settings: Settings) -> None:
@@ -371,7 +403,7 @@ class Run:
             out["run.replay (rounds replayed)"] = self.replay_rounds(k)
             if s.train.normalize == "zscore":
                 out["run.reward_stats (z-score statistics)"] = f"{round_name(0)} samples, fixed for the run"
-        return _json_normal(out)
+        return json_normal(out)
 
     def stage_inputs(self, k: int, stage: str, manifest: Manifest) -> dict[str, Any]:
         """Fingerprints of the run's own files the stage reads, from the (verified) upstream records."""
@@ -399,9 +431,9 @@ class Run:
             if name == "policy":
                 if not path.is_symlink() or os.readlink(path) != info["target"]:
                     return f"{round_name(k)}/policy is missing or points elsewhere"
-                problem = tree_problem(path, info["files"])
+                problem = storage.tree_problem(path, info["files"])
             else:
-                problem = file_problem(path, info)
+                problem = storage.file_problem(path, info)
             if problem:
                 return f"{round_name(k)}/{name} {problem}"
         return None
@@ -416,9 +448,9 @@ class Run:
                 record = manifest.get(k, stage)
                 st = StageState(k, stage, "pending", record=record, settings=self.stage_settings(k, stage))
                 if record is not None and record["status"] == "done":
-                    st.changed = _diff(record["settings"], st.settings)
+                    st.changed = settings_diff(record["settings"], st.settings)
                 if chain_ok:
-                    st.inputs = _json_normal(self.stage_inputs(k, stage, manifest))
+                    st.inputs = json_normal(self.stage_inputs(k, stage, manifest))
                 if record is None:
                     st.status = "pending"
                 elif record["status"] == "running":
@@ -487,7 +519,7 @@ class Run:
         if stage == "train" and not self.settings.run.keep_train_state:
             shutil.rmtree(round_dir / "train" / "state", ignore_errors=True)
         self._remove_shards(k, stage)
-        log(f"{st.name}: done in {record['seconds']:.1f}s ({_headline(stage, summary)})")
+        log(f"{st.name}: done in {record['seconds']:.1f}s ({headline(stage, summary)})")
         return record
 
     def resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
@@ -591,8 +623,8 @@ class Run:
             summary = {"rows": report.pairs, "prompts": report.prompts, "backend": report.backend,
                        "long_prompts_dropped": report.long_prompts_dropped,
                        "response_tokens": report.response_tokens}
-        outputs = {"prompts.jsonl": file_info(prompts_path),
-                   "pairs.parquet": {**file_info(out), "rows": summary["rows"]}}
+        outputs = {"prompts.jsonl": storage.file_info(prompts_path),
+                   "pairs.parquet": {**storage.file_info(out), "rows": summary["rows"]}}
         return outputs, summary
 
     def _run_score(self, k: int, resume: bool, key: str) -> tuple[dict, dict]:
@@ -607,7 +639,7 @@ class Run:
             summary = {"rows": report.pairs, "dropped_invalid_reward": getattr(report, "dropped_invalid_reward", 0),
                        "reward_mean": {n: s["mean"] for n, s in report.rewards.items()},
                        "reward_std": {n: s["std"] for n, s in report.rewards.items()}}
-        outputs = {"scored.parquet": {**file_info(out), "rows": summary["rows"]}}
+        outputs = {"scored.parquet": {**storage.file_info(out), "rows": summary["rows"]}}
         return outputs, summary
 
     def _run_train(self, k: int, resume: bool, key: str) -> tuple[dict, dict]:
@@ -630,9 +662,9 @@ class Run:
         target = "train/merged" if lora else "train/final"
         storage.symlink_atomic(target, round_dir / "policy")
         storage.copy_atomic(out / "metrics.jsonl", round_dir / "metrics.jsonl")
-        files = tree_info(round_dir / "policy")
-        outputs = {"policy": {"target": target, "fingerprint": tree_fingerprint(files), "files": files},
-                   "metrics.jsonl": file_info(round_dir / "metrics.jsonl")}
+        files = storage.tree_info(round_dir / "policy")
+        outputs = {"policy": {"target": target, "fingerprint": storage.tree_fingerprint(files), "files": files},
+                   "metrics.jsonl": storage.file_info(round_dir / "metrics.jsonl")}
         summary = {"rows": report.pairs, "dropped_identical": report.dropped_identical, "steps": report.steps,
                    "resumed_from": report.resumed_from, **metrics_summary(round_dir / "metrics.jsonl"),
                    "reward_stats": (report.target or {}).get("reward_stats")}
@@ -670,18 +702,7 @@ def metrics_summary(path: Path) -> dict[str, Any]:
             "kl_k2": statistics.fmean(in_epoch(last, "kl_k2") or [float("nan")])}
 
 
-def _diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(recorded) | set(current))
-    return [f"{key}: {_short(recorded.get(key))} -> {_short(current.get(key))}" for key in keys
-            if recorded.get(key) != current.get(key)]
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _headline(stage: str, summary: dict[str, Any]) -> str:
+def headline(stage: str, summary: dict[str, Any]) -> str:
     if not summary:
         return ""
     if stage == "generate":
@@ -694,225 +715,3 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
     if "kl_k2" in summary:  # (runs recorded before it replaced kl_proxy lack it)
         text += f", kl_k2 {summary['kl_k2']:.4g}"
     return text
-
-
-# ------------------------------------------------------------------------------------------- invocation
-
-
-def track_stage(tracker: RunTracker, manifest: Manifest, k: int, stage: str, round_dir: Path) -> None:
-    """All rounds on one tracker run, one step axis (optimizer steps summed over rounds): round k's reward means
-    once it is scored, at the step its training starts from; its training metrics once it is trained."""
-    trained = [manifest.get(j, "train") or {} for j in range(k)]
-    offset = sum(int(r.get("summary", {}).get("steps", 0)) for r in trained if r.get("status") == "done")
-    record = manifest.get(k, stage) or {}
-    if stage == "score":
-        tracker.round_rewards(k, record.get("summary", {}).get("reward_mean", {}), offset)
-    elif stage == "train":
-        tracker.round_training(round_dir / "metrics.jsonl", offset)
-
-
-@dataclass
-class AdvanceReport:
-    ran: list[str]  # stage names run by this invocation, in order
-    due: str | None  # what the next invocation would run; None: every round is done
-    rounds: int
-
-
-def _log_stderr(message: str) -> None:
-    print(f"{now()} {message}", file=sys.stderr, flush=True)
-
-
-def config_change_message(states: list[StageState]) -> str:
-    changed = [s for s in states if s.changed]
-    first = min(states.index(s) for s in changed)
-    later = [s for s in states[first + 1:] if s.record and s.record["status"] == "done" and not s.changed]
-    lines = ["the settings changed since these finished stages ran; running now would redo them:"]
-    for s in changed:
-        lines.append(f"  {s.name}: " + "; ".join(s.changed))
-    if later:
-        lines.append(f"  and, since they depend on {changed[0].name}, the finished stages after it: "
-                     + ", ".join(s.name for s in later))
-    lines.append("Restore the settings, or pass --allow-config-change to redo them with the new ones.")
-    return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def filesystem_errors(run_dir: Path) -> Iterator[None]:
-    """An OSError that no stage turned into a message (a read-only run directory, a full disk while writing
-    the manifest): one line naming the file. state.json is only ever replaced whole, so it still holds the
-    last state it recorded."""
-    try:
-        yield
-    except OSError as e:
-        where = e.filename or run_dir
-        hint = "; the run directory must be writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
-        raise ModpoError(f"{where}: {e.strerror or e}{hint}") from e
-
-
-def advance(run_dir: Path, settings: Settings, *, max_stages: int | None = None, until: str | None = None,
-            allow_config_change: bool = False, log: Callable[[str], None] = _log_stderr,
-            progress: bool | None = None) -> AdvanceReport:
-    """Run what is due in `run_dir`, stage by stage, holding its lock throughout.
-
-    max_stages: run at most this many stages; until="round": stop once the round of the first due stage is
-    trained. Raises LockHeld, ConfigChanged, or whatever a failing stage raised (after recording it);
-    an OSError as a ModpoError."""
-    with filesystem_errors(Path(run_dir)):
-        return _advance(run_dir, settings, max_stages=max_stages, until=until,
-                        allow_config_change=allow_config_change, log=log, progress=progress)
-
-
-def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until: str | None,
-             allow_config_change: bool, log: Callable[[str], None], progress: bool | None) -> AdvanceReport:
-    if max_stages is not None and max_stages < 1:
-        raise ModpoError(f"--max-stages must be >= 1; got {max_stages}")
-    if until not in (None, "round", "end"):
-        raise ModpoError(f"--until must be 'round' or 'end'; got {until!r}")
-    run_dir = Path(run_dir)
-    with run_lock(run_dir), contextlib.closing(RunTracker(run_dir.resolve(), settings.train.report_to, {
-            "run": settings.run, "generate": settings.generate, "score": settings.score, "train": settings.train,
-            "model": settings.model}, settings.model.device)) as tracker:
-        run = Run(run_dir, settings, progress)
-        if not run.progress:  # cron logs: no progress bars from model loading either (read at import)
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        manifest = Manifest.load(run.dir)
-        manifest.data["initial_policy"] = settings.generate.policy  # saved with the next stage transition
-        states = run.survey(manifest)
-        if any(s.changed for s in states):
-            message = config_change_message(states)
-            if not allow_config_change:
-                raise ConfigChanged(message)
-            log("--allow-config-change: " + message.splitlines()[0].replace("running now would redo", "redoing"))
-        ran: list[str] = []
-        target_round: int | None = None
-        while True:
-            due = next((s for s in states if not s.valid), None)
-            if due is None:
-                log(f"{run.dir}: all {settings.run.rounds} rounds done; nothing to do")
-                return AdvanceReport(ran, None, settings.run.rounds)
-            if due.status == "redo":
-                log(f"{due.name}: redoing: {due.reason}")
-            elif due.status == "failed" and due.reason:
-                log(f"{due.name}: the last attempt failed: {due.reason}")
-            stop = (max_stages is not None and len(ran) >= max_stages) or (
-                until == "round" and target_round is not None and due.round != target_round)
-            if stop:
-                log(f"stopping as asked; next due: {due.name}")
-                return AdvanceReport(ran, due.name, settings.run.rounds)
-            target_round = due.round if target_round is None else target_round
-            if run.execute(due, manifest, log)["status"] == "waiting":  # its shard workers have work to do
-                return AdvanceReport(ran, due.name, settings.run.rounds)
-            ran.append(due.name)
-            track_stage(tracker, manifest, due.round, due.stage, run.round_dir(due.round))
-            states = run.survey(manifest)
-
-
-def work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
-               log: Callable[[str], None] = _log_stderr, progress: bool | None = None) -> str | None:
-    """`run --shard I/N`: compute shard I of the generate or score stage the coordinating `run` opened (status
-    `waiting`). Holds the run's lock only to read the manifest, then RUN/.lock-shard-I-of-N while it works.
-    Returns the stage's name, or None when no stage waits for shards (nothing is touched then)."""
-    with filesystem_errors(Path(run_dir)):
-        return _work_shard(run_dir, settings, shard, log=log, progress=progress)
-
-
-def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
-                log: Callable[[str], None], progress: bool | None) -> str | None:
-    from modpo_pipe import shards
-
-    index, count = shard
-    if settings.run.shards != count:
-        raise ModpoError(f"--shard {index}/{count}: the run is split into [run].shards = {settings.run.shards}")
-    run_dir = Path(run_dir)
-    with run_lock(run_dir):
-        run = Run(run_dir, settings, progress)
-        if not run.progress:
-            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        manifest = Manifest.load(run.dir)
-        states = run.survey(manifest)
-        if any(s.changed for s in states):
-            raise ConfigChanged(config_change_message(states))
-        due = next((s for s in states if not s.valid), None)
-        if due is None or due.status != "waiting" or due.record is None or due.inputs is None:
-            log(f"shard {index}/{count}: nothing to do now; "
-                + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
-            return None
-        key = run.resume_key(due.round, due.stage, due.inputs)
-        if due.record.get("resume_key") != key:  # opened with other settings: the coordinator reopens it
-            log(f"shard {index}/{count}: {due.name} was opened with other settings; nothing to do until the "
-                "coordinating `run` opens it again")
-            return None
-        stage_settings, source, out = run.stage_job(due.round, due.stage, key)
-    with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
-        log(f"{due.name}: shard {index}/{count}: starting")
-        started = time.time()
-        if due.stage == "generate":
-            from modpo_pipe.generate import run_generate
-
-            report = run_generate(stage_settings, source, out, round_index=due.round, progress=run.progress,
-                                  shard=shard)
-        else:
-            from modpo_pipe.score import run_score
-
-            report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
-        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
-            f"{report.out})")
-    return due.name
-
-
-# ----------------------------------------------------------------------------------------------- status
-
-
-def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
-    """Per round and stage: status, rows, wall time and headline metrics; read-only, takes no lock."""
-    run = Run(run_dir, settings, progress=False)
-    if not (run.dir / MANIFEST_NAME).exists() and not run.dir.exists():
-        raise ModpoError(f"{run.dir}: no such run directory")
-    manifest = Manifest.load(run.dir)
-    held = lock_is_held(run.dir)
-    states = run.survey(manifest, lock_held_elsewhere=held)
-    rows = []
-    for s in states:
-        record = s.record or {}
-        summary = record.get("summary", {}) if record.get("status") == "done" else {}
-        rows.append({"round": s.round, "stage": s.stage, "status": s.status, "reason": s.reason,
-                     "rows": summary.get("rows"), "seconds": record.get("seconds"),
-                     "started": record.get("started"), "finished": record.get("finished"),
-                     "summary": summary, "settings_changed": s.changed})
-    due = next((s for s in states if not s.valid), None)
-    rewards = {}
-    for s in states:
-        if s.stage == "score" and s.record and s.record.get("status") == "done":
-            rewards[s.round] = s.record["summary"]["reward_mean"]
-    return {"run_dir": str(run.dir), "rounds": settings.run.rounds, "running": held,
-            "done": sum(s.valid for s in states), "stages": len(states),
-            "next": due.name if due else None, "config_changed": any(s.changed for s in states),
-            "table": rows, "reward_mean_by_round": rewards}
-
-
-def format_status(report: dict[str, Any]) -> str:
-    lines = [f"{report['run_dir']}: {report['rounds']} rounds, {report['done']}/{report['stages']} stages done"
-             + ("; an invocation is running now" if report["running"] else "")
-             + (f"; next: {report['next']}" if report["next"] else "; finished")]
-    lines.append(f"{'round':<10} {'stage':<9} {'status':<8} {'rows':>6} {'wall':>8}  headline")
-    for row in report["table"]:
-        wall = f"{row['seconds']:.1f}s" if row["seconds"] is not None else "-"
-        rows = str(row["rows"]) if row["rows"] is not None else "-"
-        text = _headline(row["stage"], row["summary"]) if row["status"] == "done" else row["reason"]
-        if row["stage"] == "generate" and row["status"] == "done":
-            text = f"{row['summary'].get('prompts')} prompts"
-        lines.append(f"{round_name(row['round']):<10} {row['stage']:<9} {row['status']:<8} {rows:>6} {wall:>8}  "
-                     f"{text}")
-    if report["reward_mean_by_round"]:
-        names = sorted({n for means in report["reward_mean_by_round"].values() for n in means})
-        lines.append("")
-        lines.append("mean reward on each round's samples:")
-        lines.append(f"{'round':<10} " + " ".join(f"{n:>12}" for n in names))
-        for k, means in sorted(report["reward_mean_by_round"].items()):
-            lines.append(f"{round_name(k):<10} " + " ".join(
-                f"{means[n]:>12.4g}" if n in means else f"{'-':>12}" for n in names))
-    if report["config_changed"]:
-        lines.append("")
-        lines.append("the settings differ from those finished stages ran with (see 'redo' rows); "
-                     "`run` refuses unless --allow-config-change")
-    return "\n".join(lines)
