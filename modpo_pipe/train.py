@@ -93,7 +93,7 @@ class TokenLists(Sequence):
 
 
 @dataclass
-class TrainingPairs:
+class TrainingGroups:
     """The groups train learns from, flattened: response r of the file order sits at index r of the
     per-response tensors, group g's responses are response_start[g] : response_start[g + 1], and its pairs
     pair_start[g] : pair_start[g + 1] (first and second hold response indices). A pair's teacher margin is the
@@ -173,8 +173,8 @@ def flat(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pc.list_flatten(chunk) for chunk in column.chunks], column.type.value_type)
 
 
-def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str,
-                        stats_path: Path | None = None, pairing: str = "all") -> TrainingPairs:
+def load_training_groups(paths: list[Path], weights: dict[str, float], normalize: str,
+                         stats_path: Path | None = None, pairing: str = "all") -> TrainingGroups:
     """Read scored files, compute each response's weighted reward, pair the responses of every group
     (`pairing`), drop pairs of identical responses and groups left without a pair. Only the columns training
     needs are read (no text), and token ids stay in Arrow.
@@ -262,7 +262,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     assert names is not None and w is not None
     pa.default_memory_pool().release_unused()  # what reading needed beyond the columns kept
     zero = torch.zeros(1, dtype=torch.int64)
-    return TrainingPairs(
+    return TrainingGroups(
         group_ids, TokenLists(prompts), TokenLists(responses),
         torch.cumsum(torch.cat([zero, *sizes]), 0), torch.cat(refs).float(), torch.cat(scores).float(),
         torch.cat(firsts).long(), torch.cat(seconds).long(),
@@ -271,7 +271,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     )
 
 
-def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) -> None:
+def check_vocabulary(paths: list[Path], data: TrainingGroups, vocab_size: int) -> None:
     """Refuse token ids the policy's vocabulary lacks (an IndexError deep inside the model otherwise); the
     offending file is read again only to name the row."""
     for path, top in zip(paths, data.max_token_ids):
@@ -281,7 +281,7 @@ def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) ->
             raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
 
 
-def target_record(data: TrainingPairs, t: TrainSettings) -> dict[str, Any]:
+def target_record(data: TrainingGroups, t: TrainSettings) -> dict[str, Any]:
     """What the policy is trained toward, pi_ref * exp(r_w / beta): for metrics.jsonl and modpo_pipe.json."""
     return {"beta": t.beta, "weights": data.weights, "loss": t.loss, "normalize": t.normalize,
             "reward_stats": data.stats.as_record() if data.stats else None}
@@ -340,21 +340,25 @@ def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 == 0 else -first
 
 
-def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
-    """Every optimizer step as (epoch, its group indices), in training order (`n_pairs`: the number of groups;
+def optimizer_step_groups(n_groups: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
+    """Every optimizer step as (epoch, its group indices), in training order (`n_groups`: the number of groups;
     with N = 2 each group is one pair). A step takes the global batch, batch_size * grad_accum * processes
     groups. The remainder of an epoch is folded into its last step (which
-    then holds up to twice the global batch), never a step of its own: a step of one pair would move the
+    then holds up to twice the global batch), never a step of its own: a step of one group would move the
     weights as far as a full one, since Adam's update does not shrink with the gradient's scale (so scaling
     the loss down would not help). An epoch shorter than one global batch is one step."""
     per_step = t.batch_size * t.grad_accum * processes
-    full = max(1, n_pairs // per_step)
+    full = max(1, n_groups // per_step)
     steps = []
     for epoch in range(t.epochs):
-        order = epoch_order(n_pairs, t.seed, epoch)
-        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_pairs])
+        order = epoch_order(n_groups, t.seed, epoch)
+        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_groups])
                   for i in range(full)]
     return steps
+
+
+# The old name, for benchmarks/gpu_check.py until it calls optimizer_step_groups (issue 17 moves benchmarks/).
+optimizer_steps = optimizer_step_groups
 
 
 @dataclass
@@ -371,7 +375,7 @@ class GroupBatch:
     pair_weight: torch.Tensor
 
 
-def group_batch(data: TrainingPairs, groups: list[int]) -> GroupBatch:
+def group_batch(data: TrainingGroups, groups: list[int]) -> GroupBatch:
     prompts, responses, response_index, first, second, pair_index, pair_weight = [], [], [], [], [], [], []
     for g in groups:
         a, b = int(data.response_start[g]), int(data.response_start[g + 1])
@@ -389,17 +393,17 @@ def group_batch(data: TrainingPairs, groups: list[int]) -> GroupBatch:
                       torch.tensor(pair_index), torch.tensor(pair_weight))
 
 
-def micro_batches(step_pairs: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
-    """Process `rank`'s share of one step (every processes-th pair from the rank-th), in micro-batches. Every
+def micro_batch_groups(step_groups: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
+    """Process `rank`'s share of one step (every processes-th group from the rank-th), in micro-batches. Every
     process gets as many micro-batches as the busiest one, padded with empty ones: the gradient reductions
     of DDP, FSDP and DeepSpeed need each process to run the same number of backward passes."""
-    mine = step_pairs[rank::processes]
+    mine = step_groups[rank::processes]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    busiest = math.ceil(math.ceil(len(step_pairs) / processes) / batch_size)
+    busiest = math.ceil(math.ceil(len(step_groups) / processes) / batch_size)
     return batches + [[] for _ in range(busiest - len(batches))]
 
 
-def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
+def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
     micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
@@ -439,8 +443,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     # --- data: teacher margins and cached reference log-probs; no reference model anywhere ---
     if t.reward_stats and t.normalize != "zscore":
         raise ModpoError(f"[train].reward_stats ({t.reward_stats}) needs normalize = \"zscore\"")
-    data = load_training_pairs(scored_paths, t.weights, t.normalize,
-                               Path(t.reward_stats) if t.reward_stats else None, t.pairs)
+    data = load_training_groups(scored_paths, t.weights, t.normalize,
+                                Path(t.reward_stats) if t.reward_stats else None, t.pairs)
     target = target_record(data, t)
     ref_identity = data.meta.get("ref", {})
     policy_path = t.policy or ref_identity.get("path") or ""
@@ -454,7 +458,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         warn_unusable_stats(data.stats)
     policy_fingerprint = models.fingerprint(policy_path)
     policy_is_ref = policy_fingerprint == ref_identity.get("fingerprint")
-    steps = optimizer_steps(len(data), t, processes)
+    steps = optimizer_step_groups(len(data), t, processes)
     fingerprint = run_fingerprint(data, t, policy_fingerprint, processes)
 
     # --- model ---
@@ -537,7 +541,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     orientation_epoch, orientation = -1, torch.empty(0)
     pair_teachers = data.teacher  # (pairs,) computed once: a property
     for step in range(start_step, len(steps)):
-        epoch, step_pairs = steps[step]
+        epoch, step_groups = steps[step]
         if epoch != orientation_epoch:
             orientation_epoch, orientation = epoch, pair_orientation(data.pairs, t.seed, epoch)
         lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
@@ -546,13 +550,13 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         # Dropout noise depends on the step (resumable) and the process (each draws its own).
         torch.manual_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007)
         step_started = time.time()
-        groups_in_step = len(step_pairs)
-        batches = micro_batches(step_pairs, t.batch_size, rank, processes)
-        pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_pairs))
+        groups_in_step = len(step_groups)
+        batches = micro_batch_groups(step_groups, t.batch_size, rank, processes)
+        pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_groups))
         loss_sum, tokens, students, teachers, log_ratios = 0.0, 0, [], [], []
         for j, idx in enumerate(batches):
             padding = not idx  # this process has no groups left in the step: a zero-weight pass over one
-            idx = idx or step_pairs[:1]
+            idx = idx or step_groups[:1]
             with gradient_sync(accelerator, model, last=j == len(batches) - 1):
                 batch_groups = group_batch(data, idx)
                 # One forward over every response of every group: each response once, however many pairs.
