@@ -6,7 +6,7 @@ what its stages read from outside it.
     RUN/state.json     the manifest: per round and stage, a record of status, inputs, outputs (content
                        fingerprints, storage.py), settings and timestamps; replaced atomically at every transition
 
-rounds.py decides from these records what is due; status.py shows them. Standard library only: an invocation
+rounds.py decides from these records what is due; status.py shows them. No torch at import time: an invocation
 that finds the lock held exits in well under a second.
 """
 
