@@ -498,7 +498,7 @@ def inspect_command(
             typer.echo(f"{key}: {json.dumps(value, indent=2) if isinstance(value, (dict, list)) else value}")
 
 
-# --- iterative rounds: `run` and `status` (modpo_pipe/rounds.py) ---
+# --- iterative rounds: `run` (modpo_pipe/rounds.py) and `status` (modpo_pipe/status.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
 _RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy"),
@@ -537,11 +537,11 @@ def _run_settings(workdir: Path, config: Path | None, kwargs: dict[str, Any]) ->
 @contextmanager
 def _run_exit_codes() -> Iterator[None]:
     """rounds.EXIT_*: 75 when another invocation holds the lock, 78 for a refused settings change, 1 else."""
-    from modpo_pipe import rounds
+    from modpo_pipe import rounds, runstate
 
     try:
         yield
-    except rounds.LockHeld as e:
+    except runstate.LockHeld as e:
         typer.secho(f"locked: {e}", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(rounds.EXIT_LOCKED) from None
     except rounds.ConfigChanged as e:
@@ -554,6 +554,7 @@ def _run_exit_codes() -> Iterator[None]:
 
 def _register_run_commands() -> None:
     from modpo_pipe import rounds  # light: no torch
+    from modpo_pipe import status as status_view
 
     def run_command(**kwargs: Any) -> None:
         workdir, config = kwargs.pop("workdir"), kwargs.pop("config")
@@ -599,8 +600,8 @@ def _register_run_commands() -> None:
         workdir, config, as_json = kwargs.pop("workdir"), kwargs.pop("config"), kwargs.pop("as_json")
         with _run_exit_codes():
             settings = _run_settings(workdir, config, kwargs)
-            report = rounds.status(workdir, settings)
-        typer.echo(json.dumps(report, indent=2) if as_json else rounds.format_status(report))
+            report = status_view.status(workdir, settings)
+        typer.echo(json.dumps(report, indent=2) if as_json else status_view.format_status(report))
 
     status_params = [
         _WORKDIR_PARAM, _RUN_CONFIG_PARAM,

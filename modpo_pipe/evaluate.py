@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modpo_pipe import models
+from modpo_pipe import models, storage
 from modpo_pipe.config import Settings, prompt_fields
 from modpo_pipe.errors import ModpoError
 
@@ -128,9 +128,7 @@ def _messages(record) -> list[dict[str, str]]:
 
 def write_summaries(summaries: list[PolicySummary], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([asdict(s) for s in summaries], indent=2))
-    tmp.replace(path)
+    storage.write_atomic(path, json.dumps([asdict(s) for s in summaries], indent=2))
 
 
 def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:

@@ -15,12 +15,8 @@ from typing import Any
 
 import torch
 
+from modpo_pipe import storage
 from modpo_pipe.errors import ModpoError
-
-# Files above this size are fingerprinted by sampling (size, head, tail and 16 blocks): hashing
-# hundreds of GB of weights on every stage would cost minutes, and a changed checkpoint changes them.
-_FULL_HASH_LIMIT = 64 << 20
-_BLOCK = 1 << 20
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,22 +39,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= _FULL_HASH_LIMIT:
-            for block in iter(lambda: f.read(_BLOCK * 4), b""):
-                h.update(block)
-        else:
-            offsets = [0, size - 4 * _BLOCK] + [size * i // 17 for i in range(1, 17)]
-            for offset in offsets:
-                f.seek(offset)
-                h.update(f.read(4 * _BLOCK if offset in (0, size - 4 * _BLOCK) else _BLOCK))
-    return h.hexdigest()
-
-
 _FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt")
 
 
@@ -71,13 +51,7 @@ def fingerprint(path_or_id: str) -> str:
         if snapshot is None:
             return "id:" + path_or_id
         path = snapshot
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES):
-        if f.name.startswith("."):
-            continue
-        h.update(f.name.encode())
-        h.update(_file_digest(f).encode())
-    return h.hexdigest()[:32]
+    return storage.dir_fingerprint(path, _FINGERPRINT_SUFFIXES)
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:

@@ -18,9 +18,7 @@ files (shards.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from modpo_pipe import schema
+from modpo_pipe import schema, storage
 from modpo_pipe.errors import ModpoError
 
 MANIFEST = "manifest.json"
@@ -53,38 +51,8 @@ def select_chunks(n_chunks: int, shard: tuple[int, int] | None = None) -> list[i
     return list(range(index, n_chunks, count))
 
 
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:32]
-
-
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(directory: Path, name: str) -> None:
-    """Delete `.NAME.tmp-PID` files (see schema.atomic_path) whose writer is no longer running."""
-    for tmp in directory.glob(f".{name}.tmp-*"):
-        pid = tmp.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
 
 
 def write_error(path: Path, e: OSError, keep: str) -> ModpoError:
@@ -99,7 +67,7 @@ class Parts:
         self.out = Path(out)
         self.dir = work_dir(self.out)
         self.manifest = json.loads(json.dumps(manifest))  # as it reads back from JSON
-        self.key = fingerprint(self.manifest)
+        self.key = storage.json_fingerprint(self.manifest)
         self.reused = 0  # parts found finished by this run
         self._manifest_written = False
 
@@ -127,7 +95,7 @@ class Parts:
         elif has_parts:
             raise ModpoError(f"{self.dir} holds parts but no {MANIFEST}; delete {self.dir} to start over")
         if self.dir.is_dir():
-            remove_stale_temps(self.dir, "*")
+            storage.remove_stale_temps(self.dir, "*")
         return self
 
     def _write_manifest(self) -> None:
@@ -136,10 +104,10 @@ class Parts:
             return
         path = self.dir / MANIFEST
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = schema.atomic_path(path)
+        tmp = storage.atomic_path(path)
         try:
             tmp.write_text(json.dumps(self.manifest, indent=1, sort_keys=True), encoding="utf-8")
-            schema.fsync_replace(tmp, path)
+            storage.fsync_replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
         self._manifest_written = True
@@ -171,11 +139,11 @@ class Parts:
         """Write one finished chunk: a temporary name, fsync, rename. Returns the table as stored."""
         table = table.replace_schema_metadata({PART_KEY: json.dumps({"run": self.key, "name": name}).encode()})
         path = self.path(name)
-        tmp = schema.atomic_path(path)
+        tmp = storage.atomic_path(path)
         try:
             self._write_manifest()
             pq.write_table(table, tmp)
-            schema.fsync_replace(tmp, path)
+            storage.fsync_replace(tmp, path)
         except OSError as e:
             raise write_error(path, e, f"the finished parts in {self.dir} are kept: rerun the same command to "
                                        "continue from them") from None
@@ -185,7 +153,7 @@ class Parts:
 
     def write_output(self, table: pa.Table, metadata: dict[str, Any]) -> None:
         """The merged output, atomically (schema.write_table); then the work directory is removed."""
-        remove_stale_temps(self.out.parent, self.out.name)
+        storage.remove_stale_temps(self.out.parent, self.out.name)
         try:
             schema.write_table(table, self.out, metadata)
         except OSError as e:

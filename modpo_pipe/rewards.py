@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from modpo_pipe import storage
 from modpo_pipe.errors import ModpoError
 
 
@@ -129,7 +130,7 @@ class CallableReward(Reward):
 
     def fingerprint(self) -> str:
         if self.source and Path(self.source).is_file():
-            return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()[:32]
+            return storage.sha256_file(Path(self.source))[:32]
         return "callable:" + self.spec
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:

@@ -21,7 +21,6 @@ created time; scored files add each reward's spec and mean/std, and the referenc
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ import pyarrow.parquet as pq
 
 from modpo_pipe import __version__
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.storage import atomic_path, fsync_replace
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 is converted on read
@@ -135,22 +135,6 @@ def make_metadata(stage: str, **fields: Any) -> dict[str, Any]:
 
 def with_metadata(table: pa.Table, metadata: dict[str, Any]) -> pa.Table:
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-
-
-def atomic_path(path: Path) -> Path:
-    """The temporary sibling a stage writes before renaming: same filesystem, so the rename is atomic."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group_size: int = 1024) -> None:
@@ -411,3 +395,10 @@ def check_token_ids(table: pa.Table, vocab_size: int, where: str) -> None:
             i = pc.list_parent_indices(column)[at].as_py()
             row = rows[i].as_py() if rows is not None else i
             raise ModpoError(f"{where}: row {row}: {col} holds id {flat[at].as_py()} >= vocab size {vocab_size}")
+
+
+def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
+    """meta[key], or a one-line error naming the file when a file's metadata lacks it."""
+    if key not in meta:
+        raise ModpoError(f"{path}: metadata has no '{key}': corrupt or not written by modpo-pipe")
+    return meta[key]

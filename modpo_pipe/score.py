@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from modpo_pipe import models, parts, schema, shards
+from modpo_pipe import models, parts, reward_stats, schema, shards, storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import batched_sequence_logps
@@ -74,7 +73,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     n = table.num_rows
     chunks = parts.chunk_ranges(n, s.shard_size)
     out_file = shards.shard_path(out, shard) if shard else out
-    work = parts.Parts(out_file, {"stage": "scored", "pairs": parts.file_fingerprint(pairs_path),
+    work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
                                   "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size}).open()
     if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
         return ScoreReport(str(out_file), meta["score_counts"]["groups_out"], {}, time.time() - started,
@@ -189,7 +188,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     for col, values in columns.items():
         scored = scored.append_column(col, values)
     scored = scored.filter(keep).cast(schema.scored_schema(s.rewards))
-    stats = reward_stats(scored, list(s.rewards))
+    stats = reward_stats.measure(scored, list(s.rewards))
     metadata = {
         **pairs_meta,
         **schema.make_metadata("scored"),
@@ -220,14 +219,3 @@ def check_part(part: pa.Table, group_ids: list[str], what: str, allow_nan: bool)
                 if value is None or math.isinf(value) or (math.isnan(value) and not allow_nan):
                     raise ModpoError(f"{what}: group {group_id!r} response {j + 1}: {col} is {value} as stored "
                                      f"(float32)")
-
-
-def reward_stats(scored: pa.Table, names: list[str]) -> dict[str, dict[str, float | None]]:
-    """Mean and standard deviation of each reward over every response of every group (train's z-score);
-    None for a table with no rows (an empty shard)."""
-    stats: dict[str, dict[str, float | None]] = {}
-    for name in names:
-        values = pc.list_flatten(scored.column(schema.reward_column(name))).to_pylist()
-        stats[name] = ({"mean": statistics.fmean(values), "std": statistics.pstdev(values)} if values
-                       else {"mean": None, "std": None})
-    return stats

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from modpo_pipe import schema
+from modpo_pipe import reward_stats, schema
 from modpo_pipe.errors import ModpoError
 
 Shard = tuple[int, int]  # (index, count)
@@ -206,8 +206,6 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
         counts["chunks"] = n_chunks
         counts["resumed_chunks"] = sum(m.get("counts", {}).get("resumed_chunks", 0) for m in metas)
     elif stage == "scored":
-        from modpo_pipe.score import reward_stats
-
         counts = merged.setdefault("score_counts", {})
         for key in ("groups_in", "groups_out", "dropped_invalid_reward", "resumed_parts"):
             counts[key] = sum(m.get("score_counts", {}).get(key, 0) for m in metas)
@@ -217,6 +215,6 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
                                                    for m in metas)
                                          for name in metas[0]["score_counts"].get("truncated_by_reward", {})}
         counts["chunks"] = n_chunks
-        for name, stats in reward_stats(table, list(merged["rewards"])).items():
+        for name, stats in reward_stats.measure(table, list(merged["rewards"])).items():
             merged["rewards"][name].update(stats)
     return merged

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from modpo_pipe import storage
 from modpo_pipe.errors import ModpoError
 
 # config.json keys that do not change what the weights mean.
@@ -137,12 +138,7 @@ def soup(a: Path, b: Path, lambdas: list[float], out: Path, trust_remote_code: b
             if weights_a and weights_b and set(weights_a) == set(weights_b):
                 info["weights"] = {k: (1 - lam) * weights_a[k] + lam * weights_b[k] for k in weights_a}
             (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2))
-            old = out / f".{target.name}.old"
-            if target.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            storage.replace_dir(tmp, target, old=out / f".{target.name}.old")
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModpoError(f"soup: cannot write {target}: {e.strerror or e}") from None

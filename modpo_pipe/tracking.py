@@ -17,10 +17,10 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from modpo_pipe import storage
 from modpo_pipe.errors import ModpoError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
@@ -150,9 +150,7 @@ class RunTracker:
             self.trackers.append(tracker)
             if name == "mlflow" and "mlflow_run_id" not in saved:
                 saved["mlflow_run_id"] = tracker.active_run.info.run_id
-                tmp = ids_path.with_name(ids_path.name + ".tmp")
-                tmp.write_text(json.dumps(saved))
-                os.replace(tmp, ids_path)
+                storage.write_atomic(ids_path, json.dumps(saved))
 
     def log(self, values: dict[str, float | int], step: int) -> None:
         if not self.names:

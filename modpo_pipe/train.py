@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -38,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
-from modpo_pipe import modelcard, models, schema, tracking
+from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
 from modpo_pipe.config import Settings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
@@ -94,66 +93,7 @@ class TokenLists(Sequence):
 
 
 @dataclass
-class RewardStats:
-    """The z-score statistics one training target is built from: one mean and std per reward, read from one
-    scored file's metadata and applied to every input file, so that every pair's teacher margin is on the same
-    scale. A reward whose std is 0, NaN or tiny is treated as constant: it contributes nothing."""
-
-    source: str  # the scored file they were read from
-    mean: dict[str, float]
-    std: dict[str, float]  # as stored
-    constant: dict[str, str]  # reward -> why it contributes nothing
-
-    def as_record(self) -> dict[str, Any]:
-        return {"from": self.source, "rewards": {n: {"mean": self.mean[n], "std": self.std[n]} for n in self.mean},
-                **({"constant": self.constant} if self.constant else {})}
-
-
-# A std below this fraction of the reward's mean magnitude is float rounding noise (float32 keeps ~7 digits),
-# and one below the floor too small to divide by: z-scoring would blow every margin up by 1/std.
-TINY_STD_RELATIVE = 1e-6
-TINY_STD_FLOOR = 1e-12
-
-
-def unusable_std(mean: float, std: float) -> str | None:
-    """Why a stored std cannot scale its reward (None: it can). Pure: the caller decides what to say."""
-    if not math.isfinite(std) or not math.isfinite(mean):
-        return f"its stored mean/std is {mean}/{std}"
-    if std == 0:
-        return "its stored std is 0 (the reward is constant)"
-    if std < max(TINY_STD_RELATIVE * abs(mean), TINY_STD_FLOOR):
-        return (f"its stored std {std:.3g} is below {TINY_STD_RELATIVE:g} of its mean {mean:.6g} (or below "
-                f"{TINY_STD_FLOOR:g}): rounding noise, which z-scoring would blow up by 1/std")
-    return None
-
-
-def reward_stats(meta: dict[str, Any], names: list[str], source: Path) -> RewardStats:
-    """The statistics of `names` stored in a scored file's metadata (score.reward_stats wrote them)."""
-    rewards = metadata_key(meta, "rewards", source)
-    mean: dict[str, float] = {}
-    std: dict[str, float] = {}
-    for name in names:
-        entry = rewards.get(name) if isinstance(rewards, dict) else None
-        if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
-            raise ModpoError(f"{source}: metadata has no 'rewards.{name}' mean and std: corrupt or not written by "
-                             f"modpo-pipe" + ("" if isinstance(rewards, dict) and name in rewards
-                                              else f" (it holds statistics of {sorted(rewards)})"
-                                              if isinstance(rewards, dict) else ""))
-        m, sd = entry["mean"], entry["std"]
-        mean[name] = float("nan") if m is None else float(m)
-        std[name] = float("nan") if sd is None else float(sd)
-    constant = {n: why for n in names if (why := unusable_std(mean[n], std[n]))}
-    return RewardStats(str(source), mean, std, constant)
-
-
-def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in meta:
-        raise ModpoError(f"{path}: metadata has no '{key}': corrupt or not written by modpo-pipe")
-    return meta[key]
-
-
-@dataclass
-class TrainingPairs:
+class TrainingGroups:
     """The groups train learns from, flattened: response r of the file order sits at index r of the
     per-response tensors, group g's responses are response_start[g] : response_start[g + 1], and its pairs
     pair_start[g] : pair_start[g + 1] (first and second hold response indices). A pair's teacher margin is the
@@ -174,7 +114,7 @@ class TrainingPairs:
     dropped_identical: int  # candidate pairs of two responses with identical ids (no signal)
     meta: dict[str, Any]  # the first file's metadata
     fingerprints: list[str]  # one per input file, for the resume check
-    stats: RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
+    stats: reward_stats.RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
     max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
     pairing: str = "all"
 
@@ -233,8 +173,8 @@ def flat(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pa.chunked_array([pc.list_flatten(chunk) for chunk in column.chunks], column.type.value_type)
 
 
-def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize: str,
-                        stats_path: Path | None = None, pairing: str = "all") -> TrainingPairs:
+def load_training_groups(paths: list[Path], weights: dict[str, float], normalize: str,
+                         stats_path: Path | None = None, pairing: str = "all") -> TrainingGroups:
     """Read scored files, compute each response's weighted reward, pair the responses of every group
     (`pairing`), drop pairs of identical responses and groups left without a pair. Only the columns training
     needs are read (no text), and token ids stay in Arrow.
@@ -254,7 +194,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids = [], [], [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
-    stats: RewardStats | None = None
+    stats: reward_stats.RewardStats | None = None
     w = None
     dropped = 0
     offset = 0  # responses kept before this file
@@ -262,7 +202,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
         meta = read_scored_meta(path)
         file_names = schema.reward_names_of(pq.read_schema(path))
         for key in ("rewards", "tokenizer_fingerprint"):
-            metadata_key(meta, key, path)
+            schema.metadata_key(meta, key, path)
         if names is None:
             names, first_meta = file_names, meta
             try:
@@ -271,7 +211,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
                 raise ModpoError(f"--weights / [train].weights: {e} (file {path})") from None
             if normalize == "zscore":
                 source = stats_path or path
-                stats = reward_stats(read_scored_meta(source) if stats_path else meta, names, source)
+                stats = reward_stats.from_metadata(read_scored_meta(source) if stats_path else meta, names, source)
         elif sorted(file_names) != sorted(names):
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
@@ -322,7 +262,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     assert names is not None and w is not None
     pa.default_memory_pool().release_unused()  # what reading needed beyond the columns kept
     zero = torch.zeros(1, dtype=torch.int64)
-    return TrainingPairs(
+    return TrainingGroups(
         group_ids, TokenLists(prompts), TokenLists(responses),
         torch.cumsum(torch.cat([zero, *sizes]), 0), torch.cat(refs).float(), torch.cat(scores).float(),
         torch.cat(firsts).long(), torch.cat(seconds).long(),
@@ -331,7 +271,7 @@ def load_training_pairs(paths: list[Path], weights: dict[str, float], normalize:
     )
 
 
-def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) -> None:
+def check_vocabulary(paths: list[Path], data: TrainingGroups, vocab_size: int) -> None:
     """Refuse token ids the policy's vocabulary lacks (an IndexError deep inside the model otherwise); the
     offending file is read again only to name the row."""
     for path, top in zip(paths, data.max_token_ids):
@@ -341,13 +281,13 @@ def check_vocabulary(paths: list[Path], data: TrainingPairs, vocab_size: int) ->
             raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
 
 
-def target_record(data: TrainingPairs, t: TrainSettings) -> dict[str, Any]:
+def target_record(data: TrainingGroups, t: TrainSettings) -> dict[str, Any]:
     """What the policy is trained toward, pi_ref * exp(r_w / beta): for metrics.jsonl and modpo_pipe.json."""
     return {"beta": t.beta, "weights": data.weights, "loss": t.loss, "normalize": t.normalize,
             "reward_stats": data.stats.as_record() if data.stats else None}
 
 
-def warn_unusable_stats(stats: RewardStats | None) -> None:
+def warn_unusable_stats(stats: reward_stats.RewardStats | None) -> None:
     for name, why in (stats.constant.items() if stats else ()):
         print(f"WARNING: reward {name!r}: {why} (statistics from {stats.source}); it contributes nothing to the "
               f"teacher margin", file=sys.stderr)
@@ -400,21 +340,25 @@ def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 == 0 else -first
 
 
-def optimizer_steps(n_pairs: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
-    """Every optimizer step as (epoch, its group indices), in training order (`n_pairs`: the number of groups;
+def optimizer_step_groups(n_groups: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
+    """Every optimizer step as (epoch, its group indices), in training order (`n_groups`: the number of groups;
     with N = 2 each group is one pair). A step takes the global batch, batch_size * grad_accum * processes
     groups. The remainder of an epoch is folded into its last step (which
-    then holds up to twice the global batch), never a step of its own: a step of one pair would move the
+    then holds up to twice the global batch), never a step of its own: a step of one group would move the
     weights as far as a full one, since Adam's update does not shrink with the gradient's scale (so scaling
     the loss down would not help). An epoch shorter than one global batch is one step."""
     per_step = t.batch_size * t.grad_accum * processes
-    full = max(1, n_pairs // per_step)
+    full = max(1, n_groups // per_step)
     steps = []
     for epoch in range(t.epochs):
-        order = epoch_order(n_pairs, t.seed, epoch)
-        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_pairs])
+        order = epoch_order(n_groups, t.seed, epoch)
+        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_groups])
                   for i in range(full)]
     return steps
+
+
+# The old name, for benchmarks/gpu_check.py until it calls optimizer_step_groups (issue 17 moves benchmarks/).
+optimizer_steps = optimizer_step_groups
 
 
 @dataclass
@@ -431,7 +375,7 @@ class GroupBatch:
     pair_weight: torch.Tensor
 
 
-def group_batch(data: TrainingPairs, groups: list[int]) -> GroupBatch:
+def group_batch(data: TrainingGroups, groups: list[int]) -> GroupBatch:
     prompts, responses, response_index, first, second, pair_index, pair_weight = [], [], [], [], [], [], []
     for g in groups:
         a, b = int(data.response_start[g]), int(data.response_start[g + 1])
@@ -449,17 +393,17 @@ def group_batch(data: TrainingPairs, groups: list[int]) -> GroupBatch:
                       torch.tensor(pair_index), torch.tensor(pair_weight))
 
 
-def micro_batches(step_pairs: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
-    """Process `rank`'s share of one step (every processes-th pair from the rank-th), in micro-batches. Every
+def micro_batch_groups(step_groups: list[int], batch_size: int, rank: int = 0, processes: int = 1) -> list[list[int]]:
+    """Process `rank`'s share of one step (every processes-th group from the rank-th), in micro-batches. Every
     process gets as many micro-batches as the busiest one, padded with empty ones: the gradient reductions
     of DDP, FSDP and DeepSpeed need each process to run the same number of backward passes."""
-    mine = step_pairs[rank::processes]
+    mine = step_groups[rank::processes]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    busiest = math.ceil(math.ceil(len(step_pairs) / processes) / batch_size)
+    busiest = math.ceil(math.ceil(len(step_groups) / processes) / batch_size)
     return batches + [[] for _ in range(busiest - len(batches))]
 
 
-def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
+def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
     micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
@@ -467,9 +411,8 @@ def run_fingerprint(data: TrainingPairs, t: TrainSettings, policy_fingerprint: s
                                                                            "merge", "policy", "batch_size",
                                                                            "grad_accum", "report_to")}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
-    blob = json.dumps({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
-                       "reward_stats": data.stats.as_record() if data.stats else None}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
+                                     "reward_stats": data.stats.as_record() if data.stats else None})
 
 
 @dataclass
@@ -500,8 +443,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     # --- data: teacher margins and cached reference log-probs; no reference model anywhere ---
     if t.reward_stats and t.normalize != "zscore":
         raise ModpoError(f"[train].reward_stats ({t.reward_stats}) needs normalize = \"zscore\"")
-    data = load_training_pairs(scored_paths, t.weights, t.normalize,
-                               Path(t.reward_stats) if t.reward_stats else None, t.pairs)
+    data = load_training_groups(scored_paths, t.weights, t.normalize,
+                                Path(t.reward_stats) if t.reward_stats else None, t.pairs)
     target = target_record(data, t)
     ref_identity = data.meta.get("ref", {})
     policy_path = t.policy or ref_identity.get("path") or ""
@@ -515,7 +458,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         warn_unusable_stats(data.stats)
     policy_fingerprint = models.fingerprint(policy_path)
     policy_is_ref = policy_fingerprint == ref_identity.get("fingerprint")
-    steps = optimizer_steps(len(data), t, processes)
+    steps = optimizer_step_groups(len(data), t, processes)
     fingerprint = run_fingerprint(data, t, policy_fingerprint, processes)
 
     # --- model ---
@@ -598,7 +541,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     orientation_epoch, orientation = -1, torch.empty(0)
     pair_teachers = data.teacher  # (pairs,) computed once: a property
     for step in range(start_step, len(steps)):
-        epoch, step_pairs = steps[step]
+        epoch, step_groups = steps[step]
         if epoch != orientation_epoch:
             orientation_epoch, orientation = epoch, pair_orientation(data.pairs, t.seed, epoch)
         lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
@@ -607,13 +550,13 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         # Dropout noise depends on the step (resumable) and the process (each draws its own).
         torch.manual_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007)
         step_started = time.time()
-        groups_in_step = len(step_pairs)
-        batches = micro_batches(step_pairs, t.batch_size, rank, processes)
-        pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_pairs))
+        groups_in_step = len(step_groups)
+        batches = micro_batch_groups(step_groups, t.batch_size, rank, processes)
+        pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_groups))
         loss_sum, tokens, students, teachers, log_ratios = 0.0, 0, [], [], []
         for j, idx in enumerate(batches):
             padding = not idx  # this process has no groups left in the step: a zero-weight pass over one
-            idx = idx or step_pairs[:1]
+            idx = idx or step_groups[:1]
             with gradient_sync(accelerator, model, last=j == len(batches) - 1):
                 batch_groups = group_batch(data, idx)
                 # One forward over every response of every group: each response once, however many pairs.
@@ -852,16 +795,6 @@ def disable_dropout(model: torch.nn.Module) -> int:
 
 # --- files: state, checkpoints, metrics. Every write goes to a temporary name, then a rename. ---
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temporary directory into place; a crash leaves either the old or the new one."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @contextmanager
 def _saving(tmp: Path, final: Path, what: str) -> Iterator[None]:
     """Write into `tmp`; on any failure (a full disk...) delete it and say that `final` is untouched."""
@@ -895,7 +828,7 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     tmp = path.with_name(path.name + ".tmp")
     with _saving(tmp, path, f"the training state of step {step}"):
         _write_state(tmp, model, optimizer, step, fingerprint)
-        _replace_dir(tmp, path)
+        storage.replace_dir(tmp, path)
 
 
 def _write_state(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -918,7 +851,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     from safetensors.torch import load_file
 
     if not path.exists() and path.with_name(path.name + ".old").exists():
-        path = path.with_name(path.name + ".old")  # a crash between the two renames of _replace_dir
+        path = path.with_name(path.name + ".old")  # a crash between the two renames of storage.replace_dir
     if not (path / "state.json").is_file():
         return 0
     state = json.loads((path / "state.json").read_text())
@@ -964,7 +897,7 @@ def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[st
         lines = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         card = modelcard.model_card(info, lines, adapter=(tmp / "adapter_config.json").is_file())
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        _replace_dir(tmp, path)
+        storage.replace_dir(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -983,6 +916,4 @@ def truncate_metrics(path: Path, start_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut short by the kill
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    storage.write_atomic(path, "".join(line + "\n" for line in keep))

@@ -99,9 +99,9 @@ def test_report_to_does_not_change_what_a_state_resumes(scored):
     import dataclasses
 
     from modpo_pipe.config import TrainSettings
-    from modpo_pipe.train import load_training_pairs, run_fingerprint
+    from modpo_pipe.train import load_training_groups, run_fingerprint
 
-    data = load_training_pairs([scored / "scored.parquet"], {}, "zscore")
+    data = load_training_groups([scored / "scored.parquet"], {}, "zscore")
     t = TrainSettings()
     assert run_fingerprint(data, t, "p") == run_fingerprint(data, dataclasses.replace(t, report_to="tensorboard"), "p")
 

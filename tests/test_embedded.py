@@ -240,7 +240,7 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
     nothing."""
     pytest.importorskip("vaderSentiment")
     pytest.importorskip("matplotlib")
-    from modpo_pipe import demo, rounds
+    from modpo_pipe import demo, status
 
     monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
     out = tmp_path / "demo"
@@ -271,10 +271,10 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
                 for r in stages.values()] == ["done"] * 3 * size.rounds
     # The per-round rewards: one line per weight vector and round, matching the runs' own status.
     table = first.split("rewards of each round's training samples")[1].split("== eval")[0]
-    status = rounds.status(run_dirs[2], demo.demo_settings(str(tiny.policy), size, str(out / "train-prompts.jsonl")))
+    report = status.status(run_dirs[2], demo.demo_settings(str(tiny.policy), size, str(out / "train-prompts.jsonl")))
     round_one = [line for line in table.splitlines() if line.startswith("w_positivity=1.0") and line.split()[1] == "1"]
     assert len(round_one) == 1
-    assert float(round_one[0].split()[2]) == pytest.approx(status["reward_mean_by_round"][1]["positivity"], abs=6e-4)
+    assert float(round_one[0].split()[2]) == pytest.approx(report["reward_mean_by_round"][1]["positivity"], abs=6e-4)
     # The final policies and the front's own time, for benchmarks/peers_grpo.py.
     policies = json.loads((out / "policies.json").read_text())
     assert list(policies) == labels

@@ -101,7 +101,7 @@ def test_train_forwards_each_response_once_per_step_and_averages_pairs_per_group
     from modpo_pipe.logprobs import batched_sequence_logps
 
     scored = groups_work / "scored.parquet"
-    data = train_module.load_training_pairs([scored], {"rm": 1.0, "length": 1.0}, "zscore")
+    data = train_module.load_training_groups([scored], {"rm": 1.0, "length": 1.0}, "zscore")
     assert len(data) == 6 and data.pairs == 6 * 6 - data.dropped_identical
 
     rows: list[int] = []
@@ -137,9 +137,9 @@ def test_train_forwards_each_response_once_per_step_and_averages_pairs_per_group
 
 
 def test_max_min_trains_on_one_pair_per_group(groups_work):
-    from modpo_pipe.train import load_training_pairs
+    from modpo_pipe.train import load_training_groups
 
-    data = load_training_pairs([groups_work / "scored.parquet"], {}, "zscore", pairing="max-min")
+    data = load_training_groups([groups_work / "scored.parquet"], {}, "zscore", pairing="max-min")
     assert data.pairs == len(data) == 6
     for g in range(6):
         a, b = int(data.response_start[g]), int(data.response_start[g + 1])

@@ -115,7 +115,7 @@ def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
     from transformers import AutoModelForCausalLM
 
     from modpo_pipe.logprobs import batched_sequence_logps
-    from modpo_pipe.train import load_training_pairs
+    from modpo_pipe.train import load_training_groups
 
     metrics = [json.loads(line) for line in (workdir / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["first_batch_ref_gap"] < 1e-4  # policy == reference: log-probs match the cache
@@ -126,7 +126,7 @@ def test_training_lowers_loss_and_moves_margins_toward_teacher(workdir, tiny):
         assert key in metrics[-1]
     assert all(m["kl_k2"] >= 0 for m in metrics)  # a KL estimate, never negative
 
-    data = load_training_pairs([workdir / "scored.parquet"], {}, "zscore")
+    data = load_training_groups([workdir / "scored.parquet"], {}, "zscore")
     trained = AutoModelForCausalLM.from_pretrained(workdir / "checkpoints" / "final", dtype=torch.float32).eval()
     sizes = (data.response_start[1:] - data.response_start[:-1]).tolist()
     prompts = [ids for ids, k in zip(data.prompt_ids, sizes) for _ in range(k)]
@@ -191,13 +191,13 @@ def test_identical_pairs_are_dropped_and_counted(workdir, tmp_path):
 
     copy = pa.Table.from_pylist(rows, schema=table.schema)
     schema.write_table(copy, tmp_path / "scored.parquet", meta)
-    from modpo_pipe.train import load_training_pairs
+    from modpo_pipe.train import load_training_groups
 
-    data = load_training_pairs([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore")
+    data = load_training_groups([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore")
     assert data.dropped_identical == 1 and len(data) == table.num_rows  # the group keeps its other 5 pairs
     assert data.pairs == 6 * 6 - 1
-    disjoint = load_training_pairs([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore",
-                                   pairing="disjoint")
+    disjoint = load_training_groups([tmp_path / "scored.parquet"], {"rm": 1, "length": 1}, "zscore",
+                                    pairing="disjoint")
     assert disjoint.dropped_identical == 1 and disjoint.pairs == 6 * 2 - 1
 
 

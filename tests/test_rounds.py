@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from modpo_pipe import rounds
+from modpo_pipe import rounds, runstate
 from modpo_pipe.cli import app
 from modpo_pipe.config import _toml_value, load_settings
 from modpo_pipe.errors import ModpoError
@@ -373,20 +373,20 @@ def test_round_semantics_and_refusals(base, tiny, tmp_path):
 
 
 def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
-    with rounds.run_lock(tmp_path):
-        assert rounds.lock_is_held(tmp_path)
-        with pytest.raises(rounds.LockHeld, match=f"pid {os.getpid()}"), rounds.run_lock(tmp_path):
+    with runstate.run_lock(tmp_path):
+        assert runstate.lock_is_held(tmp_path)
+        with pytest.raises(runstate.LockHeld, match=f"pid {os.getpid()}"), runstate.run_lock(tmp_path):
             pass
-    assert not rounds.lock_is_held(tmp_path)
+    assert not runstate.lock_is_held(tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
-                               f"fd = os.open({str(tmp_path / rounds.LOCK_NAME)!r}, os.O_RDWR); "
+                               f"fd = os.open({str(tmp_path / runstate.LOCK_NAME)!r}, os.O_RDWR); "
                                "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    assert rounds.lock_is_held(tmp_path)
+    assert runstate.lock_is_held(tmp_path)
     holder.kill()
     holder.wait()
-    with rounds.run_lock(tmp_path):  # the dead holder's lock is gone with it
+    with runstate.run_lock(tmp_path):  # the dead holder's lock is gone with it
         pass
 
 

@@ -76,23 +76,23 @@ def steps_logged(out: Path) -> list[dict]:
 
 
 def test_micro_batches_split_every_step_across_processes_and_pad_the_short_ones():
-    from modpo_pipe.train import micro_batches
+    from modpo_pipe.train import micro_batch_groups
 
     step = list(range(100, 109))  # 9 pairs, 2 processes, micro-batches of 2
-    rank_0, rank_1 = micro_batches(step, 2, 0, 2), micro_batches(step, 2, 1, 2)
+    rank_0, rank_1 = micro_batch_groups(step, 2, 0, 2), micro_batch_groups(step, 2, 1, 2)
     assert rank_0 == [[100, 102], [104, 106], [108]]
     assert rank_1 == [[101, 103], [105, 107], []]  # as many backward passes as rank 0
     assert sorted(i for mb in rank_0 + rank_1 for i in mb) == step
-    assert micro_batches([7], 4, 1, 2) == [[]]  # a last step of one pair: the second process only pads
-    assert micro_batches(step, 4) == [step[:4], step[4:8], step[8:]]  # one process: as before
+    assert micro_batch_groups([7], 4, 1, 2) == [[]]  # a last step of one pair: the second process only pads
+    assert micro_batch_groups(step, 4) == [step[:4], step[4:8], step[8:]]  # one process: as before
 
 
 def test_one_process_steps_are_the_global_batch_of_many():
     from modpo_pipe.config import TrainSettings
-    from modpo_pipe.train import optimizer_steps
+    from modpo_pipe.train import optimizer_step_groups
 
-    one = optimizer_steps(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
-    two = optimizer_steps(17, TrainSettings(batch_size=2, grad_accum=2, epochs=2), processes=2)
+    one = optimizer_step_groups(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
+    two = optimizer_step_groups(17, TrainSettings(batch_size=2, grad_accum=2, epochs=2), processes=2)
     assert one == two and [len(pairs) for _, pairs in one] == [8, 9, 8, 9]  # the remainder folded in
 
 

@@ -217,14 +217,14 @@ def test_rpo_on_fixed_pairs_reaches_the_optimum_like_rpo_sym(bandit, bandit_scor
 
 def test_the_remainder_of_an_epoch_is_folded_into_its_last_step():
     from modpo_pipe.config import TrainSettings
-    from modpo_pipe.train import optimizer_steps
+    from modpo_pipe.train import optimizer_step_groups
 
-    steps = optimizer_steps(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
+    steps = optimizer_step_groups(17, TrainSettings(batch_size=4, grad_accum=2, epochs=2))
     assert [(epoch, len(pairs)) for epoch, pairs in steps] == [(0, 8), (0, 9), (1, 8), (1, 9)]
     for epoch in (0, 1):  # every pair exactly once an epoch
         assert sorted(i for e, pairs in steps if e == epoch for i in pairs) == list(range(17))
-    assert [len(p) for _, p in optimizer_steps(5, TrainSettings(batch_size=8, epochs=1))] == [5]
-    assert [len(p) for _, p in optimizer_steps(16, TrainSettings(batch_size=8, epochs=1))] == [8, 8]
+    assert [len(p) for _, p in optimizer_step_groups(5, TrainSettings(batch_size=8, epochs=1))] == [5]
+    assert [len(p) for _, p in optimizer_step_groups(16, TrainSettings(batch_size=8, epochs=1))] == [8, 8]
 
 
 def test_orientation_is_seeded_random_and_flips_every_epoch():
@@ -275,16 +275,16 @@ def raw_teacher(path: Path, stats: dict[str, dict]) -> torch.Tensor:
 
 
 def test_several_files_share_the_first_files_statistics_or_the_named_ones(bandit_scored, tmp_path):
-    from modpo_pipe.train import load_training_pairs
+    from modpo_pipe.train import load_training_groups
 
     meta = schema.read_metadata(bandit_scored)["rewards"]
     other = rewrite(bandit_scored, tmp_path / "other.parquet", **with_stats({"first": 0.01, "second": 5.0}, "b/"))
-    data = load_training_pairs([bandit_scored, other], {}, "zscore")
+    data = load_training_groups([bandit_scored, other], {}, "zscore")
     assert data.stats.source == str(bandit_scored)
     expected = torch.cat([raw_teacher(bandit_scored, meta), raw_teacher(other, meta)])
     assert torch.allclose(data.teacher.double(), expected, rtol=1e-5, atol=1e-6)  # not other's 0.01 and 5.0
 
-    named = load_training_pairs([bandit_scored, other], {}, "zscore", stats_path=other)
+    named = load_training_groups([bandit_scored, other], {}, "zscore", stats_path=other)
     assert named.stats.source == str(other) and named.stats.std == {"first": 0.01, "second": 5.0}
     stats = {"first": {"std": 0.01}, "second": {"std": 5.0}}
     assert torch.allclose(named.teacher.double(), torch.cat([raw_teacher(bandit_scored, stats),
@@ -310,10 +310,10 @@ def test_train_records_the_target_in_metrics_and_checkpoint(bandit_scored, tmp_p
 
 @pytest.mark.parametrize("std", [0.0, math.nan, 3e-9])
 def test_a_zero_nan_or_tiny_std_warns_and_names_the_reward(bandit_scored, tmp_path, std):
-    from modpo_pipe.train import load_training_pairs
+    from modpo_pipe.train import load_training_groups
 
     path = rewrite(bandit_scored, tmp_path / "in.parquet", **with_stats({"first": std}))
-    data = load_training_pairs([path], {}, "zscore")
+    data = load_training_groups([path], {}, "zscore")
     assert list(data.stats.constant) == ["first"]
     second = schema.read_metadata(bandit_scored)["rewards"]["second"]
     assert torch.allclose(data.teacher.double(), raw_teacher(path, {"first": {"std": math.inf}, "second": second}),
@@ -327,7 +327,7 @@ def test_a_zero_nan_or_tiny_std_warns_and_names_the_reward(bandit_scored, tmp_pa
 
 
 def test_a_tiny_spread_at_a_large_mean_is_noise():
-    from modpo_pipe.train import unusable_std
+    from modpo_pipe.reward_stats import unusable_std
 
     assert unusable_std(1000.0, 1e-4) is not None  # 1e-7 of the mean: float32 rounding
     assert unusable_std(1000.0, 1e-2) is None

@@ -1,0 +1,196 @@
+"""The state of a run directory: its lock, its manifest (state.json) and the records in it, and the identities of
+what its stages read from outside it.
+
+    RUN/.lock          flock'ed by the invocation that advances the run (never deleted); the kernel drops the lock
+                       when its holder dies, so a killed invocation never blocks the next one
+    RUN/state.json     the manifest: per round and stage, a record of status, inputs, outputs (content
+                       fingerprints, storage.py), settings and timestamps; replaced atomically at every transition
+
+rounds.py decides from these records what is due; status.py shows them. No torch at import time: an invocation
+that finds the lock held exits in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modpo_pipe import storage
+from modpo_pipe.errors import ModpoError
+
+STAGES = ("generate", "score", "train")
+MANIFEST_NAME = "state.json"
+LOCK_NAME = ".lock"
+MANIFEST_VERSION = 1
+
+
+class LockHeld(ModpoError):
+    """Another invocation holds the run directory's lock."""
+
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+
+# ----------------------------------------------------------------------------------------------------- lock
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold an exclusive flock on RUN/.lock (or RUN/`name`) for the block. The kernel drops it when the holder
+    dies, so a lock left by a killed process never blocks. A second holder gets LockHeld without writing
+    anything."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise LockHeld(f"{run_dir / name}: another invocation holds the lock ({holder or 'holder unknown'}); "
+                           "nothing done") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether an invocation holds the lock now (a momentary shared-lock probe; never blocks)."""
+    path = run_dir / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also releases the probe's lock
+    return False
+
+
+# ------------------------------------------------------------------------------------------ identities
+
+
+def model_identity(path_or_id: str) -> str:
+    """Content fingerprint of an external model (initial policy, fixed reference, reward model)."""
+    from modpo_pipe import models
+
+    return models.fingerprint(path_or_id)
+
+
+def reward_identity(spec: str) -> str:
+    """Fingerprint of a reward spec without loading it: the model's files, or the callable's source file."""
+    if not spec.startswith("py:"):
+        return model_identity(spec)
+    module, _, _ = spec[len("py:"):].rpartition(":")
+    source: str | None = module if module.endswith(".py") else None
+    if source is None:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec(module)
+            source = found.origin if found else None
+        except (ImportError, ValueError):
+            source = None
+    if source and Path(source).is_file():
+        return storage.sha256_file(Path(source))[:32]
+    return "unresolved:" + spec
+
+
+def json_normal(value: Any) -> Any:
+    """The value as it reads back from the manifest (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Manifest:
+    path: Path
+    data: dict[str, Any]
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Manifest:
+        path = run_dir / MANIFEST_NAME
+        if not path.exists():
+            return cls(path, {"version": MANIFEST_VERSION, "created": now(), "rounds": {}})
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModpoError(f"{path}: unreadable manifest ({e}); it is only ever replaced atomically, so "
+                             "something else wrote it. Restore it, or move it aside to redo every round") from None
+        if data.get("version") != MANIFEST_VERSION:
+            raise ModpoError(f"{path}: manifest version {data.get('version')} is not supported "
+                             f"(this modpo-pipe writes {MANIFEST_VERSION})")
+        return cls(path, data)
+
+    def get(self, k: int, stage: str) -> dict[str, Any] | None:
+        return self.data["rounds"].get(str(k), {}).get(stage)
+
+    def put(self, k: int, stage: str, record: dict[str, Any]) -> None:
+        self.data["rounds"].setdefault(str(k), {})[stage] = record
+
+    def recorded_rounds(self) -> list[int]:
+        return sorted(int(k) for k in self.data["rounds"])
+
+    def save(self) -> None:
+        self.data["updated"] = now()
+        storage.write_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- stage states
+
+
+@dataclass
+class StageState:
+    """One stage of one round as the current settings and files see it."""
+
+    round: int
+    stage: str
+    status: str  # done | pending | running | failed | redo
+    reason: str = ""  # why it is due again (redo), or the last error (failed)
+    record: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] | None = None  # None: an earlier stage is not done yet
+    changed: list[str] = field(default_factory=list)  # settings that differ from a finished record
+
+    @property
+    def name(self) -> str:
+        return f"{round_name(self.round)} {self.stage}"
+
+    @property
+    def valid(self) -> bool:
+        return self.status == "done"
+
+
+def round_name(k: int) -> str:
+    return f"round-{k:03d}"
+
+
+def settings_diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """A finished stage's recorded settings against the current ones: one "key: old -> new" per difference."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{key}: {_short(recorded.get(key))} -> {_short(current.get(key))}" for key in keys
+            if recorded.get(key) != current.get(key)]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
