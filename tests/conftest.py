@@ -206,8 +206,11 @@ def tiny_tokenizer(tiny):
 
 
 # ------------------------------------------------------------------------ the fault suites (test_faults_*.py)
-# Bad input, faults and resumption end to end through the commands, one file a stage: what they share. Kills are
-# real SIGKILLs of forked child processes (fork_cli, kill_when), at seeded points.
+# Bad input, faults and resumption end to end through the commands, one file a stage: every case costs a clear
+# one-line message and at most the unfinished chunk, never a half file, a silently wrong result or lost work.
+# Single-module validation lives beside the modules (test_prompts.py, test_schema.py, test_rewards.py,
+# test_config.py). Kills are real SIGKILLs of forked child processes (fork_cli, kill_when), at seeded points.
+# What the fault suites share:
 
 FAULTS_MAX_NEW_TOKENS = 6
 FAULTS_REWARD_FNS = '''

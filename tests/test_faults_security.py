@@ -1,10 +1,7 @@
 """Safe loading in every stage: trust_remote_code only with the flag, safetensors only (never pickle), and a py:
 reward documented as code the user runs.
 
-One of the fault suites (test_faults_*.py, one a stage; what they share is in conftest.py): each case goes
-through the commands as a user runs them and costs a clear one-line message and at most the unfinished chunk,
-never a half file, a silently wrong result or lost work. Single-module validation lives beside the modules
-(test_prompts.py, test_schema.py, test_rewards.py, test_config.py).
+Each case goes through the commands as a user runs them (test_faults_*.py, one a stage; conftest.py says more).
 """
 
 from __future__ import annotations
