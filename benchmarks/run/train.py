@@ -24,7 +24,7 @@ def _lora_config(size: Size):
                       task_type="CAUSAL_LM")
 
 
-def train_settings(size: Size, lora: bool, **extra: Any) -> dict[str, Any]:
+def _train_settings(size: Size, lora: bool, **extra: Any) -> dict[str, Any]:
     return {"batch_size": size.train_batch, "grad_accum": 1, "epochs": 1, "lr": 1e-4 if lora else 1e-5,
             "lora_r": size.lora_r if lora else 0, "lora_alpha": 2 * size.lora_r, "log_every": 1,
             "save_every": 0, **extra}
@@ -62,7 +62,7 @@ def child_train_ours(spec: dict[str, Any], size: Size, lora: bool, pack: bool = 
 
     train_mod.load_state, train_mod.append_jsonl = load_state, append_jsonl
     out = Path(tempfile.mkdtemp(prefix="train-", dir=spec["root"]))
-    settings = workload_settings(spec, **train_settings(size, lora, gradient_checkpointing=checkpointing))
+    settings = workload_settings(spec, **_train_settings(size, lora, gradient_checkpointing=checkpointing))
     started = time.perf_counter()
     try:
         train_mod.train(settings, [Path(spec["scored"])], out, progress=False)
