@@ -34,11 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import _FIRST_WORD, EOS_ID, PAD_ID, SMOLLM2_135M, _llama, make_tokenizer, words
+from benchmarks import synthetic
+from benchmarks.synthetic import EOS_ID, FIRST_WORD, PAD_ID, SMOLLM2_135M, TINY, llama, words
 
 SHAPES = {
-    "cuda": {"135m": SMOLLM2_135M, "1b": {**_llama(2048, 5632, 22, 32, 4, 32000), "tie_word_embeddings": False}},
-    "cpu": {"135m": _llama(64, 128, 2, 2, 1, 512), "1b": _llama(96, 192, 2, 2, 1, 512)},  # the dry run
+    "cuda": {"135m": SMOLLM2_135M, "1b": {**llama(2048, 5632, 22, 32, 4, 32000), "tie_word_embeddings": False}},
+    "cpu": {"135m": TINY, "1b": llama(96, 192, 2, 2, 1, 512)},  # the dry run
 }
 # Dense bf16 peak FLOP/s (no sparsity) by GPU name; an unknown GPU gets no MFU column.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
@@ -57,25 +58,19 @@ def log(message: str) -> None:
 
 
 def write_policy(root: Path, shape: dict[str, Any], seed: int = 0) -> Path:
-    """A random-init Llama of `shape` in float32 safetensors, with a word-level tokenizer (ids = words)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random-init Llama of `shape` in float32 safetensors, with a word-level tokenizer (ids = words); kept
+    when --workdir already holds one."""
     path = root / "policy"
     if (path / "config.json").is_file():
         return path
-    torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**shape, pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None)) \
-        .save_pretrained(path, safe_serialization=True)
-    make_tokenizer(shape["vocab_size"]).save_pretrained(path)
-    return path
+    return synthetic.write_policy(path, shape, seed)
 
 
 def random_pairs(n: int, vocab: int, prompt: tuple[int, int], response: tuple[int, int], seed: int = 0):
     rng = random.Random(seed)
 
     def ids(bounds: tuple[int, int]) -> list[int]:
-        return [rng.randrange(_FIRST_WORD, vocab) for _ in range(rng.randint(*bounds))]
+        return [rng.randrange(FIRST_WORD, vocab) for _ in range(rng.randint(*bounds))]
 
     pairs = [(ids(prompt), ids(response), ids(response)) for _ in range(n)]
     rewards = [(rng.gauss(0, 1), rng.gauss(0, 1)) for _ in range(n)]
@@ -189,9 +184,9 @@ def check_optimum(root: Path, device: str, shape: dict[str, Any], size: dict[str
     policy = write_policy(root / "optimum", shape, seed=1)
     k_candidates = 6
     rng = random.Random(1)
-    candidates = rng.sample(range(_FIRST_WORD, shape["vocab_size"]), k_candidates)
+    candidates = rng.sample(range(FIRST_WORD, shape["vocab_size"]), k_candidates)
     reward = [-1.0 + 2.0 * i / (k_candidates - 1) for i in range(k_candidates)]
-    prompts = [[rng.randrange(_FIRST_WORD, shape["vocab_size"]) for _ in range(8)] for _ in range(4)]
+    prompts = [[rng.randrange(FIRST_WORD, shape["vocab_size"]) for _ in range(8)] for _ in range(4)]
     pairs, rewards = [], []
     for p in prompts:
         for i in range(k_candidates):
@@ -312,7 +307,7 @@ def bench_sample(root: Path, device: str, name: str, size: dict[str, Any]) -> li
     model = models.load_causal_lm(str(policy), dtype=torch.bfloat16, device=torch.device(device))
     tokenizer = models.load_tokenizer(str(policy))
     rng = random.Random(3)
-    prompts = [[rng.randrange(_FIRST_WORD, model.config.vocab_size) for _ in range(rng.randint(*size["prompt"]))]
+    prompts = [[rng.randrange(FIRST_WORD, model.config.vocab_size) for _ in range(rng.randint(*size["prompt"]))]
                for _ in range(size["gen_prompts"])]
     batch, n, new = GenerateSettings().batch_size, 2, size["gen_tokens"]
 

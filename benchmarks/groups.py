@@ -22,28 +22,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import SIZES, make_tokenizer, words
+from benchmarks.synthetic import SMOLLM2_135M, TINY, make_tokenizer, words, write_policy
 
-SHAPES = {"smollm2-135m": SIZES["default"].model, "tiny": SIZES["tiny"].model}
+SHAPES = {"smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 LENGTHS = {"smollm2-135m": ((20, 200), (10, 120)), "tiny": ((5, 20), (3, 12))}
 
 
 def build(root: Path, shape: str, groups: int, seed: int = 0) -> tuple[Path, dict[int, Path]]:
     """A random policy of `shape` and two scored files over the same responses: N = 4 and N = 2."""
     import pyarrow as pa
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from modpo_pipe import models, schema
 
     model_kwargs = SHAPES[shape]
     tokenizer = make_tokenizer(model_kwargs["vocab_size"])
-    torch.manual_seed(seed)
-    policy = root / "policy"
-    config = LlamaConfig(**model_kwargs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(policy, safe_serialization=True)
-    tokenizer.save_pretrained(policy)
+    policy = write_policy(root / "policy", model_kwargs, seed)
     rng = random.Random(seed)
     (p_lo, p_hi), (r_lo, r_hi) = LENGTHS[shape]
     vocab = range(10, model_kwargs["vocab_size"])

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -193,3 +203,189 @@ def tiny_tokenizer(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny.policy)
+
+
+# ------------------------------------------------------------------------ the fault suites (test_faults_*.py)
+# Bad input, faults and resumption end to end through the commands, one file a stage: every case costs a clear
+# one-line message and at most the unfinished chunk, never a half file, a silently wrong result or lost work.
+# Single-module validation lives beside the modules (test_prompts.py, test_schema.py, test_rewards.py,
+# test_config.py). Kills are real SIGKILLs of forked child processes (fork_cli, kill_when), at seeded points.
+# What the fault suites share:
+
+FAULTS_MAX_NEW_TOKENS = 6
+FAULTS_REWARD_FNS = '''
+import math
+
+def length(prompts, responses):
+    return [len(r) / 10.0 for r in responses]
+
+def raises(prompts, responses):
+    raise ValueError("model server unreachable")
+
+def wrong_count(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+
+def _france(value):
+    def fn(prompts, responses):
+        return [value if "France" in p else len(r) / 10.0 for p, r in zip(prompts, responses)]
+    return fn
+
+nan = _france(math.nan)
+inf = _france(math.inf)
+none = _france(None)
+
+def all_nan(prompts, responses):
+    return [math.nan for r in responses]
+'''
+
+
+@pytest.fixture(scope="session")
+def faults_env(tiny, tmp_path_factory) -> Path:
+    """A directory with a modpo.toml, 6 prompts, and a good pairs.parquet and scored.parquet (6 groups of 4
+    responses; one group a step, as one pair a step before groups: 6 steps an epoch)."""
+    work = tmp_path_factory.mktemp("faults")
+    return scored_env(work, tiny, FAULTS_REWARD_FNS, FAULTS_MAX_NEW_TOKENS, epochs=2)
+
+
+@pytest.fixture(scope="session")
+def chunked(faults_env) -> dict[str, Path]:
+    """Uninterrupted generate (3 chunks of 2 prompts) and score (3 chunks of 2 groups) runs to compare with."""
+    env = faults_env
+    base = env / "chunked"
+    base.mkdir()
+    ok(["generate", env / "prompts.jsonl", *config(env), "--shard-size", 2, "--out", base / "pairs.parquet"])
+    ok(["score", base / "pairs.parquet", *config(env), "--shard-size", 2, "--out", base / "scored.parquet"])
+    return {"pairs": base / "pairs.parquet", "scored": base / "scored.parquet"}
+
+
+def rows_of(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def same_rows(a: Path, b: Path) -> None:
+    ra, rb = rows_of(a), rows_of(b)
+    assert [r["group_id"] for r in ra] == [r["group_id"] for r in rb]
+    assert ra == rb
+
+
+def no_leftovers(out: Path) -> None:
+    """Nothing but finished files: no work directory, no temporary file beside the output."""
+    from modpo_pipe import parts
+
+    assert not parts.work_dir(out).exists()
+    assert not list(out.parent.glob(f".{out.name}*"))
+
+
+def enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def write_unchecked(table: pa.Table, meta: dict, path: Path) -> Path:
+    """Write without the contract's checks: what a foreign, older or buggy writer could leave."""
+    import pyarrow.parquet as pq
+
+    from modpo_pipe import schema
+
+    pq.write_table(schema.with_metadata(table, meta), path)
+    return path
+
+
+def interrupt(monkeypatch, module, name: str, after: int) -> dict:
+    """Make module.name raise (as a kill would stop it) on call `after + 1`; count calls."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def _slow_down(seconds: float) -> None:
+    """In a child: make every chunk, reward call, training step and atomic rename slower, so that kills
+    land mid-run (and sometimes between a temporary file's write and its rename)."""
+    import modpo_pipe.generate as generate
+    import modpo_pipe.rewards as rewards
+    import modpo_pipe.score as score
+    import modpo_pipe.train as train_module
+    from modpo_pipe import schema
+
+    def slowed(fn, delay):
+        def wrapper(*args, **kwargs):
+            time.sleep(delay)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    generate.sample = slowed(generate.sample, seconds)
+    score.batched_sequence_logps = slowed(score.batched_sequence_logps, seconds)
+    rewards.CallableReward._score_batch = slowed(rewards.CallableReward._score_batch, seconds)
+    train_module.pair_loss = slowed(train_module.pair_loss, seconds)
+    schema.fsync_replace = slowed(schema.fsync_replace, seconds / 4)
+
+
+def fork_cli(args: list, cwd: Path, slow: float = 0.0) -> int:
+    """Run the command in a forked child (one torch thread, so every child computes bit for bit alike)."""
+    import torch
+
+    from modpo_pipe.cli import app
+
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 99
+    try:
+        torch.set_num_threads(1)
+        os.chdir(cwd)
+        if slow:
+            _slow_down(slow)
+        try:
+            app([str(a) for a in args], prog_name="modpo-pipe")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def wait_exit(pid: int, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("child did not finish")
+
+
+def kill_when(pid: int, ready: Callable[[], bool], delay: float, timeout: float = 240) -> bool:
+    """SIGKILL the child `delay` seconds after `ready()` holds; False when it exited on its own first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return False
+        if ready():
+            time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            if os.WIFSIGNALED(status):
+                return True
+            assert os.waitstatus_to_exitcode(status) == 0
+            return False
+        time.sleep(0.003)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("child did not reach the kill point")
