@@ -246,14 +246,14 @@ def bench_train(root: Path, device: str, name: str, shape: dict[str, Any], size:
 def _bench_modes(root: Path, device: str, name: str, policy: Path, scored: Path, pairs, params: int,
                  size: dict[str, Any], peak: float | None) -> list[tuple]:
     from modpo_pipe.config import TrainSettings
-    from modpo_pipe.train import optimizer_steps
+    from modpo_pipe.train import optimizer_step_groups
 
     rows = []
     for mode, extra, flops_per_token in (("full", {"lr": 1e-5}, 6), ("LoRA r16", {"lr": 1e-4, "lora_r": 16,
                                                                                   "lora_alpha": 32}, 4)):
         run = train_run(policy, scored, root / f"bench-{name}" / mode.split()[0], device, "bfloat16",
                         batch_size=size["bench_batch"], epochs=1, **extra)
-        steps = optimizer_steps(len(pairs), TrainSettings(batch_size=size["bench_batch"], epochs=1))
+        steps = optimizer_step_groups(len(pairs), TrainSettings(batch_size=size["bench_batch"], epochs=1))
         # Tokens the packed forward computes: each pair's prompt once, both responses.
         tokens = [sum(len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in idx) for _, idx in steps]
         times = [line["time"] for line in run["lines"]]

@@ -31,9 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from modpo_pipe import __version__
+from modpo_pipe import __version__, storage
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.storage import atomic_path, fsync_replace
+from modpo_pipe.storage import atomic_path
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 is converted on read
@@ -145,7 +145,7 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group
     tmp = atomic_path(path)
     try:
         pq.write_table(table, tmp, row_group_size=row_group_size)
-        fsync_replace(tmp, path)
+        storage.fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

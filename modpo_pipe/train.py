@@ -357,9 +357,6 @@ def optimizer_step_groups(n_groups: int, t: TrainSettings, processes: int = 1) -
     return steps
 
 
-# The old name, for benchmarks/gpu_check.py until it calls optimizer_step_groups (issue 17 moves benchmarks/).
-optimizer_steps = optimizer_step_groups
-
 
 @dataclass
 class GroupBatch:

@@ -314,7 +314,7 @@ def _slow_down(seconds: float) -> None:
     import modpo_pipe.rewards as rewards
     import modpo_pipe.score as score
     import modpo_pipe.train as train_module
-    from modpo_pipe import schema
+    from modpo_pipe import storage
 
     def slowed(fn, delay):
         def wrapper(*args, **kwargs):
@@ -326,7 +326,8 @@ def _slow_down(seconds: float) -> None:
     score.batched_sequence_logps = slowed(score.batched_sequence_logps, seconds)
     rewards.CallableReward._score_batch = slowed(rewards.CallableReward._score_batch, seconds)
     train_module.pair_loss = slowed(train_module.pair_loss, seconds)
-    schema.fsync_replace = slowed(schema.fsync_replace, seconds / 4)
+    # Every durable write (Parquet files and parts' chunks) goes through storage.fsync_replace.
+    storage.fsync_replace = slowed(storage.fsync_replace, seconds / 4)
 
 
 def fork_cli(args: list, cwd: Path, slow: float = 0.0) -> int:
