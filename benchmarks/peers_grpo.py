@@ -319,27 +319,40 @@ def save_merged(model: Any, ref_dir: Path, target: Path, info: dict[str, Any]) -
     tmp.rename(target)
 
 
-def budget_callback(budgets: list[float], on_budget: Callable[[int, Any, float, int], None]) -> Any:
-    """A TrainerCallback that calls on_budget(index, model, training seconds, steps) at the step end nearest each
-    budget (seconds since training began, saves excluded) and stops training after the last."""
+class BudgetClock:
+    """Training seconds since start, saves excluded: calls on_budget(index, model, seconds, steps) at the step end
+    nearest each budget; step_end() says when the last budget is met (training should stop)."""
+
+    def __init__(self, budgets: list[float], on_budget: Callable[[int, Any, float, int], None]) -> None:
+        self.budgets, self.on_budget = budgets, on_budget
+
+    def start(self) -> None:
+        self.started = self.step_started = time.perf_counter()
+        self.not_counted = 0.0
+        self.next = 0
+
+    def step_end(self, model: Any, steps: int) -> bool:
+        now = time.perf_counter()
+        elapsed, step_seconds = now - self.started - self.not_counted, now - self.step_started
+        while self.next < len(self.budgets) and budget_due(elapsed, step_seconds, self.budgets[self.next]):
+            self.on_budget(self.next, model, elapsed, steps)
+            self.next += 1
+        self.step_started = time.perf_counter()
+        self.not_counted += self.step_started - now  # the saves
+        return self.next == len(self.budgets)
+
+
+def budget_callback(clock: BudgetClock) -> Any:
+    """The clock as a TrainerCallback: started with training, told of every optimizer step's end."""
     from transformers import TrainerCallback
 
     class WallClockBudget(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = self.step_started = time.perf_counter()
-            self.not_counted = 0.0
-            self.next = 0
+            clock.start()
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            now = time.perf_counter()
-            elapsed, step_seconds = now - self.started - self.not_counted, now - self.step_started
-            while self.next < len(budgets) and budget_due(elapsed, step_seconds, budgets[self.next]):
-                on_budget(self.next, model, elapsed, state.global_step)
-                self.next += 1
-            if self.next == len(budgets):
+            if clock.step_end(model, state.global_step):
                 control.should_training_stop = True
-            self.step_started = time.perf_counter()
-            self.not_counted += self.step_started - now
             return control
 
     return WallClockBudget()
@@ -383,7 +396,7 @@ def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: li
     trainer = GRPOTrainer(model=model, reward_funcs=[positivity_reward, concision_reward], args=config,
                           train_dataset=Dataset.from_list([{"prompt": chat} for chat in prompts]),
                           processing_class=tokenizer, peft_config=lora,
-                          callbacks=[budget_callback(budgets, on_budget)])
+                          callbacks=[budget_callback(BudgetClock(budgets, on_budget))])
     trainer.train()
     return done
 
@@ -470,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-factors", default="1,2", help="GRPO's wall-clock as multiples of the pipeline's.")
     parser.add_argument("--train-prompts", type=int, default=0, help="GRPO's training prompts (0: the demo's).")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # TRL's per-step logs, live in a log file too
     try:
         report = run(args)
     except ModpoError as e:

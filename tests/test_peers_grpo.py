@@ -34,30 +34,28 @@ def test_budget_is_met_at_the_step_end_nearest_it():
     assert peers.budget_due(130.0, 8.0, 100.0)  # past it: always
 
 
-def test_budget_callback_saves_at_each_budget_and_stops_after_the_last(monkeypatch):
-    pytest.importorskip("transformers")
-    clock = iter([0.0,            # on_train_begin
+def test_budget_clock_saves_at_each_budget_and_stops_after_the_last(monkeypatch):
+    clock = iter([0.0,            # start
                   10.0, 10.0,     # step 1 ends (elapsed 10), no save
                   20.0, 25.0,     # step 2 ends at 20: budget 18 due; the save takes 5 s, not counted
                   35.0, 35.0,     # step 3 ends at 30 (counted): budget 36 is nearer the next end (40)
-                  45.0, 45.0])    # step 4 ends at 40: budget 36 due; last budget, stop
+                  45.0, 45.0])    # step 4 ends at 40: budget 36 due; the last budget: stop
     monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
     saved = []
-    callback = peers.budget_callback([18.0, 36.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
-
-    class State:
-        global_step = 0
-
-    class Control:
-        should_training_stop = False
-
-    state, control = State(), Control()
-    callback.on_train_begin(None, state, control)
-    for step in range(1, 5):
-        state.global_step = step
-        callback.on_step_end(None, state, control, model=object())
-        assert control.should_training_stop == (step == 4)
+    budget = peers.BudgetClock([18.0, 36.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
+    budget.start()
+    assert [budget.step_end(object(), step) for step in range(1, 5)] == [False, False, False, True]
     assert saved == [(0, 20.0, 2), (1, 40.0, 4)]
+
+
+def test_a_slow_first_step_meets_every_budget_it_passes(monkeypatch):
+    clock = iter([0.0, 200.0, 201.0, 202.0])  # one step past both budgets: two saves at that step, then stop
+    monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
+    saved = []
+    budget = peers.BudgetClock([20.0, 40.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
+    budget.start()
+    assert budget.step_end(None, 1)
+    assert saved == [(0, 200.0, 1), (1, 200.0, 1)]
 
 
 def write_demo(tmp_path: Path, front=60.0, policies=None) -> Path:
