@@ -431,8 +431,9 @@ def _toml(value: Any) -> str:
 
 
 def eval_cli_takes_samples() -> bool:
-    """Whether `modpo-pipe eval --samples-per-prompt N` reaches the eval (as of this writing, the flag of the same
-    name for [generate].samples_per_prompt shadows it and eval always takes 1 sample per prompt)."""
+    """Whether `modpo-pipe eval --samples-per-prompt N` reaches the eval. As of this writing the flag of the same
+    name for [generate].samples_per_prompt shadows it: the value goes to that setting (which must be >= 2), and
+    eval always takes 1 sample per prompt."""
     import typer
 
     from modpo_pipe.cli import app
@@ -444,8 +445,9 @@ def eval_cli_takes_samples() -> bool:
 
 def run_eval(heldout: Path, toml: Path, ref_dir: Path, policies: dict[str, str], samples: int, out: Path) -> None:
     if samples == 1 or eval_cli_takes_samples():
-        command = [sys.executable, "-m", "modpo_pipe", "eval", str(heldout), "-c", str(toml),
-                   "--samples-per-prompt", str(samples), "--summary-out", str(out)]
+        command = [sys.executable, "-m", "modpo_pipe", "eval", str(heldout), "-c", str(toml), "--summary-out", str(out)]
+        if samples > 1:  # the flag's default is 1; given as 1 today, it sets [generate].samples_per_prompt, which fails
+            command += ["--samples-per-prompt", str(samples)]
         for label, path in policies.items():
             command += ["--policies", f"{label}={path}"]
     else:  # the function `modpo-pipe eval` calls, with the same settings file, until its flag is fixed
