@@ -314,7 +314,7 @@ def save_merged(model: Any, ref_dir: Path, target: Path, info: dict[str, Any]) -
     for f in ref_dir.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in NOT_COPIED and not (tmp / f.name).exists():
             shutil.copy2(f, tmp / f.name)
-    (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2) + "\n")  # family and weights, for eval
+    (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2) + "\n")  # family and weights: eval, front
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 
@@ -385,7 +385,7 @@ def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: li
 
     def on_budget(index: int, policy: Any, seconds: float, steps: int) -> None:
         factor = factors[index]
-        info = {"family": "GRPO", "weights": {"positivity": w, "concision": 1.0 - w},
+        info = {"family": f"GRPO x{factor:g}", "weights": {"positivity": w, "concision": 1.0 - w},
                 "grpo": {"budget_factor": factor, "budget_seconds": budgets[index], "seconds": seconds,
                          "steps": steps}}
         save_merged(policy, ref_dir, out / f"x{factor:g}", info)
