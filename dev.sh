@@ -2,7 +2,8 @@
 # Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite, `./dev.sh demo` runs the
 # whole pipeline on the embedded default model, `./dev.sh bench [--quick]` runs the benchmarks. Each creates
 # .venv and installs everything on first use. `./dev.sh gpu-check` runs benchmarks/gpu_check.py with the
-# machine's own Python (for a GPU machine without network).
+# machine's own Python (for a GPU machine without network). `./dev.sh peers --out DIR [args]` runs the head to
+# head with TRL's GRPOTrainer (benchmarks/peers_grpo.py); it installs the `peers` extra (TRL) into the venv.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -47,6 +48,15 @@ case "${1:-}" in
     shift
     python -m benchmarks.run "$@"
     ;;
+  peers)
+    WITH_VLLM=${MODPO_WITH_VLLM:-0}
+    setup
+    shift
+    # TRL only for this benchmark: never a dependency of the tool (nothing in modpo_pipe/ imports it). pip
+    # leaves a matching install alone and brings any other TRL to the pinned version.
+    python -m pip install -q -c .ci/constraints.txt -e ".[dev,demo,peers]"
+    python -m benchmarks.peers_grpo "$@"
+    ;;
   gpu-check)
     # On a GPU machine whose Python already has torch, transformers, peft, accelerate, pyarrow, typer, tqdm and
     # safetensors: no venv, no installs, no network. Writes benchmarks/RESULTS-gpu.md.
@@ -55,7 +65,7 @@ case "${1:-}" in
     ;;
   *)
     echo "usage: ./dev.sh test [pytest args] | ./dev.sh demo [demo args] | ./dev.sh bench [--quick]" \
-         "| ./dev.sh gpu-check [--device cpu]" >&2
+         "| ./dev.sh peers --out DIR [args] | ./dev.sh gpu-check [--device cpu]" >&2
     exit 2
     ;;
 esac
