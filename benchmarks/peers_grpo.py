@@ -430,37 +430,11 @@ def _toml(value: Any) -> str:
     return repr(value)
 
 
-def eval_cli_takes_samples() -> bool:
-    """Whether `modpo-pipe eval --samples-per-prompt N` reaches the eval. As of this writing the flag of the same
-    name for [generate].samples_per_prompt shadows it: the value goes to that setting (which must be >= 2), and
-    eval always takes 1 sample per prompt."""
-    import typer
-
-    from modpo_pipe.cli import app
-
-    command = typer.main.get_command(app).commands["eval"]  # type: ignore[attr-defined]
-    params = command.make_context("eval", ["prompts.jsonl", "--samples-per-prompt", "3"]).params
-    return params.get("samples_per_prompt") == 3
-
-
 def run_eval(heldout: Path, toml: Path, ref_dir: Path, policies: dict[str, str], samples: int, out: Path) -> None:
-    if samples == 1 or eval_cli_takes_samples():
-        command = [sys.executable, "-m", "modpo_pipe", "eval", str(heldout), "-c", str(toml), "--summary-out", str(out)]
-        if samples > 1:  # the flag's default is 1; given as 1 today, it sets [generate].samples_per_prompt, which fails
-            command += ["--samples-per-prompt", str(samples)]
-        for label, path in policies.items():
-            command += ["--policies", f"{label}={path}"]
-    else:  # the function `modpo-pipe eval` calls, with the same settings file, until its flag is fixed
-        print("note: `modpo-pipe eval --samples-per-prompt` does not reach the eval in this version; calling "
-              "modpo_pipe.evaluate.evaluate (what the command runs) with the same settings", flush=True)
-        code = ("import sys, json; from pathlib import Path; from modpo_pipe import config; "
-                "from modpo_pipe.evaluate import evaluate, write_summaries; "
-                "a = json.loads(sys.argv[1]); s = config.load_settings(Path(a['toml'])); "
-                "write_summaries(evaluate(s, Path(a['heldout']), a['policies'], a['ref'], a['samples']), "
-                "Path(a['out']))")
-        command = [sys.executable, "-c", code, json.dumps({"toml": str(toml), "heldout": str(heldout),
-                                                           "policies": policies, "ref": str(ref_dir),
-                                                           "samples": samples, "out": str(out)})]
+    command = [sys.executable, "-m", "modpo_pipe", "eval", str(heldout), "-c", str(toml), "--summary-out", str(out),
+               "--samples-per-prompt", str(samples)]
+    for label, path in policies.items():
+        command += ["--policies", f"{label}={path}"]
     print("$ " + " ".join(command[:4]) + " ...", flush=True)
     if subprocess.run(command).returncode != 0:
         raise ModpoError("the evaluation failed (see above)")

@@ -83,9 +83,11 @@ CONFIG_PARAM = inspect.Parameter(
 
 
 def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, help: str,
-                  extra: tuple[inspect.Parameter, ...] = ()) -> Callable:
+                  extra: tuple[inspect.Parameter, ...] = (),
+                  skip: frozenset[tuple[str, str]] = frozenset()) -> Callable:
     """Register a command whose flags are `inputs`, --config, `extra` (passed to the command by name) and
-    one flag per setting of `sections`."""
+    one flag per setting of `sections` but those in `skip` (an `extra` of the same flag name would otherwise
+    lose its value to the setting's flag)."""
 
     def register(run: Callable[..., None]) -> Callable:
         def command(**kwargs: Any) -> None:
@@ -100,7 +102,7 @@ def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, hel
                 settings = cfg.load_settings(config_path, overrides)
                 run(settings, given, **extras)
 
-        params = [inputs, CONFIG_PARAM, *extra, *_setting_parameters(sections)]
+        params = [inputs, CONFIG_PARAM, *extra, *_setting_parameters(sections, skip=skip)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = help
@@ -346,6 +348,7 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
         extra_option("samples_per_prompt", int, 1, "--samples-per-prompt", "Samples per prompt and policy."),
         extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries."),
     ),
+    skip=frozenset({("generate", "samples_per_prompt")}),  # eval's own --samples-per-prompt above
 )
 def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | None, samples_per_prompt: int,
                  summary_out: Path) -> None:

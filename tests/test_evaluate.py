@@ -117,6 +117,9 @@ def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp
         os.chdir(old)
     reference, trained = read_summaries([tmp_path / "eval.json"])
     assert (reference["label"], trained["label"]) == ("reference", "short")
+    # eval's own --samples-per-prompt reached it (it once went to [generate].samples_per_prompt instead).
+    prompts = sum(1 for line in tiny.prompts.read_text().splitlines() if line.strip())
+    assert reference["samples"] == trained["samples"] == 8 * prompts
     ref_len, new_len = reference["response_tokens"], trained["response_tokens"]
     combined_se = (ref_len["sem"] ** 2 + new_len["sem"] ** 2) ** 0.5
     assert new_len["mean"] < ref_len["mean"] - 3 * combined_se, (ref_len, new_len)
