@@ -406,28 +406,10 @@ def write_eval_settings(path: Path, ref_dir: Path, seed: int) -> Path:
     from modpo_pipe import config as cfg
     from modpo_pipe.demo import DemoSize, demo_settings
 
-    settings = demo_settings(str(ref_dir), DemoSize(seed=seed))
-    lines = []
-    for section in ("model", "generate", "score"):
-        values = dataclasses.asdict(getattr(settings, section))
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items() if not isinstance(value, dict)]
-        for key, table in values.items():
-            if isinstance(table, dict):
-                lines.append(f"[{section}.{key}]")
-                lines += [f"{name} = {_toml(value)}" for name, value in table.items()]
-        lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text(cfg.render_settings(demo_settings(str(ref_dir), DemoSize(seed=seed)),
+                                        ("model", "generate", "score")), encoding="utf-8")
     cfg.load_settings(path)  # what we write must load
     return path
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, list)):
-        return json.dumps(value)  # a JSON string or list of strings is a TOML basic string / array
-    return repr(value)
 
 
 def run_eval(heldout: Path, toml: Path, ref_dir: Path, policies: dict[str, str], samples: int, out: Path) -> None:

@@ -439,14 +439,14 @@ def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
     train_prompts: int = typer.Option(
-        0, "--train-prompts", help="Training prompts, split evenly over the rounds (0: 64)."),
-    eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 40)."),
+        0, "--train-prompts", help="Training prompts, split evenly over the rounds (0: 40)."),
+    eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 67)."),
     eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
     rounds: int = typer.Option(
         0, "--rounds", help="Rounds; round k samples with the policy round k-1 trained (0: 2)."),
     train_steps: int = typer.Option(
         0, "--train-steps", help="Optimizer steps per policy over all rounds; the batch is a round's prompts / "
-        "its steps (0: 16)."),
+        "its steps (0: 10)."),
     samples_per_prompt: int = typer.Option(
         0, "--samples-per-prompt", help="Responses per training prompt, one group; all pairs train (0: 4)."),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling and training."),

@@ -437,6 +437,18 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
+def render_settings(settings: Settings, sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
+    """`settings` as a TOML file that load_settings reads back to the same values: every key of `sections`
+    written (paths as given: write absolute ones, since a file's relative paths are read against its folder)."""
+    lines: list[str] = []
+    for name in sections:
+        values = dataclasses.asdict(getattr(settings, name))
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> str:
     """The commented `modpo.toml` that `modpo-pipe init` writes: every key, its default and what it does."""
     lines = [

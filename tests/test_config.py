@@ -492,3 +492,19 @@ def test_pairs_per_prompt_and_samples_per_prompt_together_are_refused(tmp_path):
     path = write_toml(tmp_path, "[generate]\npairs_per_prompt = 1\nsamples_per_prompt = 4\n")
     message = load_error(path)
     assert "pairs_per_prompt and samples_per_prompt are both set" in message and "\n" not in message
+
+
+def test_render_settings_reads_back_to_the_same_settings(tmp_path):
+    """What the demo writes into each run directory (and the peer benchmark for eval): every section, the
+    weights and rewards tables, paths with quotes and backslashes, read back unchanged."""
+    from modpo_pipe.demo import DemoSize, demo_settings
+
+    settings = demo_settings(str(tmp_path / 'a "policy"\\dir'), DemoSize(seed=3), str(tmp_path / "prompts.jsonl"))
+    settings = dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, weights={"positivity": 0.25, "concision": 0.75}))
+    path = tmp_path / "modpo.toml"
+    path.write_text(cfg.render_settings(settings))
+    assert cfg.load_settings(path) == settings
+    path.write_text(cfg.render_settings(settings, ("model", "generate", "score")))
+    loaded = cfg.load_settings(path)
+    assert (loaded.generate, loaded.score, loaded.train) == (settings.generate, settings.score, cfg.TrainSettings())

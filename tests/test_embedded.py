@@ -275,6 +275,13 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
     round_one = [line for line in table.splitlines() if line.startswith("w_positivity=1.0") and line.split()[1] == "1"]
     assert len(round_one) == 1
     assert float(round_one[0].split()[2]) == pytest.approx(report["reward_mean_by_round"][1]["positivity"], abs=6e-4)
+    # Each run directory holds its settings: `modpo-pipe status -w RUN` (and `run -w RUN`) work on it.
+    from typer.testing import CliRunner
+
+    from modpo_pipe.cli import app
+
+    result = CliRunner().invoke(app, ["status", "-w", str(run_dirs[2])], catch_exceptions=False)
+    assert result.exit_code == 0 and f"{3 * size.rounds}/{3 * size.rounds} stages done; finished" in result.output
     # The final policies and the front's own time, for benchmarks/peers_grpo.py.
     policies = json.loads((out / "policies.json").read_text())
     assert list(policies) == labels
