@@ -192,17 +192,22 @@ def test_a_damaged_part_is_redone_not_merged(env, chunked, tmp_path, monkeypatch
     no_leftovers(out)
 
 
-def test_disk_full_while_writing_a_part(env, chunked, tmp_path, monkeypatch):
-    out = tmp_path / "pairs.parquet"
+def disk_fills_on(matches):
+    """pq.write_table that leaves half a file and raises ENOSPC for the paths `matches` accepts."""
     real = pq.write_table
 
-    def fills_the_disk(table, where, *args, **kwargs):
-        if "part-00001" in str(where):
+    def write_table(table, where, *args, **kwargs):
+        if matches(where):
             Path(where).write_bytes(b"PAR1 half a file")
             enospc()
         return real(table, where, *args, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", fills_the_disk)
+    return write_table
+
+
+def test_disk_full_while_writing_a_part(env, chunked, tmp_path, monkeypatch):
+    out = tmp_path / "pairs.parquet"
+    monkeypatch.setattr(pq, "write_table", disk_fills_on(lambda where: "part-00001" in str(where)))
     work = parts.work_dir(out)
     fails(_generate(env, out), f"cannot write {work / 'part-00001.parquet'}: No space left on device; the "
                                f"finished parts in {work} are kept: rerun the same command to continue from them")
@@ -217,15 +222,8 @@ def test_disk_full_while_merging_keeps_every_part(env, chunked, tmp_path, monkey
     import modpo_pipe.generate as generate
 
     out = tmp_path / "pairs.parquet"
-    real = pq.write_table
-
-    def fills_the_disk(table, where, *args, **kwargs):
-        if Path(where).name.startswith(".pairs.parquet.tmp"):
-            Path(where).write_bytes(b"PAR1 half a file")
-            enospc()
-        return real(table, where, *args, **kwargs)
-
-    monkeypatch.setattr(pq, "write_table", fills_the_disk)
+    monkeypatch.setattr(pq, "write_table",
+                        disk_fills_on(lambda where: Path(where).name.startswith(".pairs.parquet.tmp")))
     work = parts.work_dir(out)
     fails(_generate(env, out), f"cannot write {out}: No space left on device; the parts in {work} are kept: "
                                "rerun the same command to merge them")
