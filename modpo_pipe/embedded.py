@@ -320,9 +320,8 @@ def _convert(gguf_path: Path, out_dir: Path) -> dict:
 # Two float32 models with bit-identical weights can still differ in the last bits of their logits: CPU matmul
 # kernels pick their code path by the memory alignment of the weights (the reloaded ones sit at the safetensors
 # file's offsets, the GGUF-loaded ones wherever the allocator put them), which changes the order of the sums.
-# Measured on SmolLM2-135M: 0 or
-# 0.0063 at a logit scale of 33 (1.9e-4 of it), depending on the allocation. A wrong conversion (a lost tie, a
-# wrong config value) moves logits by whole units.
+# Measured on SmolLM2-135M: 0 or 0.0063 at a logit scale of 33 (1.9e-4 of it), depending on the allocation.
+# A wrong conversion (a lost tie, a wrong config value) moves logits by whole units.
 LOGITS_RTOL = 1e-3
 
 
