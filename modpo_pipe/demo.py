@@ -104,10 +104,7 @@ def demo_prompts(src: Path, dst: Path, count: int) -> Path:
     rows = [json.loads(line) for line in lines]
     chats = [{"id": row["id"], "messages": [{"role": "system", "content": SYSTEM_MESSAGE},
                                             {"role": "user", "content": row["prompt"]}]} for row in rows]
-    text = "".join(json.dumps(chat) + "\n" for chat in chats)
-    if not (dst.is_file() and dst.read_text(encoding="utf-8") == text):  # a resumed demo leaves it be
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        write_text(dst, text)
+    write_text(dst, "".join(json.dumps(chat) + "\n" for chat in chats))
     return dst
 
 
@@ -180,10 +177,7 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
         run_dir = out / "runs" / label.replace("=", "-")
         runs[label] = (run_dir, dataclasses.replace(base, train=dataclasses.replace(base.train, weights=weights)))
         # Its settings file: `modpo-pipe status -w RUN` reads it, and `modpo-pipe run -w RUN --rounds N` goes on.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        toml = cfg.render_settings(runs[label][1])
-        if not ((run_dir / "modpo.toml").is_file() and (run_dir / "modpo.toml").read_text(encoding="utf-8") == toml):
-            write_text(run_dir / "modpo.toml", toml)
+        write_text(run_dir / "modpo.toml", cfg.render_settings(runs[label][1]))
 
     # Round 0 samples from the reference for every weight vector alike: the first run samples and scores it,
     # the others take verified copies (rounds.share_stages) and only train.
@@ -252,4 +246,8 @@ def write_json(path: Path, value: object) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Write atomically, unless the file already holds `text`: a resumed demo leaves its files be."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     storage.write_atomic(path, text)
