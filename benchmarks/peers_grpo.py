@@ -28,7 +28,7 @@ GRPO's settings (TRL 1.16.0): its defaults, except
 - num_generations 4 (the issue's setting; TRL's default 8 would halve the prompts per step), with the default
   per_device_train_batch_size 8: 2 prompts x 4 replies per optimizer step;
 - max_completion_length = the demo's reply cap, temperature 1.0, top_p 1.0, learning_rate = the demo's: shared
-  settings above (TRL's default lr 1e-6 is for full fine-tuning; LoRA wants ~1e-4, and the demo uses 1e-3);
+  settings above (TRL's default lr 1e-6 is for full fine-tuning; LoRA wants ~1e-4, and the demo uses 1.5e-3);
 - bf16 off (TRL turns it on by default): the demo runs float32, and on this CPU bf16 matmuls are slower;
 - gradient_checkpointing off (TRL turns it on by default to save GPU memory, at ~20% more time): the demo does
   not checkpoint, and in a wall-clock race it would slow GRPO alone;

@@ -258,7 +258,8 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
     if len(set(group_ids)) != len(group_ids):
         raise ModpoError("the scored files share group_ids: the same groups given twice")
     if not group_ids:
-        raise ModpoError(f"no pairs left to train on ({dropped} had identical responses)")
+        raise ModpoError(f"no pairs left to train on ({dropped} had identical responses): a policy that samples "
+                         "one reply per prompt has collapsed; a lower [train].lr or a higher [train].beta avoids it")
     assert names is not None and w is not None
     pa.default_memory_pool().release_unused()  # what reading needed beyond the columns kept
     zero = torch.zeros(1, dtype=torch.int64)

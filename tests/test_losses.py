@@ -121,3 +121,13 @@ def test_training_reaches_the_known_optimum(loss):
     final = torch.softmax(logits.detach(), 0)
     start_gap = (torch.softmax(ref_logits, 0) - optimum).abs().max().item()
     assert (final - optimum).abs().max().item() < 0.05 < start_gap
+
+
+def test_sign_agreement_counts_rounding_noise_as_no_preference():
+    # At the first step the student margins are 0 up to float32 rounding: noise of either sign is no preference,
+    # so it agrees only with a teacher tie, whatever the batch layout made of its last bits.
+    teacher = torch.tensor([1.0, -1.0, 0.0])
+    for noise in (torch.tensor([3e-7, -2e-6, 0.0]), torch.tensor([-3e-7, 2e-6, 1e-7])):
+        assert margin_stats(noise, teacher)["sign_agreement"] == pytest.approx(1 / 3)
+    # A margin of a learned size keeps its sign.
+    assert margin_stats(torch.tensor([2e-3, -2e-3, 0.0]), teacher)["sign_agreement"] == 1.0
