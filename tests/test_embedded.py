@@ -292,9 +292,13 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
     # The random tiny stand-in is not SmolLM2: at the demo's lr (1.5e-3, chosen on SmolLM2) its concision-only
     # policy collapses to one reply per prompt by round 1, leaving no pair to train on (SmolLM2's --quick demo
     # trains all rounds at that lr). This test is about the demo's plumbing, so the stand-in gets 1e-3.
-    settings = demo.demo_settings
-    monkeypatch.setattr(demo, "demo_settings", lambda *a, **k: dataclasses.replace(
-        settings(*a, **k), train=dataclasses.replace(settings(*a, **k).train, lr=1e-3)))
+    demo_settings = demo.demo_settings
+
+    def stand_in_settings(*args, **kwargs):
+        settings = demo_settings(*args, **kwargs)
+        return dataclasses.replace(settings, train=dataclasses.replace(settings.train, lr=1e-3))
+
+    monkeypatch.setattr(demo, "demo_settings", stand_in_settings)
     out = tmp_path / "demo"
     size = dataclasses.replace(demo.QUICK, eval_samples=2)
     demo.run_demo(out, size)
