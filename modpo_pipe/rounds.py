@@ -732,17 +732,25 @@ def merged_summary(path: Path) -> dict[str, Any]:
 
 
 def metrics_summary(path: Path) -> dict[str, Any]:
-    """Mean loss of the first and last epoch, and the last epoch's mean KL(pi_ref || pi) estimate."""
+    """Where the loss started and ended, and the last epoch's mean KL(pi_ref || pi) estimate.
+
+    Over several epochs the loss is compared as first- and last-epoch means (each epoch sees the same
+    pairs); in one epoch, the epoch mean is a single number, so the first and last step are compared.
+    """
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
+    losses = [r for r in records if "loss" in r]
+    if not losses:
         return {}
-    first, last = records[0]["epoch"], records[-1]["epoch"]
+    first, last = losses[0]["epoch"], losses[-1]["epoch"]
 
     def in_epoch(epoch: int, key: str) -> list[float]:
         return [r[key] for r in records if r["epoch"] == epoch and key in r]
 
-    return {"loss_first_epoch": statistics.fmean(in_epoch(first, "loss")),
-            "loss": statistics.fmean(in_epoch(last, "loss")),
+    if first == last:
+        start, end, span = losses[0]["loss"], losses[-1]["loss"], "step"
+    else:
+        start, end, span = statistics.fmean(in_epoch(first, "loss")), statistics.fmean(in_epoch(last, "loss")), "epoch"
+    return {"loss_start": start, "loss": end, "loss_span": span,
             "kl_k2": statistics.fmean(in_epoch(last, "kl_k2") or [float("nan")])}
 
 
@@ -754,8 +762,10 @@ def headline(stage: str, summary: dict[str, Any]) -> str:
     if stage == "score":
         return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
-    if "loss" in summary:
-        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g}"
+    if "loss_start" in summary:
+        text += f", loss {summary['loss_start']:.4g} -> {summary['loss']:.4g} (first -> last {summary['loss_span']})"
+    elif "loss_first_epoch" in summary:  # recorded before loss_start: epoch means, equal when there was one epoch
+        text += f", loss {summary['loss_first_epoch']:.4g} -> {summary['loss']:.4g} (epoch means)"
     if "kl_k2" in summary:  # (runs recorded before it replaced kl_proxy lack it)
         text += f", kl_k2 {summary['kl_k2']:.4g}"
     return text

@@ -183,7 +183,7 @@ def test_three_rounds_layout_manifest_and_status(reference):
     assert set(report["reward_mean_by_round"]) == {"0", "1", "2"}
     assert all(set(means) == {"rm", "length"} for means in report["reward_mean_by_round"].values())
     train_row = next(r for r in report["table"] if r["round"] == 2 and r["stage"] == "train")
-    assert {"loss", "kl_k2", "loss_first_epoch"} <= set(train_row["summary"]) and train_row["seconds"] > 0
+    assert {"loss", "kl_k2", "loss_start", "loss_span"} <= set(train_row["summary"]) and train_row["seconds"] > 0
 
 
 def _start(run_dir: Path, log: Path) -> subprocess.Popen:
@@ -424,3 +424,22 @@ def test_round_zero_is_shared_between_runs_that_differ_only_in_train(base, tiny,
         f.write(b"\0\0\0\0")
     with pytest.raises(ModpoError, match="nothing shared"):
         rounds.share_stages(broken, base / "share-third", settings, 0)
+
+
+def test_a_rounds_loss_headline_compares_first_and_last_step_in_one_epoch(tmp_path):
+    # One epoch used to be shown as its mean twice ("loss 1.879 -> 1.879"), as if training had not moved it.
+    metrics = tmp_path / "metrics.jsonl"
+    steps = [(1, 1.9, 0.0), (2, 1.5, 2.0), (3, 1.2, 4.0)]
+    lines = [{"step": s, "epoch": 0, "loss": loss, "kl_k2": kl} for s, loss, kl in steps]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = rounds.metrics_summary(metrics)
+    assert (summary["loss_start"], summary["loss"], summary["kl_k2"]) == (1.9, 1.2, 2.0)
+    assert rounds.headline("train", {"rows": 6, "steps": 3, **summary}) == (
+        "6 pairs, 3 steps, loss 1.9 -> 1.2 (first -> last step), kl_k2 2")
+
+    # Over several epochs each epoch sees the same pairs, so epoch means are compared.
+    lines += [{"step": s, "epoch": 1, "loss": loss} for s, loss in [(4, 1.0), (5, 0.8)]]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = rounds.metrics_summary(metrics)
+    assert summary["loss_start"] == pytest.approx(1.5333333) and summary["loss"] == pytest.approx(0.9)
+    assert "(first -> last epoch)" in rounds.headline("train", {"rows": 6, "steps": 5, **summary})
