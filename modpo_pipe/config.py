@@ -134,7 +134,10 @@ class TrainSettings:
         "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.")
     batch_size: int = setting(8, "Groups (prompts) per micro-batch; every response of a group is forwarded once.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the cosine decay.")
+    warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.")
+    lr_schedule: str = setting(
+        "cosine", "After warmup: cosine (decay to 0 at the last step) or constant (the peak lr to the end). A `run` "
+        "trains each round as its own job, so either schedule starts again every round.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: off).")
     seed: int = setting(0, "Seed for data order and initialisation of adapters.")
     lora_r: int = setting(0, "LoRA rank; 0 trains all weights.")
@@ -380,6 +383,16 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
     return settings
 
 
+# Settings added after runs and checkpoints were recorded, with the value that behaves as before they existed.
+# Recorded settings and fingerprints leave a setting out at that value, so what was recorded before still matches.
+ADDED_LATER: dict[tuple[str, str], Any] = {("train", "lr_schedule"): "cosine"}
+
+
+def as_before(section: str, key: str, value: Any) -> bool:
+    """Whether this setting is one added later and holds the value that behaves as before it existed."""
+    return (section, key) in ADDED_LATER and ADDED_LATER[(section, key)] == value
+
+
 _CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("generate", "backend"): ("auto", "transformers", "vllm"),
@@ -388,6 +401,7 @@ _CHOICES = {
     ("train", "loss"): ("rpo-sym", "rpo", "rebel"),
     ("train", "normalize"): ("zscore", "none"),
     ("train", "pairs"): ("all", "disjoint", "max-min"),
+    ("train", "lr_schedule"): ("cosine", "constant"),
 }
 
 

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 from modpo_pipe import storage
-from modpo_pipe.config import Settings
+from modpo_pipe.config import Settings, as_before
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.runstate import (
     STAGES,
@@ -442,7 +442,7 @@ class Run:
                 out["run.reference"] = f"previous ({round_name(k - 1)} policy)"
         else:
             for f in dataclasses.fields(s.train):
-                if f.name not in _TRAIN_IGNORED:
+                if f.name not in _TRAIN_IGNORED and not as_before("train", f.name, getattr(s.train, f.name)):
                     out[f"train.{f.name}"] = getattr(s.train, f.name)
             out["run.replay (rounds replayed)"] = self.replay_rounds(k)
             if s.train.normalize == "zscore":

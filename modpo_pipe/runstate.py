@@ -187,10 +187,13 @@ def round_name(k: int) -> str:
 def settings_diff(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """A finished stage's recorded settings against the current ones: one "key: old -> new" per difference."""
     keys = sorted(set(recorded) | set(current))
-    return [f"{key}: {_short(recorded.get(key))} -> {_short(current.get(key))}" for key in keys
+    return [f"{key}: {_short(recorded, key)} -> {_short(current, key)}" for key in keys
             if recorded.get(key) != current.get(key)]
 
 
-def _short(value: Any) -> str:
+def _short(settings: dict[str, Any], key: str) -> str:
+    if key not in settings:
+        return "(not recorded)"
+    value = settings[key]
     text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."

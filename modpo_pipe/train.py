@@ -38,7 +38,7 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
-from modpo_pipe.config import Settings, TrainSettings
+from modpo_pipe.config import Settings, TrainSettings, as_before
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.logprobs import build_batch, sequence_logps
 from modpo_pipe.losses import (
@@ -311,11 +311,13 @@ def check_finite(table: Any, columns: list[str], path: Path) -> None:
                              f"{j + 1}: {col} is {values[at].as_py()}; rescore the groups")
 
 
-def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float) -> float:
-    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps. `step` counts from 0."""
+def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float, schedule: str = "cosine") -> float:
+    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps (or constant). `step` counts from 0."""
     warmup = math.ceil(warmup_ratio * total_steps)
     if step < warmup:
         return peak_lr * (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return peak_lr
     progress = (step - warmup) / max(1, total_steps - warmup)
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -407,7 +409,8 @@ def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: 
     micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
     settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
                                                                            "merge", "policy", "batch_size",
-                                                                           "grad_accum", "report_to")}
+                                                                           "grad_accum", "report_to")
+                and not as_before("train", k, v)}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
     return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
                                      "reward_stats": data.stats.as_record() if data.stats else None})
@@ -542,7 +545,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         epoch, step_groups = steps[step]
         if epoch != orientation_epoch:
             orientation_epoch, orientation = epoch, pair_orientation(data.pairs, t.seed, epoch)
-        lr = lr_at(step, len(steps), t.lr, t.warmup_ratio)
+        lr = lr_at(step, len(steps), t.lr, t.warmup_ratio, t.lr_schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Dropout noise depends on the step (resumable) and the process (each draws its own).

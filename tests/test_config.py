@@ -423,6 +423,7 @@ def test_flag_paths_resolve_against_the_current_directory(tmp_path):
         ("model", "dtype", "fp8", "auto, float32, bfloat16, float16"),
         ("generate", "backend", "sglang", "auto, transformers, vllm"),
         ("generate", "long_prompts", "keep", "drop, truncate"),
+        ("train", "lr_schedule", "linear", "cosine, constant"),
     ],
 )
 def test_invalid_choice(tmp_path, section, key, value, choices):

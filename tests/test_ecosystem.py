@@ -104,6 +104,8 @@ def test_report_to_does_not_change_what_a_state_resumes(scored):
     data = load_training_groups([scored / "scored.parquet"], {}, "zscore")
     t = TrainSettings()
     assert run_fingerprint(data, t, "p") == run_fingerprint(data, dataclasses.replace(t, report_to="tensorboard"), "p")
+    # A changed lr schedule is another run: a state saved under one is not resumed under the other.
+    assert run_fingerprint(data, t, "p") != run_fingerprint(data, dataclasses.replace(t, lr_schedule="constant"), "p")
 
 
 def test_run_logs_every_round_to_one_tensorboard_run(tiny, tmp_path):

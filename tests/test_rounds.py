@@ -298,6 +298,12 @@ def test_settings_change_is_refused_unless_allowed(base, tiny, reference):
     write_config(run_dir, tiny, train={"beta": 0.2})
     assert "nothing to do" in invoke(["run", "-w", str(run_dir), "--train-beta", "0.1"])
 
+    # A setting added later is left out of the record at the value that behaves as before it existed, so runs
+    # recorded before it still match; the other value is a change like any other.
+    assert "train.lr_schedule" not in manifest(reference)["rounds"]["0"]["train"]["settings"]
+    out = invoke(["run", "-w", str(run_dir), "--train-lr-schedule", "constant"], expect=rounds.EXIT_CONFIG_CHANGED)
+    assert "train.lr_schedule: (not recorded) -> constant" in out
+
     write_config(run_dir, tiny, train={"weights": {"rm": 1.0, "length": 0.0}})
     out = invoke(["run", "-w", str(run_dir), "--allow-config-change", "--max-stages", "1"])
     assert stages_ran(out) == ["round-000 train"]

@@ -227,6 +227,18 @@ def test_the_remainder_of_an_epoch_is_folded_into_its_last_step():
     assert [len(p) for _, p in optimizer_step_groups(16, TrainSettings(batch_size=8, epochs=1))] == [8, 8]
 
 
+def test_lr_warms_up_then_decays_by_cosine_or_holds_constant():
+    from modpo_pipe.train import lr_at
+
+    # 10 steps at warmup 0.2: 2 warmup steps at 1/3 and 2/3 of the peak, then the schedule over the other 8.
+    cosine = [lr_at(step, 10, 3.0, 0.2) for step in range(10)]
+    assert cosine[:3] == pytest.approx([1.0, 2.0, 3.0])
+    assert cosine[2 + 4] == pytest.approx(1.5)  # half way through the decay
+    assert cosine[-1] == pytest.approx(3.0 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    constant = [lr_at(step, 10, 3.0, 0.2, "constant") for step in range(10)]
+    assert constant == pytest.approx([1.0, 2.0] + [3.0] * 8)
+
+
 def test_orientation_is_seeded_random_and_flips_every_epoch():
     from modpo_pipe.train import pair_orientation
 
