@@ -191,9 +191,10 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     _print_summary(f"wrote {report.out}", {
         "groups": report.pairs, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
-        "groups dropped (NaN/inf/None reward)": str(report.dropped_invalid_reward)
+        "responses dropped (NaN/inf/None reward)": str(report.dropped_invalid_responses)
         + (f" ({', '.join(f'{n}: {k}' for n, k in report.invalid_by_reward.items() if k)})"
-           if report.dropped_invalid_reward else ""),
+           if report.dropped_invalid_responses else ""),
+        "groups dropped (fewer than 2 responses left)": report.dropped_invalid_reward,
         "parts reused from a killed run": report.resumed_parts,
         "reward inputs cut to fit (prompt start)": ", ".join(f"{n}: {k}" for n, k in report.truncated_by_reward.items())
         or "0",

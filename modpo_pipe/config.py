@@ -102,8 +102,9 @@ class ScoreSettings:
         "until all are done, so a killed run recomputes at most one chunk."
     )
     on_invalid_reward: str = setting(
-        "error", "A reward that is NaN, inf or None: error (stop, naming the pair) or drop (drop the pair, counted). "
-        "A reward that raises or returns the wrong number of scores is always an error."
+        "error", "A reward that is NaN, inf or None: error (stop, naming the group and response) or drop (drop the "
+        "response, counted; a group left with fewer than 2 responses is dropped whole). A reward that raises or "
+        "returns the wrong number of scores is always an error."
     )
     out: str = setting("scored.parquet", "Output file.", path="output")
 

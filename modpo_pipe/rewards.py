@@ -79,7 +79,7 @@ class Reward:
         values = _score_list(values, where)
         if len(values) != len(indices):
             raise ModpoError(f"{where} returned {len(values)} scores for {len(indices)} responses")
-        hint = '; [score].on_invalid_reward = "drop" drops such pairs instead (counted)'
+        hint = '; [score].on_invalid_reward = "drop" drops such responses instead (counted)'
         checked = []
         for i, value in enumerate(values):
             at = labels[indices[i]] if labels is not None else f"response {indices[i]}"

@@ -680,7 +680,8 @@ class Run:
             summary = merged_summary(out)
         else:
             report = run_score(settings, pairs, out, progress=self.progress)
-            summary = {"rows": report.pairs, "dropped_invalid_reward": getattr(report, "dropped_invalid_reward", 0),
+            summary = {"rows": report.pairs, "dropped_invalid_reward": report.dropped_invalid_reward,
+                       "dropped_invalid_responses": report.dropped_invalid_responses,
                        "reward_mean": {n: s["mean"] for n, s in report.rewards.items()},
                        "reward_std": {n: s["std"] for n, s in report.rewards.items()}}
         outputs = {"scored.parquet": {**storage.file_info(out), "rows": summary["rows"]}}
@@ -727,6 +728,7 @@ def merged_summary(path: Path) -> dict[str, Any]:
         return {"rows": rows, "prompts": counts.get("prompts"), "backend": meta.get("sampling", {}).get("backend"),
                 "long_prompts_dropped": counts.get("long_prompts_dropped"), "shards": meta.get("merged_shards")}
     return {"rows": rows, "dropped_invalid_reward": meta["score_counts"]["dropped_invalid_reward"],
+            "dropped_invalid_responses": meta["score_counts"].get("dropped_invalid_responses", 0),
             "reward_mean": {n: r["mean"] for n, r in meta["rewards"].items()},
             "reward_std": {n: r["std"] for n, r in meta["rewards"].items()}, "shards": meta.get("merged_shards")}
 

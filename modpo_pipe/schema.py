@@ -20,6 +20,7 @@ created time; scored files add each reward's spec and mean/std, and the referenc
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -116,6 +117,27 @@ def reward_names_of(schema: pa.Schema) -> list[str]:
     if is_v1(schema):
         return [n[len("reward_"): -len("_1")] for n in schema.names if n.startswith("reward_") and n.endswith("_1")]
     return [n[len("reward_"):] for n in schema.names if n.startswith("reward_")]
+
+
+def is_per_response(name: str) -> bool:
+    """Whether a version-2 column holds one entry per response of its group."""
+    return name in PER_RESPONSE or name.startswith("reward_") or name == REF_COLUMN[0]
+
+
+def select_responses(table: pa.Table, keep: list[list[bool]]) -> pa.Table:
+    """`table` (version 2) with, in every row, only the responses `keep` marks, in every per-response column;
+    a row left with fewer than 2 responses is removed, as a group needs 2 to form a pair."""
+    if len(keep) != table.num_rows:
+        raise ValueError(f"keep has {len(keep)} rows, the table {table.num_rows}")
+    kept_flat = pa.array([k for row in keep for k in row], pa.bool_())
+    offsets = pa.array([0, *itertools.accumulate(sum(row) for row in keep)], pa.int32())
+    columns = []
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if is_per_response(name):
+            column = pa.ListArray.from_arrays(offsets, pc.list_flatten(column).filter(kept_flat), type=column.type)
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=table.schema).filter(pa.array([sum(row) >= 2 for row in keep]))
 
 
 def group_sizes(table: pa.Table) -> list[int]:
@@ -236,7 +258,7 @@ def _check_rows(table: pa.Table, where: str) -> None:
             raise ModpoError(f"{where}: row {row}: column {f.name!r} is null")
     _check_unique(table.column("group_id"), "group_id", where)
     n_responses = None
-    lists = [n for n in table.column_names if n in PER_RESPONSE or n.startswith("reward_") or n == REF_COLUMN[0]]
+    lists = [n for n in table.column_names if is_per_response(n)]
     if "response_ids" in table.column_names:
         n_responses = pc.list_value_length(table.column("response_ids"))
         few = pc.less(n_responses, 2)

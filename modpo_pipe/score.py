@@ -26,11 +26,12 @@ class ScoreReport:
     pairs: int  # groups (rows) written
     rewards: dict[str, dict[str, float]]  # name -> {"mean", "std"}
     seconds: float
-    dropped_invalid_reward: int = 0  # groups dropped for a NaN/inf/None reward (on_invalid_reward = "drop")
-    invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> groups it made invalid
+    dropped_invalid_reward: int = 0  # groups left with < 2 valid responses, dropped (on_invalid_reward = "drop")
+    invalid_by_reward: dict[str, int] = field(default_factory=dict)  # name -> responses it made invalid
     chunks: int = 1
     resumed_parts: int = 0  # (component, chunk) parts found finished in OUT.parts/ from a killed run
     truncated_by_reward: dict[str, int] = field(default_factory=dict)  # name -> inputs cut to its max length
+    dropped_invalid_responses: int = 0  # responses with a NaN/inf/None reward, dropped (on_invalid_reward = "drop")
 
 
 def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = True,
@@ -76,9 +77,11 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
                                   "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size}).open()
     if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
-        return ScoreReport(str(out_file), meta["score_counts"]["groups_out"], {}, time.time() - started,
-                           meta["score_counts"]["dropped_invalid_reward"], meta["score_counts"]["invalid_by_reward"],
-                           len(chunks), meta["score_counts"]["resumed_parts"])
+        counts = meta["score_counts"]
+        return ScoreReport(str(out_file), counts["groups_out"], {}, time.time() - started,
+                           counts["dropped_invalid_reward"], counts["invalid_by_reward"], len(chunks),
+                           counts["resumed_parts"],
+                           dropped_invalid_responses=counts.get("dropped_invalid_responses", 0))
     selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's
     n = sum(len(chunks[c]) for c in selected)
     if shard:  # from here on, the rows of the selected chunks
@@ -103,8 +106,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
 
     def compute_parts(component: str, column_name: str, load, compute, what: str, allow_nan: bool) -> list[pa.Table]:
         """The parts of one component (a reward or the reference): reuse finished ones, compute the rest.
-        A part is kept only when its values are finite as stored (float32); with `allow_nan`, NaN marks a group
-        to drop."""
+        A part is kept only when its values are finite as stored (float32); with `allow_nan`, NaN marks a
+        response to drop."""
         names = {c: f"{component}-{c:05d}" for c in selected}
         done = {c: t for c, t in ((c, work.read(names[c], len(chunks[c]))) for c in selected) if t is not None}
         todo = [c for c in selected if c not in done]
@@ -166,28 +169,36 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     done = compute_parts("ref", ref_column, load_ref, ref_rows, f"reference {ref_path}", allow_nan=False)
     columns[ref_column] = pa.chunked_array([t.column(ref_column) for t in done], pa.list_(pa.float32()))
 
-    # Groups with a non-finite reward: an error, or dropped and counted.
-    keep = pa.array([True] * n)
-    invalid_by_reward: dict[str, int] = {}
+    # Responses with a non-finite reward: an error, or dropped and counted. A group keeps its other responses
+    # while it has 2 to pair; one left with fewer is dropped whole.
+    valid = [[True] * k for k in pc.list_value_length(table.column("response_ids")).to_pylist()]
+    invalid_by_reward: dict[str, int] = {}  # name -> responses it made invalid
     for name in s.rewards:
-        col = columns[schema.reward_column(name)]
-        valid = pa.array([all(math.isfinite(v) for v in values) for values in col.to_pylist()])
-        invalid_by_reward[name] = n - (pc.sum(valid.cast(pa.int64())).as_py() or 0)  # (an empty shard: 0 - 0)
-        if invalid_by_reward[name] and not drop_invalid:  # parts made by an earlier run with "drop"
-            row = valid.to_pylist().index(False)
-            raise ModpoError(f"reward {name!r}: group {table.column('group_id')[row].as_py()!r} has a non-finite "
-                             f"score (computed by an "
-                             f"earlier run with on_invalid_reward = \"drop\"; set it again, or delete {work.dir})")
-        keep = pc.and_(keep, valid)
-    kept = pc.sum(keep.cast(pa.int64())).as_py() or 0
+        scores = columns[schema.reward_column(name)].to_pylist()
+        invalid_by_reward[name] = 0
+        for row, values in enumerate(scores):
+            for j, value in enumerate(values):
+                if not math.isfinite(value):
+                    if not drop_invalid:  # parts made by an earlier run with "drop"
+                        raise ModpoError(f"reward {name!r}: group {table.column('group_id')[row].as_py()!r} "
+                                         f"response {j + 1} has a non-finite score (computed by an earlier run "
+                                         f"with on_invalid_reward = \"drop\"; set it again, or delete {work.dir})")
+                    invalid_by_reward[name] += 1
+                    valid[row][j] = False
+    dropped_responses = sum(k.count(False) for k in valid)
+    kept_rows = [row.count(True) >= 2 for row in valid]
+    kept = sum(kept_rows)
     if kept == 0 and not shard:  # (a shard may hold no groups: the merge checks that some shard does)
-        raise ModpoError(f"{pairs_path}: every group has a NaN, inf or None reward "
-                         f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)}); nothing to write")
+        raise ModpoError(f"{pairs_path}: no group keeps 2 responses without a NaN, inf or None reward "
+                         f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)} responses); "
+                         "nothing to write")
 
     scored = table.select(schema.pairs_schema().names)
     for col, values in columns.items():
         scored = scored.append_column(col, values)
-    scored = scored.filter(keep).cast(schema.scored_schema(s.rewards))
+    scored = scored.cast(schema.scored_schema(s.rewards))
+    if dropped_responses:
+        scored = schema.select_responses(scored, valid)
     stats = reward_stats.measure(scored, list(s.rewards))
     metadata = {
         **pairs_meta,
@@ -196,22 +207,23 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         "ref": ref_identity,
         "rewards": {name: {**specs[name], **stats[name]} for name in s.rewards},
         "score_counts": {"groups_in": n, "groups_out": kept, "dropped_invalid_reward": n - kept,
-                         "invalid_by_reward": invalid_by_reward, "on_invalid_reward": s.on_invalid_reward,
+                         "dropped_invalid_responses": dropped_responses, "invalid_by_reward": invalid_by_reward,
+                         "on_invalid_reward": s.on_invalid_reward,
                          "chunks": len(chunks), "resumed_parts": work.reused,
                          "truncated_by_reward": truncated_by_reward},
     }
     if shard:
-        kept_rows = [pc.sum(keep.slice(starts[c], len(chunks[c])).cast(pa.int64())).as_py() or 0 for c in selected]
-        metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected, kept_rows,
+        kept_by_chunk = [sum(kept_rows[starts[c]: starts[c] + len(chunks[c])]) for c in selected]
+        metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected, kept_by_chunk,
                                                        len(chunks))
     work.write_output(scored, metadata)
     return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
-                       len(chunks), work.reused, truncated_by_reward)
+                       len(chunks), work.reused, truncated_by_reward, dropped_responses)
 
 
 def check_part(part: pa.Table, group_ids: list[str], what: str, allow_nan: bool) -> None:
     """Refuse a part holding a value that is not finite as stored (a float64 beyond float32's range is inf
-    there), naming the group and response; with `allow_nan`, NaN is allowed: it marks a group that
+    there), naming the group and response; with `allow_nan`, NaN is allowed: it marks a response that
     on_invalid_reward drops."""
     for col in part.column_names:
         for group_id, values in zip(group_ids, part.column(col).to_pylist()):

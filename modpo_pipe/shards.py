@@ -207,7 +207,8 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
         counts["resumed_chunks"] = sum(m.get("counts", {}).get("resumed_chunks", 0) for m in metas)
     elif stage == "scored":
         counts = merged.setdefault("score_counts", {})
-        for key in ("groups_in", "groups_out", "dropped_invalid_reward", "resumed_parts"):
+        for key in ("groups_in", "groups_out", "dropped_invalid_reward", "dropped_invalid_responses",
+                    "resumed_parts"):
             counts[key] = sum(m.get("score_counts", {}).get(key, 0) for m in metas)
         counts["invalid_by_reward"] = {name: sum(m["score_counts"]["invalid_by_reward"].get(name, 0) for m in metas)
                                        for name in counts.get("invalid_by_reward", {})}

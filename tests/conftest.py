@@ -234,6 +234,17 @@ nan = _france(math.nan)
 inf = _france(math.inf)
 none = _france(None)
 
+def _france_at(value, positions):
+    # value for the responses at these positions of the France prompt's group of 4 (score passes a chunk's
+    # responses group by group, and the tests' batches of 64 hold whole groups)
+    def fn(prompts, responses):
+        return [value if "France" in p and i % 4 in positions else len(r) / 10.0
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+    return fn
+
+one_nan = _france_at(math.nan, {0})
+three_nan = _france_at(math.nan, {0, 1, 2})
+
 def all_nan(prompts, responses):
     return [math.nan for r in responses]
 '''

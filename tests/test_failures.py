@@ -327,7 +327,8 @@ def test_a_reward_beyond_float32_is_dropped_and_counted_in_drop_mode(env, tmp_pa
     out = tmp_path / "scored.parquet"
     ok(_score(env, out, "huge", "--on-invalid-reward", "drop"))
     table, meta = schema.read_table(out, "scored")
-    assert meta["score_counts"]["invalid_by_reward"] == {"bad": 1, "length": 0}  # the group of p0
+    assert meta["score_counts"]["invalid_by_reward"] == {"bad": 4, "length": 0}  # every response of p0's group
+    assert meta["score_counts"]["dropped_invalid_reward"] == 1  # so the group goes whole
     assert "r0/p0" not in table.column("group_id").to_pylist()
     assert np.isfinite(pa.compute.list_flatten(table.column("reward_bad")).to_numpy()).all()
 

@@ -85,7 +85,7 @@ def test_score_refuses_bad_pairs_files(env, tmp_path, kind, fragment):
 # ------------------------------------------------------------------------------------------- reward callables
 
 
-# (case, reward spec, on_invalid_reward, expected: an error fragment, or the pairs dropped)
+# (case, reward spec, on_invalid_reward, expected: an error fragment, or (groups, responses) dropped)
 REWARD_CASES = [
     ("raises", "raises", "error", "raised ValueError: model server unreachable"),
     ("raises-even-with-drop", "raises", "drop", "raised ValueError: model server unreachable"),
@@ -94,10 +94,13 @@ REWARD_CASES = [
     ("nan", "nan", "error", "group 'r0/p0' response 1: score is nan; [score].on_invalid_reward = \"drop\""),
     ("inf", "inf", "error", "group 'r0/p0' response 1: score is inf"),
     ("none", "none", "error", "group 'r0/p0' response 1: score None is not a number"),
-    ("nan-dropped", "nan", "drop", 1),
-    ("inf-dropped", "inf", "drop", 1),
-    ("none-dropped", "none", "drop", 1),
-    ("all-nan-dropped", "all_nan", "drop", "every group has a NaN, inf or None reward (bad: 6); nothing to write"),
+    ("nan-dropped", "nan", "drop", (1, 4)),  # every response of the France group
+    ("inf-dropped", "inf", "drop", (1, 4)),
+    ("none-dropped", "none", "drop", (1, 4)),
+    ("one-nan-dropped", "one_nan", "drop", (0, 1)),  # the group keeps its 3 other responses
+    ("three-nan-dropped", "three_nan", "drop", (1, 3)),  # 1 left: no pair, the group goes
+    ("all-nan-dropped", "all_nan", "drop",
+     "no group keeps 2 responses without a NaN, inf or None reward (bad: 24 responses); nothing to write"),
 ]
 
 
@@ -109,18 +112,30 @@ def test_reward_callable_cases(env, tmp_path, case, fn, mode, expected):
             "--reward-batch-size", 64]
     if isinstance(expected, str):
         line = fails(args, expected)
-        assert "reward 'bad'" in line or "every group" in line
+        assert "reward 'bad'" in line or "no group keeps" in line
         assert not out.exists()
         return
+    groups, responses = expected
     output = ok(args)
     table, meta = schema.read_table(out, "scored")
-    assert table.num_rows == 6 - expected
-    assert "r0/p0" not in table.column("group_id").to_pylist()
+    assert table.num_rows == 6 - groups
     counts = meta["score_counts"]
-    assert counts["dropped_invalid_reward"] == expected and counts["groups_in"] == 6
-    assert counts["invalid_by_reward"] == {"bad": expected, "length": 0}
-    assert f"groups dropped (NaN/inf/None reward): {expected} (bad: {expected})" in output
-    for name in ("bad", "length"):  # the stored statistics are over the kept pairs: finite
+    assert counts["dropped_invalid_reward"] == groups and counts["groups_in"] == 6
+    assert counts["dropped_invalid_responses"] == responses
+    assert counts["invalid_by_reward"] == {"bad": responses, "length": 0}
+    assert f"responses dropped (NaN/inf/None reward): {responses} (bad: {responses})" in output
+    assert f"groups dropped (fewer than 2 responses left): {groups}" in output
+    france = {r["group_id"]: r for r in table.to_pylist()}.get("r0/p0")
+    if groups:
+        assert france is None
+    else:  # the same group less its first response, in every per-response column; the others untouched
+        before = {r["group_id"]: r for r in schema.read_table(env / "scored.parquet", "scored")[0].to_pylist()}
+        for name in ("responses", "response_ids", "finish_reasons", "gen_logps", "ref_logps", "reward_length"):
+            assert france[name] == before["r0/p0"][name][1:], name
+        assert france["reward_bad"] == before["r0/p0"]["reward_length"][1:]
+        assert [r for r in table.to_pylist() if r["group_id"] != "r0/p0"] == [
+            {**r, "reward_bad": r["reward_length"]} for g, r in before.items() if g != "r0/p0"]
+    for name in ("bad", "length"):  # the stored statistics are over the kept responses: finite
         assert math.isfinite(meta["rewards"][name]["mean"]) and math.isfinite(meta["rewards"][name]["std"])
     # and training reads it: nothing NaN reaches the loss
     ok(["train", out, *config(env), "--out", tmp_path / "ckpt", "--epochs", 1])
@@ -218,7 +233,23 @@ def test_drop_mode_parts_are_not_merged_in_error_mode(env, chunked, tmp_path, mo
     interrupt(monkeypatch, score, "batched_sequence_logps", after=0)
     cli([*args, "--on-invalid-reward", "drop"])
     monkeypatch.undo()
-    fails([*args, "--on-invalid-reward", "error"], "reward 'bad': group 'r0/p0' has a non-finite score")
+    fails([*args, "--on-invalid-reward", "error"], "reward 'bad': group 'r0/p0' response 1 has a non-finite score")
     assert not out.exists()
     ok([*args, "--on-invalid-reward", "drop"])
     assert schema.read_table(out, "scored")[1]["score_counts"]["dropped_invalid_reward"] == 1
+
+
+def test_sharded_drop_mode_merges_to_the_unsharded_rows_and_counts(env, chunked, tmp_path):
+    """Dropped responses are counted per shard and summed by merge; the merged rows are the unsharded run's."""
+    args = [*config(env), "--shard-size", 2, "--reward", f"bad=py:{env / 'rewards.py'}:one_nan",
+            "--on-invalid-reward", "drop"]
+    ok(["score", chunked["pairs"], *args, "--out", tmp_path / "whole.parquet"])
+    for i in range(3):
+        ok(["score", chunked["pairs"], *args, "--shard", f"{i}/3", "--out", tmp_path / "scored.parquet"])
+    ok(["merge", *sorted((tmp_path / "scored.shards").glob("*.parquet")), "--out", tmp_path / "merged.parquet"])
+    (whole, whole_meta), (merged, merged_meta) = (schema.read_table(tmp_path / f, "scored")
+                                                  for f in ("whole.parquet", "merged.parquet"))
+    assert merged.to_pylist() == whole.to_pylist()
+    counts = merged_meta["score_counts"]
+    assert counts["dropped_invalid_responses"] == 1 and counts["dropped_invalid_reward"] == 0
+    assert counts["invalid_by_reward"] == whole_meta["score_counts"]["invalid_by_reward"] == {"bad": 1}

@@ -135,6 +135,25 @@ def test_scored_round_trip_with_underscored_reward_names(tmp_path):
     assert back.to_pylist() == table.to_pylist()
 
 
+def test_select_responses_keeps_the_marked_responses_in_every_per_response_column(tmp_path):
+    table = pa.concat_tables([scored_table(1), scored_table(3).slice(1)])  # chunked, one chunk sliced
+    keep = [[True, True, True], [False, True, True], [True, False, False]]
+    out = schema.select_responses(table, keep)
+    rows, before = out.to_pylist(), table.to_pylist()
+    assert [r["group_id"] for r in rows] == ["group-0", "group-1"]  # group-2 kept 1 response: no pair, dropped
+    assert rows[0] == before[0]
+    kept = before[1]
+    for name in [*schema.PER_RESPONSE, *(schema.reward_column(n) for n in REWARD_NAMES), "ref_logps"]:
+        assert rows[1][name] == kept[name][1:], name
+    for name in ("group_id", "prompt", "prompt_ids", "round"):  # per-group columns untouched
+        assert rows[1][name] == kept[name]
+    assert rows[1]["gen_logps"] == [-2.25, -0.5] and rows[1]["response_ids"] == [[8, 9], [10]]
+    assert out.schema == table.schema
+    schema.write_table(out, tmp_path / "scored.parquet", schema.make_metadata("scored"))  # passes the contract
+    with pytest.raises(ValueError, match="keep has 2 rows, the table 3"):
+        schema.select_responses(table, keep[:2])
+
+
 def test_reward_name_rules():
     assert schema.check_reward_name("helpful_v2") == "helpful_v2"
     for bad in ("2fast", "a-b", "", "_x", "with space"):
