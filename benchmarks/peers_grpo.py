@@ -65,6 +65,7 @@ from modpo_pipe.errors import ModpoError
 WEIGHTS = (0.0, 0.5, 1.0)  # w_positivity of the three policies on each side; w_concision = 1 - w
 REWARD_NAMES = ("positivity", "concision")
 NUM_GENERATIONS = 4
+GRPO_BETA = 0.0  # TRL's default: no KL term, no reference model; --grpo-beta gives GRPO one, as the pipeline has
 NOT_COPIED = {"modpo_pipe_embedded.json", "modpo_pipe.json", "README.md"}  # the reference's own records
 
 
@@ -359,8 +360,16 @@ def budget_callback(clock: BudgetClock) -> Any:
     return WallClockBudget()
 
 
+def grpo_done(runs: dict[str, Any], w: float, factors: Sequence[float], beta: float, out: Path) -> bool:
+    """Whether a killed run's GRPO policy for w is finished at every budget, with this beta (a run made with
+    another beta is trained again, not reused)."""
+    done = runs.get(f"{w:.1f}", {})
+    return all(f"{f:g}" in done and done[f"{f:g}"].get("beta", GRPO_BETA) == beta
+               and (out / "grpo" / f"w_positivity-{w:.1f}" / f"x{f:g}").is_dir() for f in factors)
+
+
 def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: list[list[dict[str, str]]],
-               ref_dir: Path, out: Path, seed: int) -> dict[str, Any]:
+               ref_dir: Path, out: Path, seed: int, beta: float = GRPO_BETA) -> dict[str, Any]:
     """One GRPO policy with reward weights [w, 1 - w], saved at every budget; returns what it did per factor."""
     import torch
     from datasets import Dataset
@@ -373,7 +382,7 @@ def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: li
     demo = demo_settings(str(ref_dir), DemoSize(seed=seed))
     config = GRPOConfig(
         output_dir=str(out / "trainer"), seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        learning_rate=demo.train.lr, lr_scheduler_type="constant", max_steps=1_000_000,
+        learning_rate=demo.train.lr, lr_scheduler_type="constant", max_steps=1_000_000, beta=beta,
         num_generations=NUM_GENERATIONS, max_completion_length=demo.generate.max_new_tokens,
         temperature=demo.generate.temperature, top_p=demo.generate.top_p, reward_weights=[w, 1.0 - w],
         save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
@@ -390,7 +399,7 @@ def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: li
                 "grpo": {"budget_factor": factor, "budget_seconds": budgets[index], "seconds": seconds,
                          "steps": steps}}
         save_merged(policy, ref_dir, out / f"x{factor:g}", info)
-        done[f"{factor:g}"] = {"seconds": round(seconds, 1), "steps": steps,
+        done[f"{factor:g}"] = {"seconds": round(seconds, 1), "steps": steps, "beta": beta,
                                "replies": steps * config.per_device_train_batch_size}
         print(f"GRPO w_positivity={w:g}: saved x{factor:g} after {seconds:.0f} s, {steps} steps", flush=True)
 
@@ -423,9 +432,10 @@ def run_eval(heldout: Path, toml: Path, ref_dir: Path, policies: dict[str, str],
         raise ModpoError("the evaluation failed (see above)")
 
 
-def settings_note(factors: Sequence[float], train_prompts: int, seed: int) -> str:
+def settings_note(factors: Sequence[float], train_prompts: int, seed: int, beta: float = GRPO_BETA) -> str:
+    kl = ("beta 0 (no KL term), " if beta == 0 else f"beta {beta:g} (a KL term to the reference; TRL's default is 0), ")
     return (f"GRPO (TRL GRPOTrainer): {NUM_GENERATIONS} generations per prompt, batch 8 replies, the demo's lr, "
-            "reply cap, LoRA, float32, temperature 1; beta 0, loss dapo, group-scaled rewards (TRL's defaults); "
+            f"reply cap, LoRA, float32, temperature 1; {kl}loss dapo, group-scaled rewards (TRL's defaults); "
             "constant lr, no gradient checkpointing, no bf16 (see benchmarks/peers_grpo.py). "
             f"Training prompts: the demo's first {train_prompts}, cycled. Seed {seed}. "
             f"Budget factors: {', '.join(f'{f:g}' for f in factors)}.")
@@ -441,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-samples", type=int, default=2, help="Replies per held-out prompt and policy.")
     parser.add_argument("--budget-factors", default="1,2", help="GRPO's wall-clock as multiples of the pipeline's.")
     parser.add_argument("--train-prompts", type=int, default=0, help="GRPO's training prompts (0: the demo's).")
+    parser.add_argument("--grpo-beta", type=float, default=GRPO_BETA,
+                        help="GRPO's KL coefficient (default 0, TRL's: no KL term; the issue's first run used 0.04).")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # TRL's per-step logs, live in a log file too
     try:
@@ -461,6 +473,8 @@ def run(args: argparse.Namespace) -> str:
     train_prompts = args.train_prompts or DemoSize().train_prompts
     if args.eval_prompts < 1 or args.eval_samples < 1 or train_prompts < 1:
         raise ModpoError("--eval-prompts, --eval-samples and --train-prompts must be at least 1")
+    if not (math.isfinite(args.grpo_beta) and args.grpo_beta >= 0):
+        raise ModpoError(f"--grpo-beta must be a finite number >= 0, not {args.grpo_beta}")
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ref_dir = embedded_policy_dir().resolve()
@@ -478,10 +492,10 @@ def run(args: argparse.Namespace) -> str:
     grpo_runs = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
     for w in WEIGHTS:
         key, target = f"{w:.1f}", out / "grpo" / f"w_positivity-{w:.1f}"
-        if all(f"{f:g}" in grpo_runs.get(key, {}) and (target / f"x{f:g}").is_dir() for f in factors):
+        if grpo_done(grpo_runs, w, factors, args.grpo_beta, out):
             continue
-        print(f"\n== GRPO w_positivity={w:g}, w_concision={1 - w:g}", flush=True)
-        grpo_runs[key] = train_grpo(w, factors, budgets, prompts, ref_dir, target, args.seed)
+        print(f"\n== GRPO w_positivity={w:g}, w_concision={1 - w:g}, beta {args.grpo_beta:g}", flush=True)
+        grpo_runs[key] = train_grpo(w, factors, budgets, prompts, ref_dir, target, args.seed, args.grpo_beta)
         runs_path.write_text(json.dumps(grpo_runs, indent=2) + "\n")
 
     policies = {eval_label("pipeline", w): pipeline[pipeline_label(w)] for w in WEIGHTS}
@@ -498,7 +512,7 @@ def run(args: argparse.Namespace) -> str:
         stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     entries = by_label(read_summaries([summary_path]), policies, str(ref_dir))
     report, _ = format_report(entries, factors, front_seconds, grpo_runs,
-                              settings_note(factors, train_prompts, args.seed))
+                              settings_note(factors, train_prompts, args.seed, args.grpo_beta))
     (out / "report.md").write_text(report, encoding="utf-8")
     return report
 

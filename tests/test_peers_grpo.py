@@ -199,3 +199,25 @@ def test_eval_settings_are_the_demos(tmp_path):
     assert (g.policy, g.seed, g.max_new_tokens, g.temperature, g.top_p, g.backend) == (
         str(tmp_path / "ref model"), 3, DemoSize().max_new_tokens, 1.0, 1.0, "transformers")
     assert settings.score.rewards == REWARDS and settings.model.dtype == "float32"
+
+
+def test_a_finished_grpo_policy_is_reused_only_with_the_same_beta(tmp_path):
+    (tmp_path / "grpo" / "w_positivity-0.5" / "x1").mkdir(parents=True)
+    old = {"0.5": {"1": {"seconds": 80.0, "steps": 9, "replies": 72}}}  # before the beta was recorded: TRL's 0
+    assert peers.grpo_done(old, 0.5, [1.0], 0.0, tmp_path)
+    assert not peers.grpo_done(old, 0.5, [1.0], 0.04, tmp_path)
+    new = {"0.5": {"1": {"seconds": 80.0, "steps": 9, "replies": 72, "beta": 0.04}}}
+    assert peers.grpo_done(new, 0.5, [1.0], 0.04, tmp_path)
+    assert not peers.grpo_done(new, 0.5, [1.0, 2.0], 0.04, tmp_path)  # no x2 saved
+    assert not peers.grpo_done(new, 0.0, [1.0], 0.04, tmp_path)
+
+
+def test_the_report_says_which_beta_grpo_ran_with():
+    assert "beta 0 (no KL term)" in peers.settings_note([1.0], 40, 0)
+    assert "beta 0.04 (a KL term to the reference; TRL's default is 0)" in peers.settings_note([1.0], 40, 0, 0.04)
+
+
+@pytest.mark.parametrize("beta", ["-0.1", "nan"])
+def test_a_bad_grpo_beta_is_one_line(tmp_path, beta, capsys):
+    assert peers.main(["--out", str(tmp_path), "--grpo-beta", beta]) == 1
+    assert "--grpo-beta must be a finite number >= 0" in capsys.readouterr().err
