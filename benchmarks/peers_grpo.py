@@ -2,6 +2,7 @@
 
     python -m benchmarks.peers_grpo --out DIR [--pipeline-out DEMO_DIR] [--seed 0] [--eval-prompts 67]
                                     [--eval-samples 2] [--budget-factors 1,2] [--train-prompts N]
+                                    [--grpo-beta 0]
     ./dev.sh peers --out DIR ...      # the same, in the venv with the `peers` extra (TRL) installed
 
 What it does, in order (each step skips work whose output already exists, so a killed run continues):
@@ -35,7 +36,8 @@ GRPO's settings (TRL 1.16.0): its defaults, except
 - lr_scheduler_type constant (TRL: linear decay to 0 over max_steps): the run is cut by the clock, so there is
   no known last step for a decay to aim at. (The demo warms up over 10% of its steps and decays by a cosine.)
 - use_cpu, save_strategy "no" (the callback saves), report_to "none", logging every step (records only).
-Everything else is TRL's default: beta 0 (no KL term, no reference model), loss_type "dapo", scale_rewards
+Everything else is TRL's default: beta 0 (no KL term, no reference model; --grpo-beta sets one, and a rerun
+reuses a finished GRPO policy only when it was trained with the same beta), loss_type "dapo", scale_rewards
 "group", multi_objective_aggregation "sum_then_normalize", epsilon 0.2, num_iterations 1, top_k 0, warmup 0,
 AdamW. Nothing was tuned against the other side: the demo runs with its own defaults (its lr was chosen for the
 demo's own criteria, issue 15's third outcome), and GRPO shares that lr.
