@@ -127,8 +127,9 @@ def is_per_response(name: str) -> bool:
 def select_responses(table: pa.Table, keep: list[list[bool]]) -> pa.Table:
     """`table` (version 2) with, in every row, only the responses `keep` marks, in every per-response column;
     a row left with fewer than 2 responses is removed, as a group needs 2 to form a pair."""
-    if len(keep) != table.num_rows:
-        raise ValueError(f"keep has {len(keep)} rows, the table {table.num_rows}")
+    if [len(row) for row in keep] != group_sizes(table):  # else responses would shift between groups
+        raise ValueError(f"keep marks {[len(row) for row in keep]} responses per row, the table holds "
+                         f"{group_sizes(table)}")
     kept_flat = pa.array([k for row in keep for k in row], pa.bool_())
     offsets = pa.array([0, *itertools.accumulate(sum(row) for row in keep)], pa.int32())
     columns = []

@@ -116,6 +116,11 @@ def _check_set(files: list[Path], metas: list[dict[str, Any]]) -> list[dict[str,
         info = meta.get(SHARD_KEY)
         if not isinstance(info, dict):
             raise ModpoError(f"{path}: not a shard file (written without --shard); nothing to merge")
+        counts = meta.get("score_counts", {})
+        if counts.get("on_invalid_reward") == "drop" and "dropped_invalid_responses" not in counts:
+            raise ModpoError(f"{path}: scored by an older modpo-pipe, whose on_invalid_reward = \"drop\" dropped "
+                             "whole groups where this one drops single responses; delete it and score that "
+                             "shard again")
         infos.append(info)
     first, first_info = files[0], infos[0]
     for path, meta, info in zip(files[1:], metas[1:], infos[1:]):

@@ -253,3 +253,10 @@ def test_sharded_drop_mode_merges_to_the_unsharded_rows_and_counts(env, chunked,
     counts = merged_meta["score_counts"]
     assert counts["dropped_invalid_responses"] == 1 and counts["dropped_invalid_reward"] == 0
     assert counts["invalid_by_reward"] == whole_meta["score_counts"]["invalid_by_reward"] == {"bad": 1}
+    # a drop-mode shard scored before drops were per response (no such count): refused, not mixed in
+    old = sorted((tmp_path / "scored.shards").glob("*.parquet"))[1]
+    table, meta = pq.read_table(old), schema.read_metadata(old)
+    del meta["score_counts"]["dropped_invalid_responses"]
+    write_unchecked(table, meta, old)
+    fails(["merge", *sorted((tmp_path / "scored.shards").glob("*.parquet")), "--out", tmp_path / "again.parquet"],
+          "scored by an older modpo-pipe, whose on_invalid_reward = \"drop\" dropped whole groups")

@@ -150,8 +150,11 @@ def test_select_responses_keeps_the_marked_responses_in_every_per_response_colum
     assert rows[1]["gen_logps"] == [-2.25, -0.5] and rows[1]["response_ids"] == [[8, 9], [10]]
     assert out.schema == table.schema
     schema.write_table(out, tmp_path / "scored.parquet", schema.make_metadata("scored"))  # passes the contract
-    with pytest.raises(ValueError, match="keep has 2 rows, the table 3"):
+    with pytest.raises(ValueError, match="responses per row"):  # a row short
         schema.select_responses(table, keep[:2])
+    # marks that do not match each row's responses are refused, not shifted between groups (same total: 9)
+    with pytest.raises(ValueError, match="responses per row"):
+        schema.select_responses(table, [[True, True], [True] * 4, [True] * 3])
 
 
 def test_reward_name_rules():
