@@ -171,7 +171,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
 
     # Responses with a non-finite reward: an error, or dropped and counted. A group keeps its other responses
     # while it has 2 to pair; one left with fewer is dropped whole.
-    valid = [[True] * k for k in pc.list_value_length(table.column("response_ids")).to_pylist()]
+    valid = [[True] * k for k in schema.group_sizes(table)]
     invalid_by_reward: dict[str, int] = {}  # name -> responses it made invalid
     for name in s.rewards:
         scores = columns[schema.reward_column(name)].to_pylist()
