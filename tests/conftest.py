@@ -225,16 +225,7 @@ def raises(prompts, responses):
 def wrong_count(prompts, responses):
     return [0.0] * (len(responses) - 1)
 
-def _france(value):
-    def fn(prompts, responses):
-        return [value if "France" in p else len(r) / 10.0 for p, r in zip(prompts, responses)]
-    return fn
-
-nan = _france(math.nan)
-inf = _france(math.inf)
-none = _france(None)
-
-def _france_at(value, positions):
+def _france(value, positions=(0, 1, 2, 3)):
     # value for the responses at these positions of the France prompt's group of 4 (score passes a chunk's
     # responses group by group, and the tests' batches of 64 hold whole groups)
     def fn(prompts, responses):
@@ -242,8 +233,11 @@ def _france_at(value, positions):
                 for i, (p, r) in enumerate(zip(prompts, responses))]
     return fn
 
-one_nan = _france_at(math.nan, {0})
-three_nan = _france_at(math.nan, {0, 1, 2})
+nan = _france(math.nan)
+inf = _france(math.inf)
+none = _france(None)
+one_nan = _france(math.nan, {0})
+three_nan = _france(math.nan, {0, 1, 2})
 
 def all_nan(prompts, responses):
     return [math.nan for r in responses]
