@@ -20,7 +20,7 @@ from typing import Any, Optional
 import typer
 
 from modpo_pipe import config as cfg
-from modpo_pipe.errors import ModpoError
+from modpo_pipe.errors import ModpoError, environment_error
 
 app = typer.Typer(
     add_completion=False,
@@ -40,6 +40,17 @@ def user_errors() -> Iterator[None]:
     except ModpoError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_FAILURE) from None
+    except OSError as e:
+        _environment_exit(e)
+
+
+def _environment_exit(e: OSError) -> None:
+    """A full disk, a read-only or forbidden path: one line and exit 1. Any other OSError goes on (a bug)."""
+    error = environment_error(e)
+    if error is None:
+        raise e
+    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(EXIT_FAILURE) from None
 
 
 def _setting_parameters(sections: list[str], prefixed: bool = False,
@@ -124,9 +135,10 @@ def output_path(setting: str) -> Path:
     return Path(setting).resolve()
 
 
-def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str) -> inspect.Parameter:
+def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str,
+                 aliases: tuple[str, ...] = ()) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, flag, help=help))
+                             default=typer.Option(default, flag, *aliases, help=help))
 
 
 def shard_option(output: str) -> inspect.Parameter:
@@ -319,10 +331,17 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
                     else weight_grid(names, grid))
     root = output_path(settings.train.out)
+    labels: dict[str, dict[str, float]] = {}
     for weights in grid_vectors:
         label = "w-" + "-".join(f"{k}{v:.2f}" for k, v in weights.items())
-        run_settings = dataclasses.replace(settings, train=dataclasses.replace(settings.train, weights=weights))
-        report = train(run_settings, list(scored), root / label)
+        if label in labels:
+            raise ModpoError(f"--vector {weights} and {labels[label]} would both train into {root / label}; give "
+                             "vectors that differ in their first two decimals")
+        labels[label] = weights
+    for label, weights in labels.items():
+        # Each policy's own directory is its out: what its modpo_pipe.json and model card record.
+        train_settings = dataclasses.replace(settings.train, weights=weights, out=str(root / label))
+        report = train(dataclasses.replace(settings, train=train_settings), list(scored), root / label)
         if report.main_process:  # under `accelerate launch`, one summary
             _print_summary(f"wrote {report.out}/final", {"weights": weights, "last loss": report.last_loss})
 
@@ -337,17 +356,26 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
                      "Policies to evaluate: PATH (a directory; its name is the label) or LABEL=PATH (a directory "
                      "or a hub id), repeatable. The reference is always included."),
         extra_option("samples_per_prompt", int, 1, "--samples-per-prompt", "Samples per prompt and policy."),
-        extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries."),
+        extra_option("summary_out", Path, Path("eval.json"), "--summary-out", "Where to write the summaries.",
+                     aliases=("--out",)),
     ),
-    skip=frozenset({("generate", "samples_per_prompt")}),  # eval's own --samples-per-prompt above
+    # eval's own --samples-per-prompt and --out (its summary) above; and no flags for settings of the stage
+    # files eval does not write (a flag it would ignore is worse than none); eval refuses invalid rewards.
+    skip=frozenset({("generate", "samples_per_prompt"), ("generate", "out"), ("generate", "shard_size"),
+                    ("score", "out"), ("score", "shard_size"), ("score", "on_invalid_reward")}),
 )
 def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | None, samples_per_prompt: int,
                  summary_out: Path) -> None:
+    from modpo_pipe import storage
     from modpo_pipe.evaluate import evaluate, format_table, write_summaries
 
     ref = settings.score.ref or settings.generate.policy
     if not ref:
         raise ModpoError("eval needs a reference: --ref or [generate].policy")
+    # Checked before the evaluation's minutes, not after them.
+    storage.refuse_overwriting_input(summary_out, prompts)
+    if summary_out.is_dir() or (summary_out.parent.exists() and not summary_out.parent.is_dir()):
+        raise ModpoError(f"--out {summary_out}: not a path a summary file can be written to")
     labelled = policy_specs(policies or [])
     summaries = evaluate(settings, prompts, labelled, ref, samples_per_prompt)
     write_summaries(summaries, summary_out)
@@ -385,9 +413,9 @@ def policy_specs(items: list[str]) -> dict[str, str]:
 @app.command("front")
 def front_command(
     summaries: list[Path] = typer.Argument(..., help="eval.json files written by `modpo-pipe eval`."),
-    x: str = typer.Option("", "--x", help="Reward on the x axis (default: the first)."),
-    y: str = typer.Option("", "--y", help="Reward on the y axis (default: the second)."),
-    out: Path = typer.Option(Path("front"), "--out", help="Output path without suffix: writes .png and .svg."),
+    x: str = typer.Option("", "--x", help="Reward on the x axis (default: the first other than --y)."),
+    y: str = typer.Option("", "--y", help="Reward on the y axis (default: the first other than --x)."),
+    out: Path = typer.Option(Path("front"), "--out", help="Output path: writes OUT.png and OUT.svg."),
 ) -> None:
     """Plot reward vs reward, one labelled point per policy, each family (MODPO, rewarded soups) joined as its own
     line, with its hypervolume above the reference in the legend."""
@@ -396,11 +424,13 @@ def front_command(
     with user_errors():
         entries = read_summaries(summaries)
         names = list(entries[0]["rewards"])
-        if len(names) < 2 and not (x and y):
-            raise ModpoError("a front needs two rewards")
-        written = plot_front(entries, x or names[0], y or names[1], out)
+        x = x or (names[0] if names[0] != y else names[-1])
+        y = y or next((name for name in names if name != x), "")
+        if not y:
+            raise ModpoError(f"a front needs two rewards; the summaries have {names}")
+        written = plot_front(entries, x, y, out)
     if len(entries) > 1:
-        typer.echo(format_hypervolumes(entries, [x or names[0], y or names[1]]))
+        typer.echo(format_hypervolumes(entries, [x, y]))
     typer.echo("wrote " + ", ".join(map(str, written)))
 
 
@@ -463,12 +493,28 @@ def init_command(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a commented modpo.toml with every setting and its default."""
+    from modpo_pipe import storage
+    from modpo_pipe.schema import check_reward_name
+
     with user_errors():
+        if path.is_dir():
+            raise ModpoError(f"{path} is a directory; give the settings file's path (e.g. {path / 'modpo.toml'})")
         if path.exists() and not force:
             raise ModpoError(f"{path} exists; pass --force to overwrite")
+        if not path.parent.is_dir():
+            raise ModpoError(f"{path}: no directory {path.parent}")
         rewards = cfg.coerce(reward, dict[str, str], "--reward") if reward else {}
-        path.write_text(cfg.render_template(policy=policy, rewards=rewards), encoding="utf-8")
-        cfg.load_settings(path)  # what init writes must load
+        for name in rewards:
+            check_reward_name(name)
+        # Written beside the file and checked to load before it replaces anything: a file init could not write
+        # leaves the user's old one as it was.
+        tmp = storage.unique_temp_path(path)
+        try:
+            tmp.write_text(cfg.render_template(policy=policy, rewards=rewards), encoding="utf-8")
+            cfg.load_settings(tmp)  # what init writes must load
+            storage.fsync_replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     typer.echo(f"wrote {path}")
 
 
@@ -544,6 +590,8 @@ def _run_exit_codes() -> Iterator[None]:
     except ModpoError as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(EXIT_FAILURE) from None
+    except OSError as e:
+        _environment_exit(e)
 
 
 def _register_run_commands() -> None:

@@ -68,8 +68,8 @@ class GenerateSettings:
     split: str = setting("", "With a dataset (Hub id or folder of data files): the split to read (empty: its only).")
     prompt_field: str = setting("prompt", "The column or JSON field holding a plain prompt.")
     messages_field: str = setting(
-        "messages", "The column or JSON field holding a chat ({role, content} list); from a dataset, trailing "
-        "assistant turns (its reference reply) are dropped.")
+        "messages", "The column or JSON field holding a chat ({role, content} list); trailing assistant turns "
+        "(a dataset's reference reply) are dropped.")
     id_field: str = setting("id", "The column or JSON field holding a prompt's id (absent: row-NNNNNN).")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
@@ -264,7 +264,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return [part.strip() for item in value for part in item.split(",") if part.strip()]
     elif origin is dict:
         value_type = typing.get_args(tp)[1]
-        if isinstance(value, (str, list)):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             value = _parse_pairs(value, where)
         if isinstance(value, dict):
             return {str(k): coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
@@ -364,7 +364,7 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
     values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if path is not None:
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is no error
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ModpoError(f"{path}: not valid TOML: {e}") from None
         for name, table in raw.items():
@@ -419,11 +419,31 @@ def validate(s: Settings) -> None:
         ("score", "reward_batch_size", s.score.reward_batch_size), ("train", "beta", t.beta),
         ("generate", "shard_size", g.shard_size), ("score", "shard_size", s.score.shard_size),
         ("train", "lr", t.lr), ("train", "epochs", t.epochs), ("train", "batch_size", t.batch_size),
-        ("train", "grad_accum", t.grad_accum),
+        ("train", "grad_accum", t.grad_accum), ("train", "log_every", t.log_every),
+        # 0 would train an adapter that is exactly nothing (its update is scaled by alpha / r), and say so nowhere.
+        ("train", "lora_alpha", t.lora_alpha),
+        ("generate", "vllm_tensor_parallel_size", g.vllm_tensor_parallel_size),
     ]
     for section, key, value in positive:
         if value <= 0:
             raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    non_negative = [
+        ("train", "lora_r", t.lora_r), ("train", "lora_layers", t.lora_layers), ("train", "save_every", t.save_every),
+        ("train", "max_grad_norm", t.max_grad_norm), ("train", "weight_decay", t.weight_decay),
+        ("generate", "vllm_max_model_len", g.vllm_max_model_len),
+    ]
+    for section, key, value in non_negative:
+        if value < 0:
+            raise ModpoError(f"[{section}].{key} must be >= 0; got {value}")
+    if not 0 <= t.lora_dropout < 1:
+        raise ModpoError(f"[train].lora_dropout must be in [0, 1); got {t.lora_dropout}")
+    if not 0 < g.vllm_gpu_memory_utilization <= 1:
+        raise ModpoError(f"[generate].vllm_gpu_memory_utilization must be in (0, 1]; got "
+                         f"{g.vllm_gpu_memory_utilization}")
+    # Seeds derive per-chunk and per-step seeds by arithmetic; torch takes at most 64 bits.
+    for section, seed in (("generate", g.seed), ("train", t.seed)):
+        if not 0 <= seed < 2**32:
+            raise ModpoError(f"[{section}].seed must be in [0, 2**32); got {seed}")
     if g.samples_per_prompt < 2:
         raise ModpoError(f"[generate].samples_per_prompt must be >= 2 (a pair needs two responses); got "
                          f"{g.samples_per_prompt}")

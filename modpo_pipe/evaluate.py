@@ -61,7 +61,14 @@ def policy_family(policy: str) -> str:
 def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
              samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
     """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""
-    from modpo_pipe.generate import choose_backend, context_length, prompt_token_limit, render_prompts, sample
+    from modpo_pipe.generate import (
+        choose_backend,
+        context_length,
+        prompt_token_limit,
+        render_prompts,
+        require_prompts,
+        sample,
+    )
     from modpo_pipe.logprobs import batched_sequence_logps
     from modpo_pipe.prompts import read_prompts
     from modpo_pipe.rewards import RewardInput, load_reward
@@ -69,13 +76,17 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     s, m, g = settings.score, settings.model, settings.generate
     if not s.rewards:
         raise ModpoError("eval needs reward specs: a [score.rewards] table or --reward NAME=SPEC")
+    if samples_per_prompt < 1:
+        raise ModpoError(f"--samples-per-prompt must be >= 1; got {samples_per_prompt}")
     if g.temperature != 1.0 or g.top_p != 1.0:
         print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
     tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
     records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     backend = choose_backend(g.backend)
-    limit = prompt_token_limit(settings, context_length(ref, m.trust_remote_code), backend)
+    context = context_length(ref, m.trust_remote_code)
+    limit = prompt_token_limit(settings, context, backend)
     records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings, limit)
+    require_prompts(records, prompts_path, settings, limit, context)
     all_policies = {"reference": ref, **{k: v for k, v in policies.items() if v != ref}}
 
     # Sample with each policy in turn (one model in memory at a time).
@@ -134,6 +145,7 @@ def write_summaries(summaries: list[PolicySummary], path: Path) -> None:
 def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
     """Eval summaries from one or more files; the reference appears once."""
     out: list[dict[str, Any]] = []
+    source: dict[str, Path] = {}  # label -> the file it came from
     for path in paths:
         try:
             entries = json.loads(Path(path).read_text())
@@ -144,10 +156,26 @@ def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
                              f"(as `modpo-pipe eval` writes), got {_json_kind(entries)}")
         for i, entry in enumerate(entries):
             _check_summary(entry, f"{path}: summary {i}")
-            if entry["is_reference"] and any(e["is_reference"] for e in out):
+            first_reference = next((e for e in out if e["is_reference"]), None)
+            if entry["is_reference"] and first_reference is not None:
+                # Every policy is compared with the reference, prompt by prompt: files measured against other
+                # prompts, samples or seeds cannot share one reference.
+                if not _same_reference(first_reference, entry):
+                    raise ModpoError(f"{path}: its reference differs from the one in {source['reference']} "
+                                     "(other prompts, samples per prompt, seed or reference model): evaluate the "
+                                     "policies in one `eval`, or with the same prompts, seed and reference")
                 continue
+            if entry["label"] in source:
+                raise ModpoError(f"{path}: label {entry['label']!r} is also in {source[entry['label']]}; "
+                                 "every policy needs its own label (`eval --policies LABEL=PATH`)")
+            source[entry["label"]] = Path(path)
             out.append(entry)
     return out
+
+
+def _same_reference(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("policy", "samples", "rewards", "prompt_rewards")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _check_summary(entry: Any, where: str) -> None:
@@ -275,6 +303,9 @@ def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if x == y:
+        raise ModpoError(f"the front needs two different rewards on its axes; got {x!r} twice")
+    targets = [plot_path(out, suffix) for suffix in (".png", ".svg")]
     for axis in (x, y):
         for s in summaries:
             if axis not in s["rewards"]:
@@ -301,14 +332,20 @@ def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> li
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    written = []
-    for suffix in (".png", ".svg"):
-        target = out.with_suffix(suffix)
+    for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(target)
-        written.append(target)
     plt.close(fig)
-    return written
+    return targets
+
+
+def plot_path(out: Path, suffix: str) -> Path:
+    """OUT + suffix: a dot in OUT's name is kept (`front-beta0.1` -> `front-beta0.1.png`), a .png or .svg
+    given with it is not doubled."""
+    if not out.name:
+        raise ModpoError(f"--out {str(out)!r}: needs a file name (the plot is written as NAME.png and NAME.svg)")
+    stem = out.name[: -len(out.suffix)] if out.suffix.lower() in (".png", ".svg") else out.name
+    return out.with_name(stem + suffix)
 
 
 def _front_label(weights: dict[str, float] | None, x: str) -> str:

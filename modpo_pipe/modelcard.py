@@ -52,8 +52,9 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
     lines += [
         f"# {'LoRA adapter' if adapter else 'Policy'} trained with modpo-pipe (MODPO, reward-model-only form)",
         "",
-        "**Method.** For each prompt the policy sampled two replies y1, y2; reward models scored both and a "
-        "reference model's log-probs were cached. Training regressed the student margin "
+        "**Method.** For each prompt the policy sampled a group of replies; reward models scored each and a "
+        "reference model's log-probs were cached. Training regressed, for pairs y1, y2 of a group, the student "
+        "margin "
         "β[(log π(y1) − log π_ref(y1)) − (log π(y2) − log π_ref(y2))] onto the teacher margin "
         "Σ_k w_k (r_k(y1) − r_k(y2)) "
         + ("(rewards z-scored with the statistics below) " if info.get("normalize") == "zscore" else "")

@@ -228,12 +228,21 @@ def load_reward_model(
 
     _check_loadable(path_or_id, what)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            output_loading_info=True,
         )
     except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
         kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
         raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
+    # transformers initialises weights the checkpoint lacks at random and carries on (a causal LM loaded as a
+    # classifier gets a random score head): its rewards would be noise, and differ from load to load.
+    missing = sorted(loading.get("missing_keys", []))
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        architectures = getattr(model.config, "architectures", None) or ["?"]
+        raise ModpoError(f"{what}: {path_or_id} lacks weights of a sequence-classification reward model ({shown} "
+                         f"missing; it was saved as {', '.join(architectures)}): they would be random")
     if model.config.num_labels != 1:
         raise ModpoError(f"{what}: {path_or_id} has {model.config.num_labels} labels; a reward model needs exactly 1")
     tokenizer = load_tokenizer(path_or_id, trust_remote_code, what)

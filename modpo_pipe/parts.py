@@ -121,7 +121,7 @@ class Parts:
         if not path.is_file():
             return None
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, **schema.PARQUET_READ)
             info = json.loads((table.schema.metadata or {})[PART_KEY])
         except (pa.ArrowException, OSError, KeyError, ValueError) as e:
             warn(f"{path}: unreadable ({type(e).__name__}); computing it again")
@@ -142,7 +142,7 @@ class Parts:
         tmp = storage.atomic_path(path)
         try:
             self._write_manifest()
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, **schema.PARQUET_WRITE)
             storage.fsync_replace(tmp, path)
         except OSError as e:
             raise write_error(path, e, f"the finished parts in {self.dir} are kept: rerun the same command to "

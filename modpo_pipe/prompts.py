@@ -88,9 +88,12 @@ def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
             for i, row in enumerate(ds.select_columns(keep))]
 
 
-def _without_trailing_reply(row: dict[str, Any], messages_field: str) -> dict[str, Any]:
-    """A Hub chat column often holds the whole conversation, its reference reply last: the policy writes its
-    own reply, so trailing assistant turns are dropped."""
+def _without_trailing_reply(row: Any, messages_field: str) -> Any:
+    """A chat column often holds the whole conversation, its reference reply last: the policy writes its own
+    reply, so trailing assistant turns are dropped (from every source: a Hub dataset, a saved one, Parquet,
+    JSONL). A row that is no object is left for _record to refuse."""
+    if not isinstance(row, dict):
+        return row
     messages = row.get(messages_field)
     if isinstance(messages, list):
         while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
@@ -147,8 +150,9 @@ def _record(obj: Any, where: str, index: int) -> PromptRecord:
     return PromptRecord(pid, prompt=prompt)
 
 
-def _rows(path: Path) -> list[tuple[str, Any]]:
-    """(location, raw object) per row, the location naming file and line or row for errors."""
+def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
+    """(location, raw object) per row, the location naming file and line or row for errors; `split` chooses
+    among the splits of a saved DatasetDict."""
     if path.is_dir():
         try:
             from datasets import load_from_disk
@@ -156,11 +160,13 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
             ds = load_from_disk(str(path))
         except Exception as e:
             raise ModpoError(f"{path}: not a saved datasets directory: {e}") from None
-        if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or refuse to guess
+        if hasattr(ds, "keys"):  # a DatasetDict: the split asked for, else its only one; never a guess
             splits = list(ds.keys())
-            if len(splits) != 1:
-                raise ModpoError(f"{path}: holds splits {splits}; save the one to use on its own")
-            ds = ds[splits[0]]
+            if split and split not in splits:
+                raise ModpoError(f"{path}: no split {split!r}; it holds {splits}")
+            if not split and len(splits) != 1:
+                raise ModpoError(f"{path}: holds splits {splits}; choose one with --split")
+            ds = ds[split or splits[0]]
         return [(f"{path}: row {i}", row) for i, row in enumerate(ds)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -203,7 +209,7 @@ def read_prompts(path: Path, skip_invalid: bool = False,
     elif not path.exists():
         raise ModpoError(f"{path}: no such file")
     else:
-        rows = _rows(path)
+        rows = _rows(path, fields.split)
     stats = PromptStats()
     records: list[PromptRecord] = []
     seen: dict[str, str] = {}
@@ -211,7 +217,7 @@ def read_prompts(path: Path, skip_invalid: bool = False,
         try:
             if isinstance(obj, ModpoError):
                 raise obj
-            record = _record(fields.remap(obj), where, index)
+            record = _record(_without_trailing_reply(fields.remap(obj), "messages"), where, index)
             if record.id in seen:
                 raise ModpoError(f"{where}: duplicate id {record.id!r} (first at {seen[record.id]})")
         except ModpoError:

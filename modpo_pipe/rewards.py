@@ -51,9 +51,10 @@ class Reward:
         raise NotImplementedError
 
     def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False, *,
-              labels: Sequence[str] | None = None, allow_invalid: bool = False) -> list[float]:
+              labels: Sequence[str] | None = None, allow_invalid: bool = False, invalid_hint: str = "") -> list[float]:
         """One float per input. A NaN, inf or None score raises, naming the input (`labels[i]`, else
-        "response i"), or with allow_invalid comes back as NaN for the caller to drop and count. A callable
+        "response i") and ending with `invalid_hint` (what the caller's user can do about it), or with
+        allow_invalid comes back as NaN for the caller to drop and count. A callable
         that raises, returns something other than a list, the wrong count or a non-number always raises."""
         order = self.batch_order(inputs)
         scores: list[float] = [math.nan] * len(inputs)
@@ -61,7 +62,7 @@ class Reward:
                           disable=not progress):
             chunk = order[start : start + batch_size]
             values = self._check(self._score_batch([inputs[i] for i in chunk]), chunk, labels=labels,
-                                 allow_invalid=allow_invalid)
+                                 allow_invalid=allow_invalid, invalid_hint=invalid_hint)
             for i, value in zip(chunk, values):
                 scores[i] = value
         return scores
@@ -74,12 +75,12 @@ class Reward:
         raise NotImplementedError
 
     def _check(self, values: Any, indices: Sequence[int], *, labels: Sequence[str] | None = None,
-               allow_invalid: bool = False) -> list[float]:
+               allow_invalid: bool = False, invalid_hint: str = "") -> list[float]:
         where = f"reward {self.name!r} ({self.spec})"
         values = _score_list(values, where)
         if len(values) != len(indices):
             raise ModpoError(f"{where} returned {len(values)} scores for {len(indices)} responses")
-        hint = '; [score].on_invalid_reward = "drop" drops such responses instead (counted)'
+        hint = f"; {invalid_hint}" if invalid_hint else ""
         checked = []
         for i, value in enumerate(values):
             at = labels[indices[i]] if labels is not None else f"response {indices[i]}"
@@ -194,11 +195,12 @@ class ModelReward(Reward):
         return RewardInput(messages, x.response)
 
     def score(self, inputs: Sequence[RewardInput], batch_size: int, progress: bool = False, *,
-              labels: Sequence[str] | None = None, allow_invalid: bool = False) -> list[float]:
+              labels: Sequence[str] | None = None, allow_invalid: bool = False, invalid_hint: str = "") -> list[float]:
         """As Reward.score, on inputs cut to fit first; `self.truncated` then says, per input, whether it was."""
         fitted = [self.fit(x, labels[i] if labels is not None else f"response {i}") for i, x in enumerate(inputs)]
         self.truncated = [f is not x for f, x in zip(fitted, inputs)]
-        return super().score(fitted, batch_size, progress, labels=labels, allow_invalid=allow_invalid)
+        return super().score(fitted, batch_size, progress, labels=labels, allow_invalid=allow_invalid,
+                             invalid_hint=invalid_hint)
 
     @torch.inference_mode()
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:

@@ -96,6 +96,9 @@ _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tenso
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
+# Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
+# reused at any batch size (they record what they were sampled with).
+_RESUME_FREE = {"generate.batch_size"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -567,13 +570,14 @@ class Run:
         return record
 
     def resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
-        """Every setting the stage sees (not only those that change its result: a work directory records
-        e.g. its chunk size too) and its inputs. A killed attempt is continued only under the same key."""
-        section = {"generate": self.settings.generate, "score": self.settings.score,
-                   "train": self.settings.train}[stage]
-        blob = {"stage": stage, "round": k, "section": dataclasses.asdict(section),
-                "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
-                "settings": self.stage_settings(k, stage)}
+        """What a killed attempt's work was made with: the settings its result depends on, its inputs, and the
+        chunk size that cuts generate's and score's work into parts. A killed attempt is continued only under
+        the same key. Batch sizes, save and log intervals, devices are left out: lowering a batch size after
+        an out-of-memory kill, or saving more often, must not throw finished work away (the parts and the
+        training state check what they were made with themselves)."""
+        chunks = {"generate": self.settings.generate.shard_size, "score": self.settings.score.shard_size}
+        settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
+        blob = {"stage": stage, "round": k, "inputs": inputs, "settings": settings, "chunk_size": chunks.get(stage)}
         return storage.json_fingerprint(blob)
 
     def _clear(self, k: int, stage: str, fresh: bool) -> None:

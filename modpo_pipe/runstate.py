@@ -121,6 +121,23 @@ def json_normal(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- manifest
 
 
+def manifest_problem(data: Any) -> str | None:
+    """What keeps `data` from being a manifest the survey can read (its shape, not its meaning); None if fine."""
+    if not isinstance(data, dict) or not isinstance(data.get("rounds"), dict):
+        return "no 'rounds' object"
+    for k, stages in data["rounds"].items():
+        if not k.isdigit() or not isinstance(stages, dict):
+            return f"round {k!r} is not a round number with an object of stages"
+        for stage, record in stages.items():
+            if not isinstance(record, dict) or record.get("status") not in ("done", "running", "failed", "waiting"):
+                return f"round {k} {stage}: no status done, running, failed or waiting"
+            if record["status"] == "done":
+                missing = [key for key in ("settings", "inputs", "outputs") if not isinstance(record.get(key), dict)]
+                if missing:
+                    return f"round {k} {stage}: done, without {', '.join(missing)}"
+    return None
+
+
 @dataclass
 class Manifest:
     path: Path
@@ -134,11 +151,15 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModpoError(f"{path}: unreadable manifest ({e}); it is only ever replaced atomically, so "
-                             "something else wrote it. Restore it, or move it aside to redo every round") from None
-        if data.get("version") != MANIFEST_VERSION:
-            raise ModpoError(f"{path}: manifest version {data.get('version')} is not supported "
-                             f"(this modpo-pipe writes {MANIFEST_VERSION})")
+            problem: str | None = str(e)
+        else:
+            if isinstance(data, dict) and data.get("version") != MANIFEST_VERSION:
+                raise ModpoError(f"{path}: manifest version {data.get('version')} is not supported "
+                                 f"(this modpo-pipe writes {MANIFEST_VERSION})")
+            problem = manifest_problem(data)
+        if problem:
+            raise ModpoError(f"{path}: unreadable manifest ({problem}); it is only ever replaced atomically, so "
+                             "something else wrote it. Restore it, or move it aside to redo every round")
         return cls(path, data)
 
     def get(self, k: int, stage: str) -> dict[str, Any] | None:

@@ -40,7 +40,12 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1 is converted on read
 METADATA_KEY = b"modpo_pipe"
 FINISH_REASONS = ("stop", "length")
+STAGES = ("pairs", "scored")  # the stage files; each file's metadata names its stage
 REWARD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+# Every page carries a CRC, checked on every read: a file damaged on disk (same size, other bytes) is refused
+# instead of trained on. Files written without CRCs (before this) still read.
+PARQUET_WRITE = {"write_page_checksum": True}
+PARQUET_READ = {"page_checksum_verification": True}
 
 GROUP_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("group_id", pa.string()),
@@ -167,7 +172,7 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_path(path)
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_size)
+        pq.write_table(table, tmp, row_group_size=row_group_size, **PARQUET_WRITE)
         storage.fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -201,7 +206,7 @@ def validate_schema(schema: pa.Schema, stage: str, where: str) -> dict[str, Any]
     meta = parse_metadata(raw, where)
     version = meta.get("schema_version")
     if version not in READABLE_VERSIONS:
-        raise ModpoError(f"{where}: schema version {version} is not supported (this modpo-pipe reads "
+        raise ModpoError(f"{where}: schema version {version!r} is not supported (this modpo-pipe reads "
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     if meta.get("stage") != stage:
         raise ModpoError(f"{where}: is a {meta.get('stage')!r} file, expected a {stage!r} file")
@@ -370,7 +375,7 @@ def read_table(path: Path, stage: str) -> tuple[pa.Table, dict[str, Any]]:
     if not path.exists():
         raise ModpoError(f"{path}: no such file")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, **PARQUET_READ)
     except (pa.ArrowInvalid, OSError) as e:
         raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
     meta = validate_table(table, stage, str(path))
@@ -388,7 +393,7 @@ def read_columns(path: Path, stage: str, columns: list[str]) -> tuple[pa.Table, 
     if not path.exists():
         raise ModpoError(f"{path}: no such file")
     try:
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(path, **PARQUET_READ)
         meta = validate_schema(file.schema_arrow, stage, str(path))
         if meta["schema_version"] == 1:
             table, meta = read_table(path, stage)

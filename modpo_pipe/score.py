@@ -50,6 +50,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         raise ModpoError("no reward models: add a [score.rewards] table to modpo.toml or pass --reward NAME=SPEC")
     for name in s.rewards:
         schema.check_reward_name(name)
+    storage.refuse_overwriting_input(out, pairs_path)
     drop_invalid = s.on_invalid_reward == "drop"
     started = time.time()
     table, pairs_meta = schema.read_table(pairs_path, "pairs")
@@ -141,7 +142,9 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
             inputs = reward_inputs(messages, per_response("responses", c))
             labels = [f"group {gid!r} response {j + 1}" for gid, k in zip(column("group_id", c), counts)
                       for j in range(k)]
-            scores = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid)
+            scores = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid,
+                                  invalid_hint='[score].on_invalid_reward = "drop" drops such responses instead '
+                                               '(counted)')
             cut = getattr(reward, "truncated", None)  # model rewards: which inputs were cut to fit
             if cut is None:
                 return (scores,)

@@ -163,7 +163,7 @@ def merge(inputs: list[Path], out: Path) -> MergeReport:
     origin: dict[int, Path] = {}
     for path, info in zip(files, infos):
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, **schema.PARQUET_READ)
         except (pa.ArrowInvalid, OSError) as e:
             raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
         if table.num_rows != sum(info["chunk_rows"]):

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from modpo_pipe.errors import ModpoError
+
 # Files up to this size are re-hashed in full at every check; larger ones (model weights) only when their
 # size or modification time changed since their info was recorded (file_problem).
 FULL_HASH_LIMIT = 64 << 20
@@ -33,6 +35,14 @@ _BLOCK = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------ atomic files
+
+
+def refuse_overwriting_input(out: Path, source: Path) -> None:
+    """An output that is the command's own input would replace it (the user's prompts gone for good): refused
+    before any work."""
+    if Path(out).resolve() == Path(source).resolve():
+        raise ModpoError(f"--out {out} is the input file {source}: writing it would replace the input; choose "
+                         "another output path")
 
 
 def fsync_dir(path: Path) -> None:

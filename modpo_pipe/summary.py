@@ -7,16 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from modpo_pipe import schema
+from modpo_pipe.errors import ModpoError
 
 
-def _stats(values: list[float]) -> dict[str, float]:
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:  # a shard whose groups all went to other shards or were dropped
+        return {"mean": None, "std": None, "min": None, "max": None}
     return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values),
             "max": max(values)}
 
 
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
 def summarize(path: Path) -> dict[str, Any]:
     meta = schema.read_metadata(Path(path))
-    table, meta = schema.read_table(Path(path), meta.get("stage", "?"))
+    stage = meta.get("stage")
+    if stage not in schema.STAGES:
+        raise ModpoError(f"{path}: its metadata names stage {stage!r}; inspect reads "
+                         f"{' and '.join(schema.STAGES)} files")
+    table, meta = schema.read_table(Path(path), stage)
     summary: dict[str, Any] = {"stage": meta["stage"], "schema_version": meta["schema_version"],
                                "rows": table.num_rows}
     groups = table.column("response_ids").to_pylist()
@@ -33,7 +44,7 @@ def summarize(path: Path) -> dict[str, Any]:
             values = table.column(schema.reward_column(name)).to_pylist()
             margins = [abs(g[i] - g[j]) for g in values for i in range(len(g)) for j in range(i + 1, len(g))]
             summary["rewards"][name] = {**_stats([v for g in values for v in g]),
-                                        "mean_abs_margin": statistics.fmean(margins)}
+                                        "mean_abs_margin": _mean(margins)}
         ref = [v for g in table.column(schema.REF_COLUMN[0]).to_pylist() for v in g]
         summary["ref_logp"] = _stats(ref)
         gen = [v for g in table.column("gen_logps").to_pylist() for v in g]

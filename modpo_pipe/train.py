@@ -484,6 +484,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if t.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        check_lora_targets(model, t.lora_targets)
         lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
                           target_modules=t.lora_targets, task_type="CAUSAL_LM",
                           layers_to_transform=top_layers(model, t.lora_layers))
@@ -660,6 +661,24 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                        len(data))
 
 
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every [train].lora_targets entry names modules of the model (peft matches a module's name or its last
+    dotted parts): peft skips a misspelt entry without a word when another one matches, and raises its own
+    error, after the model has loaded, when none does."""
+    if not targets:
+        raise ModpoError("[train].lora_targets is empty: name the modules LoRA adapts (e.g. q_proj, v_proj), or "
+                         "all-linear")
+    if "all-linear" in targets:
+        return
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not t or not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise ModpoError(f"[train].lora_targets {unknown} match no module of the policy; its linear layers are "
+                         f"{', '.join(linear)} (or give all-linear)")
+
+
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
     """Indices of the last `count` transformer layers (None: all). Nothing below the lowest adapted layer
     needs a gradient, so autograd stops there: a cheaper backward pass, not just fewer trainable weights.
@@ -779,16 +798,17 @@ def check_reference_dtype(ref_dtype: str | None, dtype: torch.dtype) -> None:
 
 def disable_dropout(model: torch.nn.Module) -> int:
     """Turn off every dropout of the model for good (train() would switch nn.Dropout back on): nn.Dropout
-    modules (LoRA's included) get p = 0, and attention modules that pass a dropout rate to the attention
-    kernel (Llama's `attention_dropout`) get 0. Returns how many were > 0."""
+    modules (LoRA's included) get p = 0, and so does every rate a module keeps as a plain number and passes to
+    a kernel or F.dropout itself (Llama's `attention_dropout`, StarCoder2's `residual_dropout` and
+    `embedding_dropout`): any float attribute whose name holds "dropout". Returns how many were > 0."""
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             count += module.p > 0
             module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            value = getattr(module, name, None)
-            if isinstance(value, float) and not isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            continue
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
                 count += value > 0
                 setattr(module, name, 0.0)
     return count
@@ -855,22 +875,32 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         path = path.with_name(path.name + ".old")  # a crash between the two renames of storage.replace_dir
     if not (path / "state.json").is_file():
         return 0
-    state = json.loads((path / "state.json").read_text())
-    if state["fingerprint"] != fingerprint:
+    from safetensors import SafetensorError
+
+    # Written atomically, so only a damaged disk or a hand edit makes it unreadable: say so, in one line.
+    try:
+        state = json.loads((path / "state.json").read_text())
+        saved_fingerprint, param_groups, step = state["fingerprint"], state["param_groups"], int(state["step"])
+        if saved_fingerprint == fingerprint:
+            trainable = load_file(str(path / "trainable.safetensors"))
+            moments = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        raise ModpoError(f"{path}: unreadable training state ({reason}); delete {path} to start this training "
+                         "over") from None
+    if saved_fingerprint != fingerprint:
         raise ModpoError(f"{path} holds a training state for other data or settings; use another --out or "
                          f"delete {path.parent} to start over")
-    trainable = load_file(str(path / "trainable.safetensors"))
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
             named[name].copy_(value)
-    moments = load_file(str(path / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in moments.items():
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return int(state["step"])
+    optimizer.load_state_dict({"state": opt_state, "param_groups": param_groups})
+    return step
 
 
 def save_final(path: Path, model: torch.nn.Module, tokenizer: Any, info: dict[str, Any],

@@ -186,6 +186,9 @@ def test_missing_config_file_through_cli(tmp_path):
         ("[generate]\nout = 3\n", "[generate].out", "str"),
         ('[train.weights]\nhelpful = "lots"\n', "[train].weights.helpful", "float"),
         ("[score]\nrewards = 5\n", "[score].rewards", "dict"),
+        # a list of non-strings went to the NAME=VALUE parser: AttributeError 'int' object has no attribute 'split'
+        ("[train]\nweights = [1, 2]\n", "[train].weights", "dict"),
+        ("[score]\nrewards = [1]\n", "[score].rewards", "dict"),
     ],
 )
 def test_wrong_type_names_the_key(tmp_path, toml, key, expected_type):
@@ -458,6 +461,22 @@ def test_top_p_of_one_is_allowed():
         ("score", "batch_tokens", 0, "[score].batch_tokens must be > 0"),
         ("train", "warmup_ratio", 1.0, "[train].warmup_ratio must be in [0, 1)"),
         ("train", "weights", ["a=0.5,b=-0.1"], "[train].weights.b must be >= 0"),
+        # Accepted before, then wrong or late: alpha 0 trained an adapter that is exactly nothing (exit 0), r -1
+        # trained every weight, log_every 0 divided by zero after the first step, a seed past 2**63 overflowed
+        # torch.manual_seed after the model had loaded.
+        ("train", "lora_alpha", 0, "[train].lora_alpha must be > 0"),
+        ("train", "lora_r", -1, "[train].lora_r must be >= 0"),
+        ("train", "lora_dropout", 1.0, "[train].lora_dropout must be in [0, 1)"),
+        ("train", "lora_layers", -1, "[train].lora_layers must be >= 0"),
+        ("train", "log_every", 0, "[train].log_every must be > 0"),
+        ("train", "save_every", -1, "[train].save_every must be >= 0"),
+        ("train", "max_grad_norm", -1.0, "[train].max_grad_norm must be >= 0"),
+        ("train", "weight_decay", -0.1, "[train].weight_decay must be >= 0"),
+        ("train", "seed", 92233720368547, "[train].seed must be in [0, 2**32)"),
+        ("generate", "seed", -1, "[generate].seed must be in [0, 2**32)"),
+        ("generate", "vllm_tensor_parallel_size", 0, "[generate].vllm_tensor_parallel_size must be > 0"),
+        ("generate", "vllm_gpu_memory_utilization", 1.5, "[generate].vllm_gpu_memory_utilization must be in (0, 1]"),
+        ("generate", "vllm_max_model_len", -1, "[generate].vllm_max_model_len must be >= 0"),
     ],
 )
 def test_out_of_range_values(section, key, value, fragment):
@@ -515,3 +534,34 @@ def test_render_settings_reads_back_to_the_same_settings(tmp_path):
     loaded = cfg.load_settings(path)
     assert (loaded.generate, loaded.score) == (settings.generate, settings.score)
     assert loaded.train.weights == {} and loaded.train.lr == cfg.TrainSettings().lr
+
+
+def test_init_keeps_the_old_file_when_what_it_would_write_is_refused(tmp_path):
+    """A reward name TOML cannot hold as a key (or holds as a dotted table) used to be written first and found
+    broken after, with --force over the user's own file."""
+    path = tmp_path / "modpo.toml"
+    path.write_text("# mine\n")
+    for name in ("my reward", "a.b"):
+        result = runner.invoke(app, ["init", str(path), "--force", "--reward", f"{name}=py:rewards.py:length"])
+        assert result.exit_code == 1, result.output
+        assert f"reward name {name!r}" in result.stderr and "Traceback" not in result.output
+        assert path.read_text() == "# mine\n"
+    fresh = tmp_path / "fresh.toml"
+    result = runner.invoke(app, ["init", str(fresh), "--reward", "a.b=py:rewards.py:length"])
+    assert result.exit_code == 1 and not fresh.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_init_names_a_directory_or_a_missing_parent_in_one_line(tmp_path):
+    (tmp_path / "adir").mkdir()
+    for target, fragment in ((tmp_path / "adir", "is a directory"), (tmp_path / "nope" / "m.toml", "no directory")):
+        result = runner.invoke(app, ["init", str(target), "--force"])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+        assert fragment in result.stderr
+
+
+def test_a_byte_order_mark_is_no_toml_error(tmp_path):
+    """Windows editors save UTF-8 with a BOM: it was "not valid TOML: Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "modpo.toml"
+    path.write_bytes(b"\xef\xbb\xbf[train]\nbeta = 0.3\n")
+    assert cfg.load_settings(path).train.beta == 0.3

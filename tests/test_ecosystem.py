@@ -260,3 +260,5 @@ def test_card_front_matter_names_hub_models_and_datasets():
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert card.data.datasets == ["HuggingFaceH4/ultrafeedback_binarized"]
     assert "no metrics lines" in card.text
+    # Groups of N replies (all pairs): the card said "two replies y1, y2" whatever N was.
+    assert "sampled a group of replies" in card.text and "two replies" not in card.text

@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from modpo_pipe.cli import app
+from modpo_pipe.errors import ModpoError
 from modpo_pipe.evaluate import Estimate, non_dominated, read_summaries, weight_grid
 
 runner = CliRunner()
@@ -109,13 +111,13 @@ def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp
             ["score", "pairs.parquet"],
             ["train", "scored.parquet", "--lr", "3e-3", "--epochs", "3", "--batch-size", "4", "--out", "short"],
             ["eval", "prompts.jsonl", "--max-new-tokens", "12", "--samples-per-prompt", "8",
-             "--policies", "short=short/final", "--out", "eval.json"],
+             "--policies", "short=short/final", "--out", "short-eval.json"],
         ):
             result = runner.invoke(app, args, catch_exceptions=False)
             assert result.exit_code == 0, (args, result.output)
     finally:
         os.chdir(old)
-    reference, trained = read_summaries([tmp_path / "eval.json"])
+    reference, trained = read_summaries([tmp_path / "short-eval.json"])
     assert (reference["label"], trained["label"]) == ("reference", "short")
     # eval's own --samples-per-prompt reached it (it once went to [generate].samples_per_prompt instead).
     prompts = sum(1 for line in tiny.prompts.read_text().splitlines() if line.strip())
@@ -124,3 +126,70 @@ def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp
     combined_se = (ref_len["sem"] ** 2 + new_len["sem"] ** 2) ** 0.5
     assert new_len["mean"] < ref_len["mean"] - 3 * combined_se, (ref_len, new_len)
     assert trained["rewards"]["short"]["mean"] > reference["rewards"]["short"]["mean"]
+
+
+def test_front_keeps_a_dot_in_the_output_name(swept):
+    """`--out plots/beta0.1` used to write plots/beta0.png (with_suffix), so `--out plots/beta0.2` overwrote it."""
+    for out in ("plots/beta0.1", "plots/beta0.2", "plots/named.png"):
+        result = runner.invoke(app, ["front", str(swept / "eval.json"), "--out", str(swept / out)])
+        assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (swept / "plots").iterdir())
+    assert names == ["beta0.1.png", "beta0.1.svg", "beta0.2.png", "beta0.2.svg", "named.png", "named.svg"]
+    result = runner.invoke(app, ["front", str(swept / "eval.json"), "--out", ""])
+    assert result.exit_code == 1 and "needs a file name" in result.output
+
+
+def test_front_axes_default_to_two_different_rewards(swept):
+    result = runner.invoke(app, ["front", str(swept / "eval.json"), "--x", "length", "--out", str(swept / "xy")])
+    assert result.exit_code == 0, result.output
+    assert "(length, rm)" in result.output  # used to be (length, length)
+    result = runner.invoke(app, ["front", str(swept / "eval.json"), "--x", "rm", "--y", "rm",
+                                 "--out", str(swept / "xx")])
+    assert result.exit_code == 1 and "two different rewards" in result.output
+
+
+def test_front_refuses_files_with_another_reference_or_a_repeated_label(swept, tmp_path):
+    entries = json.loads((swept / "eval.json").read_text())
+    others = [{**e, "label": f"{e['label']}-2"} if not e["is_reference"] else e for e in entries]
+    (tmp_path / "same-ref.json").write_text(json.dumps(others))
+    moved = [{**e, "prompt_rewards": {k: [v + 0.1 for v in vs] for k, vs in e["prompt_rewards"].items()}}
+             if e["is_reference"] else e for e in others]
+    (tmp_path / "other-ref.json").write_text(json.dumps(moved))
+    both = read_summaries([swept / "eval.json", tmp_path / "same-ref.json"])
+    assert [e["label"] for e in both] == ["reference", "lengthy", "final", "lengthy-2", "final-2"]
+    with pytest.raises(ModpoError, match="its reference differs from the one in"):
+        read_summaries([swept / "eval.json", tmp_path / "other-ref.json"])
+    with pytest.raises(ModpoError, match="label 'lengthy' is also in"):
+        read_summaries([swept / "eval.json", swept / "eval.json"])
+
+
+def test_eval_refuses_no_samples_and_prompts_that_all_are_too_long(swept):
+    for args, fragment in ((["--samples-per-prompt", "0"], "--samples-per-prompt must be >= 1"),
+                           (["--max-prompt-tokens", "1"], "every prompt is longer than 1 tokens")):
+        result = runner.invoke(app, ["eval", str(swept / "prompts.jsonl"), "--config", str(swept / "modpo.toml"),
+                                     "--backend", "transformers", "--summary-out", str(swept / "never.json"), *args])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+        assert fragment in result.output
+    assert not (swept / "never.json").exists()
+
+
+def test_eval_has_no_flags_for_files_it_does_not_write():
+    """eval writes one summary: --out was [generate].out (a pairs path, ignored: the summary went to
+    --summary-out), and --shard-size and --on-invalid-reward were accepted and ignored. --out now names the
+    summary (test_a_policy_trained_for_concision_writes_shorter_replies_in_eval writes through it)."""
+    command = typer.main.get_command(app).commands["eval"]
+    flags = {opt for param in command.params for opt in param.opts}
+    assert not flags & {"--shard-size", "--on-invalid-reward"}
+    summary_out = next(param for param in command.params if "--summary-out" in param.opts)
+    assert "--out" in summary_out.opts
+
+
+def test_sweep_records_each_policys_own_directory_and_refuses_colliding_labels(swept):
+    policy = swept / "checkpoints" / "w-rm0.50-length0.50"
+    info = json.loads((policy / "final" / "modpo_pipe.json").read_text())
+    assert info["settings"]["train"]["out"] == str(policy.resolve())  # was the sweep's root
+    result = runner.invoke(app, ["sweep", str(swept / "scored.parquet"), "--config", str(swept / "modpo.toml"),
+                                 "--vector", "rm=0.001,length=0.999", "--vector", "rm=0.004,length=0.996",
+                                 "--out", str(swept / "never")])
+    assert result.exit_code == 1 and "would both train into" in result.output
+    assert not (swept / "never").exists()

@@ -17,7 +17,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import config, fails, ok, scored_env
+from conftest import cli, config, fails, ok, scored_env
 
 from modpo_pipe import parts, schema
 from modpo_pipe.errors import ModpoError
@@ -619,3 +619,83 @@ def test_rerunning_a_finished_generate_samples_nothing(env, tmp_path, monkeypatc
     assert calls["n"] == 2
     assert out.read_bytes() != before[: len(before) // 2]
     schema.read_table(out, "pairs")
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES"])
+def test_a_full_disk_or_read_only_path_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code):
+    """merge, train (its metrics and out directory) and init wrote through OSErrors the CLI did not catch: a full
+    disk or a read-only mount ended in a traceback. Any other OSError is still a bug's traceback."""
+    import errno
+
+    path = tmp_path / "modpo.toml"
+    path.write_text("# mine\n")
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(self))
+
+    monkeypatch.setattr(Path, "write_text", refuse)
+    line = fails(["init", path, "--force"], os.strerror(getattr(errno, code)))
+    assert "(finished outputs are intact)" in line and ".modpo.toml.tmp" in line
+    monkeypatch.undo()
+    assert path.read_text() == "# mine\n"
+
+
+def test_an_unexpected_os_error_keeps_its_traceback(tmp_path, monkeypatch):
+    import errno
+
+    def broken(self, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_text", broken)
+    result = cli(["init", tmp_path / "modpo.toml"])
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)
+
+
+def test_a_reward_model_without_its_head_is_refused(env, tiny, tmp_path):
+    """A causal LM given as a reward (its config saying one label) loaded with a random `score` head: score
+    exited 0 with rewards that changed from load to load."""
+    lm = tmp_path / "lm-as-rm"
+    shutil.copytree(tiny.policy, lm)
+    config_json = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config_json, "id2label": {"0": "LABEL_0"},
+                                                 "label2id": {"LABEL_0": 0}}))
+    fails(["score", env / "pairs.parquet", *config(env), "--reward", f"x={lm}", "--out", tmp_path / "s.parquet"],
+          f"{lm} lacks weights of a sequence-classification reward model (score.weight missing; it was saved as "
+          "LlamaForCausalLM)")
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_an_output_that_is_the_input_is_refused_before_any_work(env, tmp_path):
+    """`generate prompts.jsonl --out prompts.jsonl` replaced the user's prompts with a Parquet file, exit 0."""
+    for name in ("prompts.jsonl", "pairs.parquet"):
+        shutil.copy(env / name, tmp_path / name)
+    before = (tmp_path / "prompts.jsonl").read_bytes()
+    fails(["generate", tmp_path / "prompts.jsonl", *config(env), "--out", tmp_path / "prompts.jsonl"],
+          "is the input file")
+    assert (tmp_path / "prompts.jsonl").read_bytes() == before
+    fails(["score", tmp_path / "pairs.parquet", *config(env), "--out", tmp_path / "pairs.parquet"],
+          "is the input file")
+    fails(["eval", tmp_path / "prompts.jsonl", *config(env), "--out", tmp_path / "prompts.jsonl"],
+          "is the input file")
+    assert (tmp_path / "prompts.jsonl").read_bytes() == before
+    fails(["eval", tmp_path / "prompts.jsonl", *config(env), "--out", tmp_path], "not a path a summary file can")
+
+
+def test_an_output_directory_that_is_a_file_is_one_line(env, tmp_path):
+    (tmp_path / "a-file").write_text("mine")
+    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file"], "File exists")
+    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file" / "ckpt"], "Not a directory")
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("targets,fragment", [
+    ("q_proj,v_prj", "[train].lora_targets ['v_prj'] match no module of the policy; its linear layers are "),
+    ("nosuch", "[train].lora_targets ['nosuch'] match no module"),
+    (",", "[train].lora_targets is empty"),
+])
+def test_lora_targets_that_match_nothing_are_refused(env, tmp_path, targets, fragment):
+    """A misspelt target was skipped without a word when another matched (an adapter on q_proj alone, exit 0);
+    none matching ended in peft's traceback after the model had loaded."""
+    fails(["train", env / "scored.parquet", *config(env), "--lora-r", 4, "--lora-targets", targets,
+           "--out", tmp_path / "ckpt"], fragment)
+    assert not (tmp_path / "ckpt" / "final").exists()

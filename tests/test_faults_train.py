@@ -222,3 +222,17 @@ def test_train_resumes_after_sigkill_mid_epoch_with_the_same_result(env, tmp_pat
     assert wait_exit(fork_cli([*common, "--out", killed], tmp_path)) == 0
     assert _steps(killed) == _steps(full) == list(range(1, 2 * steps_per_epoch + 1))
     assert max_weight_diff(killed / "final", full / "final") < 1e-6
+
+
+@pytest.mark.parametrize("damaged", ["state.json", "trainable.safetensors", "optimizer.safetensors"])
+def test_an_unreadable_training_state_is_one_line_naming_it(env, trained, tmp_path, damaged):
+    """A state damaged on disk (it is written atomically: a bad disk or a hand edit) used to end in a
+    JSONDecodeError or SafetensorError traceback, and under `run` on every cron firing."""
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(trained, out)
+    path = out / "state" / damaged
+    path.write_bytes(path.read_bytes()[:50])
+    fails(["train", env / "scored.parquet", *config(env), "--out", out],
+          f"{out / 'state'}: unreadable training state (")

@@ -121,7 +121,7 @@ def test_a_lora_merge_is_computed_in_float32(tiny):
 
 def dropout_policy(tiny, root: Path, kind: str) -> Path:
     """The tiny policy's weights in a model whose config has dropout 0.1 (same tokenizer, same ids)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
 
     tokenizer = make_tokenizer(POLICY_TEMPLATE)
     path = root / kind
@@ -131,6 +131,12 @@ def dropout_policy(tiny, root: Path, kind: str) -> Path:
                                            n_head=2, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                            bos_token_id=None))
+    elif kind == "starcoder2":  # rates kept as plain numbers, passed to F.dropout: residual and embedding
+        model = Starcoder2ForCausalLM(Starcoder2Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, residual_dropout=0.1,
+            embedding_dropout=0.1, attention_dropout=0.1, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, bos_token_id=None))
     else:  # Llama: a dropout rate passed to the attention kernel, not a module
         model = LlamaForCausalLM(llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
                                               attention_dropout=0.1))
@@ -140,7 +146,7 @@ def dropout_policy(tiny, root: Path, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind,lora", [("llama", 0), ("gpt2", 0), ("llama-lora", 8)])
+@pytest.mark.parametrize("kind,lora", [("llama", 0), ("gpt2", 0), ("starcoder2", 0), ("llama-lora", 8)])
 def test_dropout_is_off_while_training(env, tiny, tmp_path, kind, lora):
     """The policy is the reference and its config has dropout 0.1 (or lora_dropout 0.1): the first batch's
     log-probs must equal the cached ref_logp (eval mode) up to float noise."""

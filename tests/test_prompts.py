@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.prompts import PromptRecord, read_prompts, render
+from modpo_pipe.prompts import PromptFields, PromptRecord, read_prompts, render
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
 
@@ -93,7 +93,32 @@ def test_saved_dataset_dict_with_one_split_and_with_several(tmp_path):
 
     datasets.DatasetDict({"train": one, "test": one}).save_to_disk(str(tmp_path / "multi"))
     message = prompt_error(tmp_path / "multi")
-    assert "holds splits" in message and "'train'" in message and "'test'" in message
+    assert "holds splits" in message and "'train'" in message and "'test'" in message and "--split" in message
+    # --split chooses one (it was ignored, and the message said to save the split on its own)
+    other = datasets.Dataset.from_list([{"prompt": "Held out"}])
+    datasets.DatasetDict({"train": one, "test": other}).save_to_disk(str(tmp_path / "chosen"))
+    records, _ = read_prompts(tmp_path / "chosen", fields=PromptFields(split="test"))
+    assert records == [PromptRecord("row-000000", prompt="Held out")]
+    with pytest.raises(ModpoError, match=r"no split 'dev'; it holds \['train', 'test'\]"):
+        read_prompts(tmp_path / "chosen", fields=PromptFields(split="dev"))
+
+
+def test_trailing_assistant_turns_are_dropped_from_every_source(tmp_path):
+    """They were dropped from Hub datasets only: the same chats as JSONL, Parquet or a saved dataset kept the
+    reference reply in the prompt, and the policy wrote a second reply after it."""
+    import datasets
+
+    chat = [*CHAT, {"role": "assistant", "content": "REFERENCE REPLY"}]
+    rows = [{"id": "c0", "chosen": chat}]
+    write_jsonl(tmp_path / "chats.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chats.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    fields = PromptFields(messages="chosen")
+    for source in ("chats.jsonl", "chats.parquet", "saved"):
+        records, _ = read_prompts(tmp_path / source, fields=fields)
+        assert records == [PromptRecord("c0", messages=CHAT)], source
+    write_jsonl(tmp_path / "only-replies.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
+    assert "'messages' must be a non-empty list" in prompt_error(tmp_path / "only-replies.jsonl")
 
 
 def test_directory_that_is_not_a_dataset(tmp_path):

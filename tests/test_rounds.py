@@ -253,7 +253,7 @@ def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, refe
     assert any(line.startswith("round-000  train") and "failed" in line and "interrupted" in line
                for line in text.splitlines()), text
 
-    out = invoke(["run", "-w", str(run_dir)])
+    out = invoke(["run", "-w", str(run_dir), "--train-save-every", "3"])  # saving more or less often keeps the state
     assert stages_ran(out)[0] == "round-000 train" and "round-000 train: resuming" in out
     assert record(run_dir, 0, "train")["summary"]["resumed_from"] == saved_step
     assert record(run_dir, 0, "train")["attempt"] == 2
@@ -348,6 +348,29 @@ def test_lora_rotating_prompts_and_replay(base, tiny):
     assert train_1["summary"]["rows"] + train_1["summary"]["dropped_identical"] == 6  # both rounds' pairs
     meta = json.loads((run_dir / "round-001" / "train" / "final" / "modpo_pipe.json").read_text())
     assert meta["policy"]["path"] == str(run_dir / "round-000" / "policy")
+
+
+def test_a_killed_stage_resumes_under_other_batch_sizes_and_intervals(tiny, tmp_path):
+    """The resume key once hashed every setting of the stage's section and [model]: a rerun with a smaller batch
+    size (after an out-of-memory kill) or another save interval threw away finished parts or training state
+    (and a shard worker given such a flag idled forever with exit 0). Results' settings and chunk sizes still
+    start afresh."""
+    config = write_config(tmp_path / "run", tiny)
+    write_prompts(tmp_path / "prompts.jsonl", tiny)
+    inputs = {"round-000/pairs.parquet": "x"}
+
+    def key(stage: str, **overrides: dict[str, object]) -> str:
+        return rounds.Run(tmp_path / "run", load_settings(config, overrides)).resume_key(0, stage, inputs)
+
+    free = {"generate": {"generate": {"batch_size": 1, "vllm_gpu_memory_utilization": 0.5},
+                         "model": {"device": "auto"}},
+            "score": {"score": {"batch_tokens": 512, "reward_batch_size": 2}},
+            "train": {"train": {"save_every": 5, "log_every": 3, "report_to": "tensorboard", "merge": True}}}
+    bound = {"generate": {"generate": {"shard_size": 7}}, "score": {"score": {"shard_size": 7}},
+             "train": {"train": {"lr": 1e-3}, "model": {"dtype": "bfloat16"}}}
+    for stage in rounds.STAGES:
+        assert key(stage, **free[stage]) == key(stage), stage
+        assert key(stage, **bound[stage]) != key(stage), stage
 
 
 def test_round_semantics_and_refusals(base, tiny, tmp_path):
@@ -449,3 +472,21 @@ def test_a_rounds_loss_headline_compares_first_and_last_step_in_one_epoch(tmp_pa
     summary = rounds.metrics_summary(metrics)
     assert summary["loss_start"] == pytest.approx(1.5333333) and summary["loss"] == pytest.approx(0.9)
     assert "(first -> last epoch)" in rounds.headline("train", {"rows": 6, "steps": 5, **summary})
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{not json", "Expecting property name"),
+    ("[]", "no 'rounds' object"),
+    ('{"version": 1}', "no 'rounds' object"),
+    ('{"version": 1, "rounds": {"0": {"generate": {"status": "done"}}}}',
+     "round 0 generate: done, without settings, inputs, outputs"),
+    ('{"version": 1, "rounds": {"0": {"generate": {"status": "finished"}}}}', "round 0 generate: no status"),
+])
+def test_a_damaged_manifest_is_one_line_for_run_and_status(base, tiny, text, problem):
+    """Valid JSON of the wrong shape used to end in AttributeError / KeyError tracebacks in both commands."""
+    run_dir = base / "damaged-manifest"
+    write_config(run_dir, tiny)
+    (run_dir / "state.json").write_text(text)
+    for command in ("run", "status"):
+        out = invoke([command, "-w", str(run_dir)], expect=rounds.EXIT_FAILURE)
+        assert "unreadable manifest (" in out and problem in out and "Traceback" not in out

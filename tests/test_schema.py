@@ -431,3 +431,50 @@ def test_check_token_ids_checks_prompt_ids_too():
     table = pairs_table(3)  # prompt_ids of row i end with 3 + i
     with pytest.raises(ModpoError, match=r"row 2: prompt_ids holds id 5 >= vocab size 5"):
         schema.check_token_ids(table, vocab_size=5, where="f")
+
+
+def test_inspect_reads_a_shard_with_no_groups(tmp_path):
+    """`generate --shard I/N` writes a zero-row shard when the other shards hold every chunk; inspect used to
+    end in a StatisticsError traceback on it."""
+    for stage, empty in (("pairs", schema.pairs_schema().empty_table()),
+                         ("scored", schema.scored_schema(REWARD_NAMES).empty_table())):
+        path = write_raw(empty, tmp_path / f"{stage}.parquet", stage, shard={"index": 1, "count": 2})
+        result = runner.invoke(app, ["inspect", "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert summary["rows"] == 0 and summary["response_tokens"]["mean"] is None
+
+
+def test_inspect_names_the_file_of_an_unknown_stage(tmp_path):
+    for meta, fragment in (({"stage": "eval"}, "its metadata names stage 'eval'"),
+                           ({"stage": None}, "its metadata names stage None")):
+        path = write_raw(pairs_table(2), tmp_path / "x.parquet", **meta)
+        result = runner.invoke(app, ["inspect", str(path)])
+        assert result.exit_code == 1 and fragment in result.stderr and str(path) in result.stderr
+
+
+def test_a_file_damaged_on_disk_is_refused_not_read(tmp_path):
+    """Same size, other bytes (a bad disk, a bad copy): without page CRCs, pyarrow read such a file without a
+    word and train trained on the changed token ids. Every stage file now carries CRCs, checked on read."""
+    good = tmp_path / "scored.parquet"
+    schema.write_table(scored_table(40), good, schema.make_metadata("scored"))
+    data = good.read_bytes()
+    expected = pq.read_table(good)
+    footer = len(data) - int.from_bytes(data[-8:-4], "little") - 8
+    damaged = tmp_path / "damaged.parquet"
+    silent = 0
+    for at in range(4, footer, 7):  # one byte of every few in the pages, each on its own copy
+        flipped = bytearray(data)
+        flipped[at] ^= 0x55
+        damaged.write_bytes(bytes(flipped))
+        try:  # what a reader without verification makes of it
+            changed = not pq.read_table(damaged).equals(expected)
+        except (pa.ArrowException, OSError):
+            changed = False  # refused anyway
+        if changed:
+            silent += 1
+            with pytest.raises(ModpoError, match="not a readable Parquet file"):
+                schema.read_table(damaged, "scored")
+            with pytest.raises(ModpoError, match="not a readable Parquet file"):
+                schema.read_columns(damaged, "scored", expected.column_names)
+    assert silent > 10  # the damage a plain read takes for data

@@ -133,6 +133,13 @@ def test_soup_refuses_what_cannot_be_interpolated(tiny, tmp_path):
         soup(tiny.policy, tiny.policy, [1.5], tmp_path / "s")
     result = cli(["soup", tiny.policy, adapter, "--out", tmp_path / "s"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "error: soup:" in result.output
+    # Two lambdas with one directory name: the second used to overwrite the first, and both were reported.
+    with pytest.raises(ModpoError, match=r"lambdas 0.001 and 0.004 would both write soup-0.00"):
+        soup(tiny.policy, tiny.policy, [0.001, 0.004], tmp_path / "s")
+    (tmp_path / "a-file").write_text("mine")  # was a FileExistsError traceback
+    with pytest.raises(ModpoError, match="is a file; give a directory"):
+        soup(tiny.policy, tiny.policy, [0.5], tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "mine" and not (tmp_path / "s").exists()
 
 
 def test_both_fronts_through_eval_and_front(tiny, tmp_path):

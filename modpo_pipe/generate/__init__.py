@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from modpo_pipe import schema
+from modpo_pipe import schema, storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
 
@@ -62,6 +62,14 @@ def choose_backend(name: str) -> str:
     from modpo_pipe.generate.vllm import vllm_available
 
     return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
+
+
+def require_prompts(records: list, prompts_path: Path, settings: Settings, limit: int, context: int) -> None:
+    """One line when render_prompts kept no prompt (every one too long for the limit)."""
+    if not records:
+        g = settings.generate
+        raise ModpoError(f"{prompts_path}: every prompt is longer than {limit} tokens (max_prompt_tokens="
+                         f"{g.max_prompt_tokens}, policy context {context}, max_new_tokens={g.max_new_tokens})")
 
 
 def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | None = None,
@@ -218,6 +226,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     g, m = settings.generate, settings.model
     if not g.policy:
         raise ModpoError("no policy: set [generate].policy in modpo.toml or pass --policy")
+    storage.refuse_overwriting_input(out, prompts_path)
     started = time.time()
     records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
@@ -225,9 +234,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     context = context_length(g.policy, m.trust_remote_code)
     limit = prompt_token_limit(settings, context, backend)
     records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit)
-    if not records:
-        raise ModpoError(f"{prompts_path}: every prompt is longer than {limit} tokens (max_prompt_tokens="
-                         f"{g.max_prompt_tokens}, policy context {context}, max_new_tokens={g.max_new_tokens})")
+    require_prompts(records, prompts_path, settings, limit, context)
     n = g.samples_per_prompt
     sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
                 "max_new_tokens": g.max_new_tokens, "samples_per_prompt": n,
