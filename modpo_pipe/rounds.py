@@ -505,8 +505,10 @@ class Run:
                     st.reason = "" if lock_held_elsewhere else "interrupted (the process died)"
                 elif record["status"] == "failed":
                     st.status, st.reason = "failed", record.get("error", "")
-                elif record["status"] == "waiting":
-                    st.status, st.reason = "waiting", record.get("waiting", "")
+                elif record["status"] == "waiting":  # the shards as they are now, not when it was opened
+                    key = record.get("resume_key")
+                    waiting = self.written_shards(k, stage, key)[1] if key else record.get("waiting", "")
+                    st.status, st.reason = "waiting", waiting or "every shard is written: the next `run` merges them"
                 elif st.changed:
                     st.status, st.reason = "redo", "settings changed: " + "; ".join(st.changed)
                 elif not chain_ok:
@@ -619,19 +621,28 @@ class Run:
         round-k/NAME-KEY.shards/ (shards.shard_dir)."""
         return self.round_dir(k) / f"{SHARDED_OUTPUTS[stage]}-{key[:16]}.parquet"
 
-    def merge_shards(self, k: int, stage: str, key: str, out: Path) -> None:
-        """Merge the N shards of this opening into `out`, or raise ShardsPending while some are missing."""
+    def written_shards(self, k: int, stage: str, key: str) -> tuple[list[Path], str]:
+        """The shards of this opening written so far, and what is still awaited ("" when none is)."""
         from modpo_pipe import shards
 
         count = self.settings.run.shards
         directory = shards.shard_dir(self.shard_output(k, stage, key))
         done = sorted(directory.glob(f"*-of-{count:05d}.parquet")) if directory.is_dir() else []
-        if len(done) < count:
-            have = {p.name for p in done}
-            missing = [f"{i}/{count}" for i in range(count) if shards.shard_name((i, count)) not in have]
-            raise ShardsPending(f"waiting for shard workers: {len(done)} of {count} shards written (missing "
-                                f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); they run as "
-                                f"`modpo-pipe run --workdir {self.dir} --shard I/{count}`")
+        if len(done) == count:
+            return done, ""
+        have = {p.name for p in done}
+        missing = [f"{i}/{count}" for i in range(count) if shards.shard_name((i, count)) not in have]
+        return done, (f"waiting for shard workers: {len(done)} of {count} shards written (missing "
+                      f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); they run as "
+                      f"`modpo-pipe run --workdir {self.dir} --shard I/{count}`")
+
+    def merge_shards(self, k: int, stage: str, key: str, out: Path) -> None:
+        """Merge the N shards of this opening into `out`, or raise ShardsPending while some are missing."""
+        from modpo_pipe import shards
+
+        done, waiting = self.written_shards(k, stage, key)
+        if waiting:
+            raise ShardsPending(waiting)
         shards.merge(done, out)
 
     def stage_job(self, k: int, stage: str, key: str | None = None) -> tuple[Settings, Path, Path]:
