@@ -424,7 +424,7 @@ def front_command(
     with user_errors():
         entries = read_summaries(summaries)
         names = list(entries[0]["rewards"])
-        x = x or (names[0] if names[0] != y else names[-1])
+        x = x or next((name for name in names if name != y), y)
         y = y or next((name for name in names if name != x), "")
         if not y:
             raise ModpoError(f"a front needs two rewards; the summaries have {names}")

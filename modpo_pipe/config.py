@@ -440,10 +440,6 @@ def validate(s: Settings) -> None:
     if not 0 < g.vllm_gpu_memory_utilization <= 1:
         raise ModpoError(f"[generate].vllm_gpu_memory_utilization must be in (0, 1]; got "
                          f"{g.vllm_gpu_memory_utilization}")
-    # Seeds derive per-chunk and per-step seeds by arithmetic; torch takes at most 64 bits.
-    for section, seed in (("generate", g.seed), ("train", t.seed)):
-        if not 0 <= seed < 2**32:
-            raise ModpoError(f"[{section}].seed must be in [0, 2**32); got {seed}")
     if g.samples_per_prompt < 2:
         raise ModpoError(f"[generate].samples_per_prompt must be >= 2 (a pair needs two responses); got "
                          f"{g.samples_per_prompt}")

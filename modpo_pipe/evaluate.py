@@ -43,6 +43,9 @@ class PolicySummary:
     response_tokens: Estimate | None = None
     kl_to_ref: Estimate | None = None
     family: str = ""  # the front the policy belongs to: reference, MODPO, rewarded soups, other
+    # What every policy of one eval was measured on: the prompts (as token ids), the sampling settings and seed,
+    # and the reference's content. Summaries from several evals share a front only when theirs agree.
+    setup: str = ""
     prompt_rewards: dict[str, list[float]] = field(default_factory=dict)  # per eval prompt: the mean of its samples
 
 
@@ -104,9 +107,14 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
 
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
+    setup = storage.json_fingerprint({
+        "prompt_ids": prompt_ids, "samples_per_prompt": samples_per_prompt, "seed": g.seed, "backend": backend,
+        "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens, "dtype": m.dtype,
+        "reference": models.fingerprint(ref), "rewards": sorted(s.rewards)})
     summaries = {label: PolicySummary(label, path, label == "reference", trained_weights(path),
                                       len(samples[label]),
-                                      family="reference" if label == "reference" else policy_family(path))
+                                      family="reference" if label == "reference" else policy_family(path),
+                                      setup=setup)
                  for label, path in all_policies.items()}
     for name, spec in s.rewards.items():
         reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
@@ -174,8 +182,12 @@ def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
 
 
 def _same_reference(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("policy", "samples", "rewards", "prompt_rewards")
-    return all(a.get(k) == b.get(k) for k in keys)
+    """Whether two eval files measured their policies on one setup (see PolicySummary.setup); files written
+    before `setup` existed: the same number of samples and of prompts."""
+    if a.get("setup") and b.get("setup"):
+        return a["setup"] == b["setup"]
+    prompts = [len(next(iter(e.get("prompt_rewards", {}).values()), [])) for e in (a, b)]
+    return a.get("samples") == b.get("samples") and prompts[0] == prompts[1]
 
 
 def _check_summary(entry: Any, where: str) -> None:

@@ -98,7 +98,8 @@ def _without_trailing_reply(row: Any, messages_field: str) -> Any:
     if isinstance(messages, list):
         while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
-        row = {**row, messages_field: messages}
+        if messages:  # assistant turns only: left whole, for _record to refuse in words that fit
+            row = {**row, messages_field: messages}
     return row
 
 
@@ -139,6 +140,9 @@ def _record(obj: Any, where: str, index: int) -> PromptRecord:
                        and isinstance(m.get("content"), str) for m in messages)
         ):
             raise ModpoError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+        if messages[-1]["role"] == "assistant":  # _without_trailing_reply left it: assistant turns only
+            raise ModpoError(f"{where}: 'messages' holds assistant turns only; the policy writes the reply, so a "
+                             "chat needs a turn before it")
         return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
     if "prompt" not in obj:
         raise ModpoError(f"{where}: missing field 'prompt' (or 'messages')")

@@ -97,8 +97,9 @@ _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", 
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
-# reused at any batch size (they record what they were sampled with).
-_RESUME_FREE = {"generate.batch_size"}
+# reused at any batch size (they record what they were sampled with), and a training state under any split of
+# the same global batch (train.run_fingerprint).
+_RESUME_FREE = {"generate.batch_size", "train.batch_size", "train.grad_accum"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -210,7 +211,7 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
             log(f"shard {index}/{count}: nothing to do now; "
                 + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
             return None
-        key = run.resume_key(due.round, due.stage, due.inputs)
+        key = run.attempt_key(due.round, due.stage, due.inputs, due.record.get("resume_key"))
         if due.record.get("resume_key") != key:  # opened with other settings: the coordinator reopens it
             log(f"shard {index}/{count}: {due.name} was opened with other settings; nothing to do until the "
                 "coordinating `run` opens it again")
@@ -530,7 +531,7 @@ class Run:
         previous = manifest.get(k, stage)
         # A killed or failed attempt with these very inputs and settings left work to continue from (train's
         # state/, generate's and score's finished chunks); anything else starts afresh.
-        key = self.resume_key(k, stage, st.inputs)
+        key = self.attempt_key(k, stage, st.inputs, previous.get("resume_key") if previous else None)
         resume = (previous is not None and previous["status"] in ("running", "failed", "waiting")
                   and previous.get("resume_key") == key)
         round_dir = self.round_dir(k)
@@ -572,15 +573,36 @@ class Run:
         return record
 
     def resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
-        """What a killed attempt's work was made with: the settings its result depends on, its inputs, and the
-        chunk size that cuts generate's and score's work into parts. A killed attempt is continued only under
-        the same key. Batch sizes, save and log intervals, devices are left out: lowering a batch size after
-        an out-of-memory kill, or saving more often, must not throw finished work away (the parts and the
-        training state check what they were made with themselves)."""
-        chunks = {"generate": self.settings.generate.shard_size, "score": self.settings.score.shard_size}
+        """What a killed attempt's work was made with: the settings its result depends on, its inputs, and what
+        the stage's own work directory records besides (generate's and score's chunk size, generate's prompt
+        limit, the device that resolves dtype "auto"; train's global batch). A killed attempt is continued only
+        under the same key. Batch sizes, save and log intervals are left out: lowering a batch size after an
+        out-of-memory kill, or saving more often, must not throw finished work away."""
+        s = self.settings
         settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
-        blob = {"stage": stage, "round": k, "inputs": inputs, "settings": settings, "chunk_size": chunks.get(stage)}
-        return storage.json_fingerprint(blob)
+        work = {"generate": {"chunk_size": s.generate.shard_size, "device": s.model.device,
+                             "vllm_max_model_len": s.generate.vllm_max_model_len},
+                "score": {"chunk_size": s.score.shard_size, "device": s.model.device},
+                "train": {"global_batch": s.train.batch_size * s.train.grad_accum}}[stage]
+        return storage.json_fingerprint({"stage": stage, "round": k, "inputs": inputs, "settings": settings,
+                                         "work": work})
+
+    def legacy_resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
+        """The key of modpo-pipe before 2026-12-04 (every setting of the section and [model])."""
+        section = {"generate": self.settings.generate, "score": self.settings.score,
+                   "train": self.settings.train}[stage]
+        return storage.json_fingerprint({"stage": stage, "round": k, "section": dataclasses.asdict(section),
+                                         "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
+                                         "settings": self.stage_settings(k, stage)})
+
+    def attempt_key(self, k: int, stage: str, inputs: dict[str, Any] | None, recorded: str | None) -> str:
+        """The key an attempt runs under: resume_key, or the `recorded` one when it is the legacy key of the
+        same settings, so that a stage killed or waiting for shards across an upgrade keeps its work (its shard
+        directory is named by its key)."""
+        key = self.resume_key(k, stage, inputs)
+        if recorded not in (None, key) and recorded == self.legacy_resume_key(k, stage, inputs):
+            return recorded
+        return key
 
     def _clear(self, k: int, stage: str, fresh: bool) -> None:
         """Remove what a killed attempt may have left; with `fresh`, everything the stage writes. Directories

@@ -322,9 +322,15 @@ def lr_at(step: int, total_steps: int, peak_lr: float, warmup_ratio: float, sche
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def torch_seed(value: int) -> int:
+    """A derived seed as torch takes it, in [-2**63, 2**64): kept when it fits (so earlier runs draw what they
+    drew), else wrapped, so any [train].seed works (a large one overflowed torch after the model had loaded)."""
+    return value if -(2**63) <= value < 2**64 else value % 2**64
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The pair order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed * 100_003 + epoch))).tolist()
 
 
 def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -338,7 +344,7 @@ def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
     summed gradient is rpo-sym's (minimised at d = 0). A fresh coin every epoch would be unbiased too, but its
     +-1/2 per-pair gradient noise near the optimum never averages out within 20 epochs (measured on the bandit
     test: TV to pi* 0.24 against 0.04 for rpo-sym). rpo-sym and rebel are unchanged by the orientation."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + 7_919)  # not epoch_order's stream
+    generator = torch.Generator().manual_seed(torch_seed(seed * 100_003 + 7_919))  # not epoch_order's stream
     first = torch.randint(0, 2, (n,), generator=generator).float() * 2 - 1
     return first if epoch % 2 == 0 else -first
 
@@ -477,7 +483,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                          "not do; train in bfloat16 (GPUs since Ampere) or float32")
     if accelerator.is_main_process:
         check_reference_dtype(ref_identity.get("dtype"), dtype)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(torch_seed(t.seed))
     model = models.load_causal_lm(policy_path, dtype=dtype if t.lora_r > 0 else torch.float32,
                                   device=None if sharded else device, trust_remote_code=m.trust_remote_code,
                                   what="[train].policy")
@@ -550,7 +556,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         for group in optimizer.param_groups:
             group["lr"] = lr
         # Dropout noise depends on the step (resumable) and the process (each draws its own).
-        torch.manual_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007)
+        torch.manual_seed(torch_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007))
         step_started = time.time()
         groups_in_step = len(step_groups)
         batches = micro_batch_groups(step_groups, t.batch_size, rank, processes)
@@ -670,13 +676,16 @@ def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
                          "all-linear")
     if "all-linear" in targets:
         return
-    names = [name for name, _ in model.named_modules()]
-    unknown = [t for t in targets if not t or not any(n == t or n.endswith("." + t) for n in names)]
+    # The layer kinds LoRA adapts (GPT-2's Conv1D is a Linear by another name); a block such as `mlp` is none.
+    adaptable = [name for name, module in model.named_modules()
+                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d))
+                 or type(module).__name__ == "Conv1D"]
+    unknown = [t for t in targets if not t or not any(n == t or n.endswith("." + t) for n in adaptable)]
     if unknown:
         linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                          if isinstance(module, torch.nn.Linear)})
-        raise ModpoError(f"[train].lora_targets {unknown} match no module of the policy; its linear layers are "
-                         f"{', '.join(linear)} (or give all-linear)")
+        raise ModpoError(f"[train].lora_targets {unknown} match no layer LoRA can adapt in the policy; its linear "
+                         f"layers are {', '.join(linear)} (or give all-linear)")
 
 
 def top_layers(model: torch.nn.Module, count: int) -> list[int] | None:
@@ -800,7 +809,8 @@ def disable_dropout(model: torch.nn.Module) -> int:
     """Turn off every dropout of the model for good (train() would switch nn.Dropout back on): nn.Dropout
     modules (LoRA's included) get p = 0, and so does every rate a module keeps as a plain number and passes to
     a kernel or F.dropout itself (Llama's `attention_dropout`, StarCoder2's `residual_dropout` and
-    `embedding_dropout`): any float attribute whose name holds "dropout". Returns how many were > 0."""
+    `embedding_dropout`, DBRX's `resid_pdrop`): any float attribute whose name holds "dropout" or ends in
+    "pdrop". Returns how many were > 0."""
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
@@ -808,7 +818,7 @@ def disable_dropout(model: torch.nn.Module) -> int:
             module.p = 0.0
             continue
         for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
                 count += value > 0
                 setattr(module, name, 0.0)
     return count
@@ -884,7 +894,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         if saved_fingerprint == fingerprint:
             trainable = load_file(str(path / "trainable.safetensors"))
             moments = load_file(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, SafetensorError) as e:  # not a flaky disk's EIO
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         raise ModpoError(f"{path}: unreadable training state ({reason}); delete {path} to start this training "
                          "over") from None

@@ -149,16 +149,25 @@ def test_front_axes_default_to_two_different_rewards(swept):
 
 
 def test_front_refuses_files_with_another_reference_or_a_repeated_label(swept, tmp_path):
+    """A second file's reference used to be dropped unseen: its policies were drawn against the first file's
+    reference, measured on other prompts. Files from one setup (prompts, sampling, seed, reference content)
+    combine, however the reference's path was spelled."""
     entries = json.loads((swept / "eval.json").read_text())
-    others = [{**e, "label": f"{e['label']}-2"} if not e["is_reference"] else e for e in entries]
+    assert len({e["setup"] for e in entries}) == 1 and entries[0]["setup"]
+    others = [{**e, "label": f"{e['label']}-2"} if not e["is_reference"] else {**e, "policy": e["policy"] + "/."}
+              for e in entries]
     (tmp_path / "same-ref.json").write_text(json.dumps(others))
-    moved = [{**e, "prompt_rewards": {k: [v + 0.1 for v in vs] for k, vs in e["prompt_rewards"].items()}}
-             if e["is_reference"] else e for e in others]
-    (tmp_path / "other-ref.json").write_text(json.dumps(moved))
-    both = read_summaries([swept / "eval.json", tmp_path / "same-ref.json"])
-    assert [e["label"] for e in both] == ["reference", "lengthy", "final", "lengthy-2", "final-2"]
-    with pytest.raises(ModpoError, match="its reference differs from the one in"):
-        read_summaries([swept / "eval.json", tmp_path / "other-ref.json"])
+    (tmp_path / "other-ref.json").write_text(json.dumps([{**e, "setup": "other prompts"} for e in others]))
+    legacy = [{k: v for k, v in e.items() if k != "setup"} for e in others]  # files written before `setup`
+    (tmp_path / "legacy.json").write_text(json.dumps(legacy))
+    fewer = [{**e, "prompt_rewards": {k: vs[1:] for k, vs in e["prompt_rewards"].items()}} for e in legacy]
+    (tmp_path / "legacy-fewer.json").write_text(json.dumps(fewer))
+    for same in ("same-ref.json", "legacy.json"):
+        both = read_summaries([swept / "eval.json", tmp_path / same])
+        assert [e["label"] for e in both] == ["reference", "lengthy", "final", "lengthy-2", "final-2"]
+    for other in ("other-ref.json", "legacy-fewer.json"):
+        with pytest.raises(ModpoError, match="its reference differs from the one in"):
+            read_summaries([swept / "eval.json", tmp_path / other])
     with pytest.raises(ModpoError, match="label 'lengthy' is also in"):
         read_summaries([swept / "eval.json", swept / "eval.json"])
 
@@ -193,3 +202,14 @@ def test_sweep_records_each_policys_own_directory_and_refuses_colliding_labels(s
                                  "--out", str(swept / "never")])
     assert result.exit_code == 1 and "would both train into" in result.output
     assert not (swept / "never").exists()
+
+
+def test_front_x_defaults_to_the_first_reward_other_than_y(swept, tmp_path):
+    """With rewards (rm, length, third), `--y rm` put the last reward on the x axis, not the first other."""
+    entries = json.loads((swept / "eval.json").read_text())
+    three = [{**e, "rewards": {**e["rewards"], "third": e["rewards"]["rm"]},
+              "prompt_rewards": {**e["prompt_rewards"], "third": e["prompt_rewards"]["rm"]}} for e in entries]
+    (tmp_path / "three.json").write_text(json.dumps(three))
+    result = runner.invoke(app, ["front", str(tmp_path / "three.json"), "--y", "rm", "--out", str(tmp_path / "f")])
+    assert result.exit_code == 0, result.output
+    assert "hypervolume over (length, rm)" in result.output

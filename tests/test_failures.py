@@ -624,7 +624,8 @@ def test_rerunning_a_finished_generate_samples_nothing(env, tmp_path, monkeypatc
 @pytest.mark.parametrize("code", ["ENOSPC", "EROFS", "EACCES"])
 def test_a_full_disk_or_read_only_path_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, code):
     """merge, train (its metrics and out directory) and init wrote through OSErrors the CLI did not catch: a full
-    disk or a read-only mount ended in a traceback. Any other OSError is still a bug's traceback."""
+    disk or a read-only mount ended in a traceback (cli.user_errors now turns them into one line for every
+    command; init and train here). Any other OSError is still a bug's traceback."""
     import errno
 
     path = tmp_path / "modpo.toml"
@@ -638,6 +639,22 @@ def test_a_full_disk_or_read_only_path_is_one_line_and_keeps_the_old_file(tmp_pa
     assert "(finished outputs are intact)" in line and ".modpo.toml.tmp" in line
     monkeypatch.undo()
     assert path.read_text() == "# mine\n"
+
+
+def test_a_read_only_output_directory_fails_train_in_one_line(env, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "ckpt"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self == out:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    fails(["train", env / "scored.parquet", *config(env), "--out", out],
+          f"cannot write or read {out}: Read-only file system; fix the permissions or choose another path")
 
 
 def test_an_unexpected_os_error_keeps_its_traceback(tmp_path, monkeypatch):
@@ -689,8 +706,10 @@ def test_an_output_directory_that_is_a_file_is_one_line(env, tmp_path):
 
 
 @pytest.mark.parametrize("targets,fragment", [
-    ("q_proj,v_prj", "[train].lora_targets ['v_prj'] match no module of the policy; its linear layers are "),
-    ("nosuch", "[train].lora_targets ['nosuch'] match no module"),
+    ("q_proj,v_prj", "[train].lora_targets ['v_prj'] match no layer LoRA can adapt in the policy; its linear "
+                     "layers are "),
+    ("nosuch", "[train].lora_targets ['nosuch'] match no layer"),
+    ("q_proj,mlp", "[train].lora_targets ['mlp'] match no layer"),  # a block: peft's ValueError traceback
     (",", "[train].lora_targets is empty"),
 ])
 def test_lora_targets_that_match_nothing_are_refused(env, tmp_path, targets, fragment):
@@ -699,3 +718,13 @@ def test_lora_targets_that_match_nothing_are_refused(env, tmp_path, targets, fra
     fails(["train", env / "scored.parquet", *config(env), "--lora-r", 4, "--lora-targets", targets,
            "--out", tmp_path / "ckpt"], fragment)
     assert not (tmp_path / "ckpt" / "final").exists()
+
+
+def test_a_large_seed_trains(env, tmp_path):
+    """A seed past about 9.2e12 overflowed torch.manual_seed at the first step (seed * 1_000_003 > 2**64), after
+    the model had loaded: a traceback. Derived seeds wrap; seeds that fit draw what they drew before."""
+    from modpo_pipe.train import torch_seed
+
+    assert torch_seed(12345) == 12345 and torch_seed(-7) == -7 and torch_seed(2**64 + 5) == 5
+    ok(["train", env / "scored.parquet", *config(env), "--seed", 92233720368547, "--out", tmp_path / "ckpt"])
+    assert (tmp_path / "ckpt" / "final").is_dir()

@@ -274,3 +274,17 @@ fsdp_config:
     gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     print(f"\nFSDP on 2 CPU processes vs 1 process, same global batch: max |weight gap| {gap:.3g}")
     assert sorted(wa) == sorted(wb) and gap < 1e-4
+
+
+def test_disable_dropout_zeroes_every_rate_a_module_keeps_as_a_number():
+    """Modules that pass their rate to F.dropout themselves keep it as a float: StarCoder2's residual_dropout
+    and embedding_dropout, DBRX's resid_pdrop stayed on while training. Other numbers are left alone."""
+    from modpo_pipe.train import disable_dropout
+
+    block = torch.nn.Module()
+    block.residual_dropout, block.resid_pdrop, block.attention_dropout = 0.1, 0.2, 0.0
+    block.eps, block.use_dropout = 1e-5, True
+    block.drop = torch.nn.Dropout(0.3)
+    assert disable_dropout(block) == 3
+    assert (block.residual_dropout, block.resid_pdrop, block.attention_dropout, block.drop.p) == (0, 0, 0, 0)
+    assert block.eps == 1e-5 and block.use_dropout is True

@@ -118,7 +118,7 @@ def test_trailing_assistant_turns_are_dropped_from_every_source(tmp_path):
         records, _ = read_prompts(tmp_path / source, fields=fields)
         assert records == [PromptRecord("c0", messages=CHAT)], source
     write_jsonl(tmp_path / "only-replies.jsonl", [{"messages": [{"role": "assistant", "content": "x"}]}])
-    assert "'messages' must be a non-empty list" in prompt_error(tmp_path / "only-replies.jsonl")
+    assert "'messages' holds assistant turns only" in prompt_error(tmp_path / "only-replies.jsonl")
 
 
 def test_directory_that_is_not_a_dataset(tmp_path):

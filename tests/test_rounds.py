@@ -362,15 +362,28 @@ def test_a_killed_stage_resumes_under_other_batch_sizes_and_intervals(tiny, tmp_
     def key(stage: str, **overrides: dict[str, object]) -> str:
         return rounds.Run(tmp_path / "run", load_settings(config, overrides)).resume_key(0, stage, inputs)
 
-    free = {"generate": {"generate": {"batch_size": 1, "vllm_gpu_memory_utilization": 0.5},
-                         "model": {"device": "auto"}},
+    free = {"generate": {"generate": {"batch_size": 1, "vllm_gpu_memory_utilization": 0.5}},
             "score": {"score": {"batch_tokens": 512, "reward_batch_size": 2}},
             "train": {"train": {"save_every": 5, "log_every": 3, "report_to": "tensorboard", "merge": True}}}
-    bound = {"generate": {"generate": {"shard_size": 7}}, "score": {"score": {"shard_size": 7}},
-             "train": {"train": {"lr": 1e-3}, "model": {"dtype": "bfloat16"}}}
+    # what the work directory records: chunk sizes, the prompt limit, the device that resolves dtype "auto"
+    bound = {"generate": [{"generate": {"shard_size": 7}}, {"generate": {"vllm_max_model_len": 1024}},
+                          {"model": {"device": "auto"}}],
+             "score": [{"score": {"shard_size": 7}}, {"model": {"device": "auto"}}],
+             "train": [{"train": {"lr": 1e-3}}, {"model": {"dtype": "bfloat16"}}, {"train": {"batch_size": 2}}]}
     for stage in rounds.STAGES:
         assert key(stage, **free[stage]) == key(stage), stage
-        assert key(stage, **bound[stage]) != key(stage), stage
+        for overrides in bound[stage]:
+            assert key(stage, **overrides) != key(stage), (stage, overrides)
+    # a training state resumes under another split of the same global batch (train.run_fingerprint checks it)
+    assert key("train", train={"batch_size": 2}) == key("train", train={"batch_size": 1, "grad_accum": 2})
+
+    # A stage killed or waiting under the key of modpo-pipe before this change keeps its work after the upgrade.
+    run = rounds.Run(tmp_path / "run", load_settings(config))
+    legacy = run.legacy_resume_key(0, "score", inputs)
+    assert legacy != run.resume_key(0, "score", inputs)
+    assert run.attempt_key(0, "score", inputs, legacy) == legacy
+    assert run.attempt_key(0, "score", inputs, "another run's key") == run.resume_key(0, "score", inputs)
+    assert run.attempt_key(0, "score", inputs, None) == run.resume_key(0, "score", inputs)
 
 
 def test_round_semantics_and_refusals(base, tiny, tmp_path):
