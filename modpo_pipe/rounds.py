@@ -204,18 +204,23 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         manifest = Manifest.load(run.dir)
         states = run.survey(manifest)
-        if any(s.changed for s in states):
-            raise ConfigChanged(config_change_message(states))
+        # Changed settings of a stage up to the due one are the worker's business (its settings differ from the
+        # run's); of stages after it, not: those are redone anyway once it is (an accepted change, for one).
+        upto = next((i for i, s in enumerate(states) if not s.valid), len(states) - 1) + 1
+        if any(s.changed for s in states[:upto]):
+            raise ConfigChanged(config_change_message(states[:upto]))
         due = next((s for s in states if not s.valid), None)
         if due is None or due.status != "waiting" or due.record is None or due.inputs is None:
             log(f"shard {index}/{count}: nothing to do now; "
                 + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
             return None
         key = run.attempt_key(due.round, due.stage, due.inputs, due.record.get("resume_key"))
-        if due.record.get("resume_key") != key:  # opened with other settings: the coordinator reopens it
-            log(f"shard {index}/{count}: {due.name} was opened with other settings; nothing to do until the "
-                "coordinating `run` opens it again")
-            return None
+        if due.record.get("resume_key") != key:  # idling with exit 0 here would wait forever, unseen by cron
+            diff = settings_diff(due.record.get("settings", {}), due.settings)
+            raise ConfigChanged(
+                f"shard {index}/{count}: {due.name} was opened with other settings than this worker's ("
+                + ("; ".join(diff) if diff else "chunk size, device or prompt limit")
+                + "): give the worker the settings of the coordinating `run`, or run it with these to reopen it")
         stage_settings, source, out = run.stage_job(due.round, due.stage, key)
     with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
         log(f"{due.name}: shard {index}/{count}: starting")
@@ -665,7 +670,12 @@ class Run:
         done, waiting = self.written_shards(k, stage, key)
         if waiting:
             raise ShardsPending(waiting)
-        shards.merge(done, out)
+        try:
+            shards.merge(done, out)
+        except shards.DamagedShard as e:  # set aside, not deleted; its worker's next firing computes it again
+            aside = e.path.with_name(f".{e.path.name}.damaged")
+            e.path.replace(aside)
+            raise ShardsPending(f"{e}; set aside as {aside.name}, for its worker to compute again") from None
 
     def stage_job(self, k: int, stage: str, key: str | None = None) -> tuple[Settings, Path, Path]:
         """The settings, input and output of round k's generate or score; with `key`, the output a shard

@@ -153,10 +153,26 @@ def _check_set(files: list[Path], metas: list[dict[str, Any]]) -> list[dict[str,
     return infos
 
 
+class DamagedShard(ModpoError):
+    """A shard file that cannot be read whole; `path` names it (for `run` to set it aside and have its worker
+    compute it again)."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+def _shard_metadata(path: Path) -> dict[str, Any]:
+    try:
+        return schema.read_metadata(path)
+    except ModpoError as e:
+        raise DamagedShard(path, str(e)) from None
+
+
 def merge(inputs: list[Path], out: Path) -> MergeReport:
     """Join the N shards of one run into `out` (atomically), refusing missing, duplicate or mismatched ones."""
     files = shard_files(inputs)
-    metas = [schema.read_metadata(path) for path in files]
+    metas = [_shard_metadata(path) for path in files]
     infos = _check_set(files, metas)
     stage = metas[0]["stage"]
     pieces: dict[int, pa.Table] = {}  # chunk -> its rows
@@ -165,10 +181,10 @@ def merge(inputs: list[Path], out: Path) -> MergeReport:
         try:
             table = pq.read_table(path, **schema.PARQUET_READ)
         except (pa.ArrowInvalid, OSError) as e:
-            raise ModpoError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+            raise DamagedShard(path, f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
         if table.num_rows != sum(info["chunk_rows"]):
-            raise ModpoError(f"{path}: holds {table.num_rows} rows, its metadata says {sum(info['chunk_rows'])} "
-                             "(altered?); make the shard again")
+            raise DamagedShard(path, f"{path}: holds {table.num_rows} rows, its metadata says "
+                                     f"{sum(info['chunk_rows'])} (altered?); make the shard again")
         offset = 0
         for chunk, rows in zip(info["chunks"], info["chunk_rows"]):
             pieces[chunk], origin[chunk] = table.slice(offset, rows).replace_schema_metadata(None), path

@@ -385,3 +385,28 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
         assert not list((sharded / f"round-00{k}").glob("*.shards"))  # merged, then removed
         wa, wb = weights(plain / f"round-00{k}" / "policy"), weights(sharded / f"round-00{k}" / "policy")
         assert all((wa[n] == wb[n]).all() for n in wa)
+
+    # A change accepted by the coordinator: round 0's train is redone and round 1's generate opened; the
+    # workers used to refuse (exit 78) over round 1's later stages, which are redone anyway: a deadlock.
+    ok(["run", "--workdir", sharded, "--train-lr", "1e-3", "--allow-config-change"])
+    assert "waiting for shard workers: 0 of 2" in ok(["status", "--workdir", sharded, "--train-lr", "1e-3"])
+    # A worker given other settings than the coordinator's used to idle with exit 0, forever: now 78, saying why.
+    fails(["run", "--workdir", sharded, "--shard", "0/2", "--train-lr", "1e-3",
+           "--generate-vllm-max-model-len", "512"],
+          "round-001 generate was opened with other settings than this worker's (chunk size, device or prompt "
+          "limit)", code=78)
+    for i in range(2):
+        assert "round-001 generate: shard" in ok(["run", "--workdir", sharded, "--shard", f"{i}/2",
+                                                  "--train-lr", "1e-3"])
+    assert "every shard is written" in ok(["status", "--workdir", sharded, "--train-lr", "1e-3"])
+
+    # A damaged shard used to fail every coordinator run (exit 1) while the workers saw nothing to do: it is set
+    # aside, the stage waits, its worker computes it again, and the run goes on.
+    shard = next((sharded / "round-001").glob("pairs-*.shards")) / "00001-of-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
+    output = ok(["run", "--workdir", sharded, "--train-lr", "1e-3", "--allow-config-change"])
+    assert "not a readable Parquet file" in output and "set aside as .00001-of-00002.parquet.damaged" in output
+    assert "1 of 2 shards written (missing 1/2)" in ok(["status", "--workdir", sharded, "--train-lr", "1e-3"])
+    assert "round-001 generate: shard 1/2" in ok(["run", "--workdir", sharded, "--shard", "1/2", "--train-lr", "1e-3"])
+    assert "round-001 generate: done" in ok(["run", "--workdir", sharded, "--train-lr", "1e-3", "--max-stages", "1",
+                                             "--allow-config-change"])
