@@ -54,6 +54,22 @@ def fingerprint(path_or_id: str) -> str:
     return storage.dir_fingerprint(path, _FINGERPRINT_SUFFIXES)
 
 
+def fetch(path_or_id: str) -> None:
+    """Bring a Hub model that is not in the local cache into it: the files fingerprint() hashes, which are the
+    files loading reads (safetensors only). A local directory or a cached model: nothing to do."""
+    from modpo_pipe.prompts import is_hub_id
+
+    if Path(path_or_id).exists() or not is_hub_id(path_or_id) or _cached_snapshot(path_or_id) is not None:
+        return  # a local path (a missing one is the stage's to report, naming the setting)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(path_or_id, allow_patterns=[f"*{suffix}" for suffix in _FINGERPRINT_SUFFIXES])
+    except Exception as e:  # offline, no such repository, no access
+        raise ModpoError(f"{path_or_id}: not a local directory, not in the Hugging Face cache, and not "
+                         f"downloadable ({type(e).__name__}: {_first_line(e)})") from None
+
+
 def _cached_snapshot(repo_id: str) -> Path | None:
     try:
         from huggingface_hub import snapshot_download

@@ -88,9 +88,13 @@ def lock_is_held(run_dir: Path) -> bool:
 
 
 def model_identity(path_or_id: str) -> str:
-    """Content fingerprint of an external model (initial policy, fixed reference, reward model)."""
+    """Content fingerprint of an external model (initial policy, fixed reference, reward model). A Hub model not
+    yet cached is downloaded first (the stage would download it moments later): fingerprinted by its id before
+    and by its content after, the same model looked changed to the next `run` (exit 78), and a shard worker on
+    a host without it idled."""
     from modpo_pipe import models
 
+    models.fetch(path_or_id)
     return models.fingerprint(path_or_id)
 
 

@@ -503,3 +503,30 @@ def test_a_damaged_manifest_is_one_line_for_run_and_status(base, tiny, text, pro
     for command in ("run", "status"):
         out = invoke([command, "-w", str(run_dir)], expect=rounds.EXIT_FAILURE)
         assert "unreadable manifest (" in out and problem in out and "Traceback" not in out
+
+
+def test_a_hub_model_is_the_same_before_and_after_its_download(tiny, tmp_path, monkeypatch):
+    """A Hub id was fingerprinted as `id:NAME` while uncached and by its content once the stage had downloaded it:
+    the next `run` saw a changed initial policy and exited 78. It is fetched before it is fingerprinted."""
+    import shutil
+
+    from modpo_pipe import models
+
+    cache: dict[str, Path] = {}
+    monkeypatch.setattr(models, "_cached_snapshot", lambda repo_id: cache.get(repo_id))
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):  # the Hub, from a local copy
+        cache[repo_id] = Path(shutil.copytree(tiny.policy, tmp_path / "hub" / repo_id))
+        return str(cache[repo_id])
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    before = runstate.model_identity("tiny-org/tiny-policy")  # not cached yet
+    assert before == runstate.model_identity("tiny-org/tiny-policy") == models.fingerprint(str(tiny.policy))
+    assert runstate.model_identity(str(tmp_path / "missing")) == "id:" + str(tmp_path / "missing")
+
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(ModpoError, match="other-org/model: not a local directory, not in the Hugging Face cache"):
+        runstate.model_identity("other-org/model")
