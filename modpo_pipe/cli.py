@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -38,10 +39,17 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except ModpoError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        _error_line(e)
         raise typer.Exit(EXIT_FAILURE) from None
     except OSError as e:
         _environment_exit(e)
+
+
+def _error_line(error: Exception) -> None:
+    """The one `error:` line; in a multi-process run, from the first process only (every process meets the same
+    bad input, and N copies of one line read like N problems)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
 
 
 def _environment_exit(e: OSError) -> None:
@@ -49,7 +57,7 @@ def _environment_exit(e: OSError) -> None:
     error = environment_error(e)
     if error is None:
         raise e
-    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+    _error_line(error)
     raise typer.Exit(EXIT_FAILURE) from None
 
 
@@ -254,7 +262,8 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
 def launch_train(num_processes: int, arguments: list[str]) -> None:
     """`train --num-processes N`: this very command line, without the flag, on N processes started by
     accelerate's own launcher (torchrun underneath); its exit status is ours."""
-    import os
+    import contextlib
+    import signal
     import socket
     import subprocess
 
@@ -269,9 +278,22 @@ def launch_train(num_processes: int, arguments: list[str]) -> None:
                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
     typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
-    code = subprocess.call(command)
+    # The launcher and its workers in a process group of their own, and a Ctrl-C or SIGTERM sent to this process
+    # passed on to all of them: subprocess.call left them running (and writing OUT/final) after a kill.
+    launcher = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signum)
+
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = launcher.wait()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if code:
-        raise typer.Exit(code)
+        raise typer.Exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
 
 
 def given_arguments(ctx: typer.Context, drop: set[str]) -> list[str]:
@@ -687,7 +709,6 @@ def end_processes(code: int | str | None) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     import logging
-    import os
 
     dist.destroy_process_group()
     logging.shutdown()

@@ -180,6 +180,59 @@ def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < WEIGHT_TOLERANCE
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of live processes whose command line holds `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_multi_process_train_stops_every_process(env, odd_scored, tmp_path, signum):
+    """SIGTERM (or Ctrl-C's SIGINT) to `train --num-processes 2` used to end that process alone: the launcher and
+    its workers ran on to the end, orphaned, and wrote OUT/final."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / f"killed-{signum}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modpo_pipe", "train", str(odd_scored), *map(str, config(env)), "--batch-size", "1",
+         "--epochs", "200", "--save-every", "0", "--num-processes", "2", "--out", str(out)],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file():  # the workers train
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signum))
+    code = proc.wait(timeout=120)
+    assert code != 0
+    deadline = time.time() + 60
+    while _processes_naming(str(out)) and time.time() < deadline:
+        time.sleep(0.5)
+    left = _processes_naming(str(out))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running after {signum}: {left}"
+    assert not (out / "final").exists()
+
+
+def test_a_bad_input_to_a_multi_process_train_is_one_error_line(env, tmp_path):
+    """Every process met the same bad input, and each printed it: N error lines."""
+    result = subprocess.run(
+        [sys.executable, "-m", "modpo_pipe", "train", str(env / "pairs.parquet"), *map(str, config(env)),
+         "--num-processes", "2", "--out", str(tmp_path / "x")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 1
+    assert result.stderr.count("error: ") == 1, result.stderr
+    assert "is a 'pairs' file, expected a 'scored' file" in result.stderr
+
+
 def test_num_processes_is_refused_under_a_launcher(env, odd_scored, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     fails(["train", odd_scored, *config(env), "--num-processes", 2, "--out", tmp_path / "x"],
