@@ -235,3 +235,26 @@ def test_disk_full_while_merging_keeps_every_part(env, chunked, tmp_path, monkey
     assert calls["n"] == 0  # nothing sampled again: only merged
     same_rows(out, chunked["pairs"])
     no_leftovers(out)
+
+
+def test_one_vllm_engine_length_for_every_chunk(env, tmp_path, monkeypatch):
+    """Each chunk sized the vLLM engine by its own prompts, so a chunk with a longer prompt than the ones before
+    restarted the engine. Every chunk now asks for the length the longest prompt of the run needs."""
+    from modpo_pipe.generate import Sample
+    from modpo_pipe.generate import vllm as vllm_backend
+
+    asked: list[int] = []
+
+    def engine(model_path, prompt_ids, n, *, max_model_len, max_new_tokens, **kwargs):  # records, samples nothing
+        asked.append(max_model_len)
+        return [[Sample(ids=[5], finish_reason="length", logp=None)] * n for _ in prompt_ids]
+
+    monkeypatch.setattr(vllm_backend, "sample_vllm", engine)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": "word " * k}) + "\n" for k in (1, 12, 3, 30, 2)))
+    ok(["generate", prompts, *config(env), "--backend", "vllm", "--shard-size", 1, "--out", tmp_path / "p.parquet"])
+    table = pq.read_table(tmp_path / "p.parquet")
+    longest = max(len(ids) for ids in table.column("prompt_ids").to_pylist())
+    assert asked == [longest + FAULTS_MAX_NEW_TOKENS] * 5
+    fails(["generate", prompts, *config(env), "--backend", "vllm", "--vllm-max-model-len", 100_000,
+           "--out", tmp_path / "q.parquet"], "[generate].vllm_max_model_len=100000 is beyond the policy's context")

@@ -153,3 +153,20 @@ def test_intermediate_temperature_and_top_p_sample_the_tempered_nucleus(spread_p
     # the recorded log-prob stays the raw model's, whatever the temperature and nucleus
     raw = torch.log_softmax(logits.double(), -1)
     assert max(abs(lp[0] - raw[t[0]].item()) for t, lp in zip(tokens[:50], logps[:50])) < 1e-4
+
+
+@torch.inference_mode()
+def test_a_temperature_near_zero_samples_greedily_as_vllm_does(policy, tiny_tokenizer):
+    """logits / 1e-40 overflowed to inf and torch.multinomial failed on the NaN softmax (a traceback), where vLLM
+    samples greedily below 1e-5: every reply is then the greedy one."""
+    from modpo_pipe.generate.hf import eos_ids, sample_rows
+
+    stop_ids = eos_ids(policy, tiny_tokenizer)
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    ids, mask = left_pad(prompts, tiny_tokenizer.pad_token_id)
+    greedy, _ = sample_rows(policy, ids, mask, temperature=1e-4, top_p=1.0, max_new_tokens=12, stop_ids=stop_ids)
+    for temperature in (1e-40, 1e-6):
+        tokens, logps = sample_rows(policy, ids, mask, temperature=temperature, top_p=0.5, max_new_tokens=12,
+                                    stop_ids=stop_ids, n=3)
+        assert tokens == [row for row in greedy for _ in range(3)]
+        assert all(torch.isfinite(torch.tensor(lp)).all() for lp in logps)

@@ -121,9 +121,12 @@ def shorten_prompt(record, tokenizer, use_chat_template: bool, limit: int):
 
 
 def sample(settings: Settings, policy: str, tokenizer, prompt_ids: list[list[int]], n: int, backend: str,
-           progress: bool = True, *, seed: int | None = None, model=None) -> list[list[Sample]]:
+           progress: bool = True, *, seed: int | None = None, model=None,
+           engine_len: int = 0) -> list[list[Sample]]:
     """n samples per prompt from `policy` with the [generate] sampling settings, on the chosen backend.
-    `seed` defaults to [generate].seed; `model` is an already loaded transformers policy (loaded if None)."""
+    `seed` defaults to [generate].seed; `model` is an already loaded transformers policy (loaded if None);
+    `engine_len`: the vLLM engine's max_model_len when [generate].vllm_max_model_len leaves it to us (0: what
+    these prompts need)."""
     g, m = settings.generate, settings.model
     seed = g.seed if seed is None else seed
     if backend == "vllm":
@@ -132,7 +135,8 @@ def sample(settings: Settings, policy: str, tokenizer, prompt_ids: list[list[int
         try:
             return sample_vllm(
                 policy, prompt_ids, n, temperature=g.temperature, top_p=g.top_p,
-                max_new_tokens=g.max_new_tokens, seed=seed, dtype=m.dtype, max_model_len=g.vllm_max_model_len,
+                max_new_tokens=g.max_new_tokens, seed=seed, dtype=m.dtype,
+                max_model_len=g.vllm_max_model_len or engine_len,
                 gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                 tensor_parallel_size=g.vllm_tensor_parallel_size, enforce_eager=g.vllm_enforce_eager,
                 trust_remote_code=m.trust_remote_code,
@@ -189,6 +193,9 @@ def prompt_token_limit(settings: Settings, context: int | None, backend: str = "
     """Longest prompt kept as is: max_prompt_tokens, and never more than the context leaves for a response."""
     g = settings.generate
     if backend == "vllm" and g.vllm_max_model_len > 0:
+        if context is not None and g.vllm_max_model_len > context:
+            raise ModpoError(f"[generate].vllm_max_model_len={g.vllm_max_model_len} is beyond the policy's context "
+                             f"of {context} tokens")
         context = min(context or g.vllm_max_model_len, g.vllm_max_model_len)
     if context is None:
         return g.max_prompt_tokens
@@ -272,13 +279,16 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     response_tokens = 0
     if todo:
         model = load_policy(settings, g.policy, "[generate].policy") if backend != "vllm" else None
+        # One vLLM engine length for every chunk: sized by each chunk's own prompts, a chunk with a longer prompt
+        # than the ones before restarted the engine (minutes, with a real model on a GPU).
+        engine_len = max(len(ids) for ids in prompt_ids) + g.max_new_tokens
         prompts_here = sum(len(chunks[c]) for c in selected)
         with tqdm(total=prompts_here, initial=prompts_here - sum(len(chunks[c]) for c in todo),
                   desc="generate", unit="prompt", disable=not progress) as bar:
             for c in todo:
                 rows = slice(chunks[c].start, chunks[c].stop)
                 samples = sample(settings, g.policy, tokenizer, prompt_ids[rows], n, backend, progress=False,
-                                 seed=batch_seed(g.seed, c), model=model)
+                                 seed=batch_seed(g.seed, c), model=model, engine_len=engine_len)
                 table = groups_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
                                     round_index)
                 tables[c] = work.write(names[c], table)

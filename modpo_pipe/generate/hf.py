@@ -64,6 +64,10 @@ def sample_transformers(
     return results
 
 
+# Temperatures below this sample greedily, as vLLM does (its _SAMPLING_EPS), so both backends agree.
+GREEDY_BELOW = 1e-5
+
+
 def sample_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
                 top_p: float, max_new_tokens: int, stop_ids: set[int],
                 n: int = 1) -> tuple[list[list[int]], list[list[float]]]:
@@ -88,10 +92,13 @@ def sample_rows(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
             logits = logits.repeat_interleave(n, 0)
             cache.batch_repeat_interleave(n)
             attention_mask, step_ids = attention_mask.repeat_interleave(n, 0), step_ids.repeat_interleave(n, 0)
-        scores = logits / temperature
-        if top_p_warper is not None:
-            scores = top_p_warper(step_ids, scores)
-        next_ids = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        if temperature < GREEDY_BELOW:  # logits / 1e-40 overflow to inf and the softmax to NaN: vLLM's greedy
+            next_ids = logits.argmax(-1)
+        else:
+            scores = logits / temperature
+            if top_p_warper is not None:
+                scores = top_p_warper(step_ids, scores)
+            next_ids = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         next_logps = torch.log_softmax(logits, dim=-1).gather(1, next_ids.unsqueeze(1)).squeeze(1)
         for row, token, logp in zip(active, next_ids.tolist(), next_logps.tolist()):
             tokens[row].append(token)
