@@ -48,7 +48,9 @@ def user_errors() -> Iterator[None]:
 def _error_line(error: Exception) -> None:
     """The one `error:` line; in a multi-process run, from the first process only (every process meets the same
     bad input, and N copies of one line read like N problems)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    quiet = rank.isdigit() and int(rank) > 0 and world.isdigit() and int(world) > 1
+    if not quiet:
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
 
 
@@ -278,15 +280,17 @@ def launch_train(num_processes: int, arguments: list[str]) -> None:
                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
     typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
-    # The launcher and its workers in a process group of their own, and a Ctrl-C or SIGTERM sent to this process
-    # passed on to all of them: subprocess.call left them running (and writing OUT/final) after a kill.
+    # The launcher and its workers in a process group of their own, and a Ctrl-C, SIGTERM or hangup (a dropped
+    # ssh session) sent to this process passed on to all of them: subprocess.call left them running (and
+    # writing OUT/final) after a kill.
     launcher = subprocess.Popen(command, start_new_session=True)
 
     def forward(signum: int, frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signum)
 
-    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                                               signal.SIGQUIT)}
     try:
         code = launcher.wait()
     finally:
@@ -629,7 +633,8 @@ def _register_run_commands() -> None:
             if shard:
                 from modpo_pipe.shards import parse_shard
 
-                rounds.work_shard(workdir, settings, parse_shard(shard))
+                own = config is None and all(value is None for value in kwargs.values())
+                rounds.work_shard(workdir, settings, parse_shard(shard), own_settings=own)
                 return
             rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow)
 

@@ -182,16 +182,18 @@ def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until
 
 
 def work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
-               log: Callable[[str], None] = _log_stderr, progress: bool | None = None) -> str | None:
+               log: Callable[[str], None] = _log_stderr, progress: bool | None = None,
+               own_settings: bool = False) -> str | None:
     """`run --shard I/N`: compute shard I of the generate or score stage the coordinating `run` opened (status
     `waiting`). Holds the run's lock only to read the manifest, then RUN/.lock-shard-I-of-N while it works.
-    Returns the stage's name, or None when no stage waits for shards (nothing is touched then)."""
+    Returns the stage's name, or None when no stage waits for shards (nothing is touched then).
+    `own_settings`: the worker reads the run's modpo.toml alone (no --config, no flags)."""
     with filesystem_errors(Path(run_dir)):
-        return _work_shard(run_dir, settings, shard, log=log, progress=progress)
+        return _work_shard(run_dir, settings, shard, log=log, progress=progress, own_settings=own_settings)
 
 
 def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
-                log: Callable[[str], None], progress: bool | None) -> str | None:
+                log: Callable[[str], None], progress: bool | None, own_settings: bool = False) -> str | None:
     from modpo_pipe import shards
 
     index, count = shard
@@ -215,8 +217,13 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
                 + (f"next due: {due.name} ({due.status})" if due else "every round is done"))
             return None
         key = run.attempt_key(due.round, due.stage, due.inputs, due.record.get("resume_key"))
-        if due.record.get("resume_key") != key:  # idling with exit 0 here would wait forever, unseen by cron
+        if due.record.get("resume_key") != key:
             diff = settings_diff(due.record.get("settings", {}), due.settings)
+            if own_settings:  # the run's modpo.toml changed after the opening: the coordinator reopens the stage
+                log(f"shard {index}/{count}: {due.name} was opened with other settings than the run's modpo.toml "
+                    "now holds; nothing to do until the coordinating `run` opens it again")
+                return None
+            # A worker given other settings than the run's: idling with exit 0 would wait forever, unseen by cron.
             raise ConfigChanged(
                 f"shard {index}/{count}: {due.name} was opened with other settings than this worker's ("
                 + ("; ".join(diff) if diff else "chunk size, device or prompt limit")
@@ -361,8 +368,10 @@ def check_run_settings(settings: Settings) -> None:
 class Run:
     """A run directory and the settings it is advanced with: what each round's stages read and write."""
 
-    def __init__(self, run_dir: Path, settings: Settings, progress: bool | None = None):
+    def __init__(self, run_dir: Path, settings: Settings, progress: bool | None = None, fetch: bool = True):
+        """`fetch` False: Hub models not in the cache are not downloaded to fingerprint them (status)."""
         check_run_settings(settings)
+        self.fetch = fetch
         self.dir = Path(run_dir).resolve()
         self.settings = settings
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -421,7 +430,8 @@ class Run:
     def _identity(self, kind: str, spec: str) -> str:
         key = f"{kind}:{spec}"
         if key not in self._identities:
-            self._identities[key] = reward_identity(spec) if kind == "reward" else model_identity(spec)
+            self._identities[key] = (reward_identity(spec, self.fetch) if kind == "reward"
+                                     else model_identity(spec, self.fetch))
         return self._identities[key]
 
     # --- what a finished stage is compared against ---
@@ -585,9 +595,12 @@ class Run:
         out-of-memory kill, or saving more often, must not throw finished work away."""
         s = self.settings
         settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
-        work = {"generate": {"chunk_size": s.generate.shard_size, "device": s.model.device,
+        from modpo_pipe import models  # here: this module stays light (no torch) for run's lock and --help
+
+        dtype = str(models.resolve_dtype(s.model.dtype, models.resolve_device(s.model.device)))
+        work = {"generate": {"chunk_size": s.generate.shard_size, "dtype": dtype,
                              "vllm_max_model_len": s.generate.vllm_max_model_len},
-                "score": {"chunk_size": s.score.shard_size, "device": s.model.device},
+                "score": {"chunk_size": s.score.shard_size, "dtype": dtype},
                 "train": {"global_batch": s.train.batch_size * s.train.grad_accum}}[stage]
         return storage.json_fingerprint({"stage": stage, "round": k, "inputs": inputs, "settings": settings,
                                          "work": work})

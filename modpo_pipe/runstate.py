@@ -87,21 +87,22 @@ def lock_is_held(run_dir: Path) -> bool:
 # ------------------------------------------------------------------------------------------ identities
 
 
-def model_identity(path_or_id: str) -> str:
+def model_identity(path_or_id: str, fetch: bool = True) -> str:
     """Content fingerprint of an external model (initial policy, fixed reference, reward model). A Hub model not
     yet cached is downloaded first (the stage would download it moments later): fingerprinted by its id before
     and by its content after, the same model looked changed to the next `run` (exit 78), and a shard worker on
-    a host without it idled."""
+    a host without it idled. `fetch` False (status, which writes nothing): as found."""
     from modpo_pipe import models
 
-    models.fetch(path_or_id)
+    if fetch:
+        models.fetch(path_or_id)
     return models.fingerprint(path_or_id)
 
 
-def reward_identity(spec: str) -> str:
+def reward_identity(spec: str, fetch: bool = True) -> str:
     """Fingerprint of a reward spec without loading it: the model's files, or the callable's source file."""
     if not spec.startswith("py:"):
-        return model_identity(spec)
+        return model_identity(spec, fetch)
     module, _, _ = spec[len("py:"):].rpartition(":")
     source: str | None = module if module.endswith(".py") else None
     if source is None:

@@ -163,6 +163,7 @@ class DamagedShard(ModpoError):
 
 
 def _shard_metadata(path: Path) -> dict[str, Any]:
+    path.open("rb").close()  # a file the machine will not let us read (EACCES...) is no damage: that error goes on
     try:
         return schema.read_metadata(path)
     except ModpoError as e:
@@ -181,6 +182,8 @@ def merge(inputs: list[Path], out: Path) -> MergeReport:
         try:
             table = pq.read_table(path, **schema.PARQUET_READ)
         except (pa.ArrowInvalid, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:  # the machine's error, not the file's content
+                raise
             raise DamagedShard(path, f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from None
         if table.num_rows != sum(info["chunk_rows"]):
             raise DamagedShard(path, f"{path}: holds {table.num_rows} rows, its metadata says "

@@ -14,7 +14,7 @@ from modpo_pipe.runstate import MANIFEST_NAME, Manifest, lock_is_held, round_nam
 
 def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
     """Per round and stage: status, rows, wall time and headline metrics; read-only, takes no lock."""
-    run = Run(run_dir, settings, progress=False)
+    run = Run(run_dir, settings, progress=False, fetch=False)
     if not (run.dir / MANIFEST_NAME).exists() and not run.dir.exists():
         raise ModpoError(f"{run.dir}: no such run directory")
     manifest = Manifest.load(run.dir)

@@ -728,3 +728,17 @@ def test_a_large_seed_trains(env, tmp_path):
     assert torch_seed(12345) == 12345 and torch_seed(-7) == -7 and torch_seed(2**64 + 5) == 5
     ok(["train", env / "scored.parquet", *config(env), "--seed", 92233720368547, "--out", tmp_path / "ckpt"])
     assert (tmp_path / "ckpt" / "final").is_dir()
+
+
+@pytest.mark.parametrize("rank,world,printed", [("1", "2", False), ("1", None, True), ("", "2", True),
+                                                ("x", "2", True), ("0", "2", True)])
+def test_only_the_other_processes_of_a_multi_process_run_keep_quiet(tmp_path, monkeypatch, rank, world, printed):
+    """A RANK set by a platform for a one-process job hid the error line; an empty or odd RANK was a traceback."""
+    monkeypatch.setenv("RANK", rank)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    result = cli(["inspect", tmp_path / "missing.parquet"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert ("error: " in result.output) == printed, result.output

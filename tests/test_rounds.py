@@ -362,13 +362,15 @@ def test_a_killed_stage_resumes_under_other_batch_sizes_and_intervals(tiny, tmp_
     def key(stage: str, **overrides: dict[str, object]) -> str:
         return rounds.Run(tmp_path / "run", load_settings(config, overrides)).resume_key(0, stage, inputs)
 
-    free = {"generate": {"generate": {"batch_size": 1, "vllm_gpu_memory_utilization": 0.5}},
+    # model.device "auto" is "cpu" here: the same dtype, so the same key (a worker given --device agrees)
+    free = {"generate": {"generate": {"batch_size": 1, "vllm_gpu_memory_utilization": 0.5},
+                         "model": {"device": "auto"}},
             "score": {"score": {"batch_tokens": 512, "reward_batch_size": 2}},
             "train": {"train": {"save_every": 5, "log_every": 3, "report_to": "tensorboard", "merge": True}}}
-    # what the work directory records: chunk sizes, the prompt limit, the device that resolves dtype "auto"
+    # what the work directory records: chunk sizes, the prompt limit, the dtype the device resolves "auto" to
     bound = {"generate": [{"generate": {"shard_size": 7}}, {"generate": {"vllm_max_model_len": 1024}},
-                          {"model": {"device": "auto"}}],
-             "score": [{"score": {"shard_size": 7}}, {"model": {"device": "auto"}}],
+                          {"model": {"dtype": "bfloat16"}}],
+             "score": [{"score": {"shard_size": 7}}, {"model": {"dtype": "bfloat16"}}],
              "train": [{"train": {"lr": 1e-3}}, {"model": {"dtype": "bfloat16"}}, {"train": {"batch_size": 2}}]}
     for stage in rounds.STAGES:
         assert key(stage, **free[stage]) == key(stage), stage
@@ -520,6 +522,9 @@ def test_a_hub_model_is_the_same_before_and_after_its_download(tiny, tmp_path, m
         return str(cache[repo_id])
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    # status writes nothing: it fingerprints what it finds (and starts no download)
+    assert runstate.model_identity("tiny-org/tiny-policy", fetch=False) == "id:tiny-org/tiny-policy"
+    assert not cache
     before = runstate.model_identity("tiny-org/tiny-policy")  # not cached yet
     assert before == runstate.model_identity("tiny-org/tiny-policy") == models.fingerprint(str(tiny.policy))
     assert runstate.model_identity(str(tmp_path / "missing")) == "id:" + str(tmp_path / "missing")

@@ -19,8 +19,9 @@ import pytest
 from conftest import config, fails, generate_and_score, ok
 from typer.testing import CliRunner
 
-from modpo_pipe import schema, shards
+from modpo_pipe import rounds, schema, shards
 from modpo_pipe.cli import app
+from modpo_pipe.config import load_settings
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -192,7 +193,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_to_a_multi_process_train_stops_every_process(env, odd_scored, tmp_path, signum):
     """SIGTERM (or Ctrl-C's SIGINT) to `train --num-processes 2` used to end that process alone: the launcher and
     its workers ran on to the end, orphaned, and wrote OUT/final."""
@@ -211,7 +212,7 @@ def test_a_signal_to_a_multi_process_train_stops_every_process(env, odd_scored, 
         time.sleep(0.2)
     proc.send_signal(getattr(signal, signum))
     code = proc.wait(timeout=120)
-    assert code != 0
+    assert code == 128 + getattr(signal, signum), (code, proc.stderr.read())
     deadline = time.time() + 60
     while _processes_naming(str(out)) and time.time() < deadline:
         time.sleep(0.5)
@@ -448,6 +449,10 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
            "--generate-vllm-max-model-len", "512"],
           "round-001 generate was opened with other settings than this worker's (chunk size, device or prompt "
           "limit)", code=78)
+    # ... unless the worker reads the run's own modpo.toml alone: then the file changed after the opening, and the
+    # coordinator's next firing reopens the stage (exit 0, nothing to do yet)
+    other = load_settings(sharded / "modpo.toml", {"train": {"lr": 1e-3}, "generate": {"vllm_max_model_len": 512}})
+    assert rounds.work_shard(sharded, other, (0, 2), own_settings=True) is None
     for i in range(2):
         assert "round-001 generate: shard" in ok(["run", "--workdir", sharded, "--shard", f"{i}/2",
                                                   "--train-lr", "1e-3"])
@@ -463,3 +468,21 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
     assert "round-001 generate: shard 1/2" in ok(["run", "--workdir", sharded, "--shard", "1/2", "--train-lr", "1e-3"])
     assert "round-001 generate: done" in ok(["run", "--workdir", sharded, "--train-lr", "1e-3", "--max-stages", "1",
                                              "--allow-config-change"])
+
+
+def test_a_shard_the_machine_will_not_read_is_no_damaged_shard(env, sharded, monkeypatch):
+    """Set aside as damaged, an unreadable shard (EACCES) would be recomputed, with the same permissions, on
+    every firing; the machine's error goes on instead."""
+    import errno
+
+    files = sorted((sharded["dir"] / "pairs.shards").glob("*.parquet"))
+    real_open = Path.open
+
+    def forbidden(self, *args, **kwargs):
+        if self == files[1]:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", forbidden)
+    with pytest.raises(PermissionError):
+        shards.merge(files, sharded["dir"] / "never.parquet")
