@@ -226,7 +226,7 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
             # A worker given other settings than the run's: idling with exit 0 would wait forever, unseen by cron.
             raise ConfigChanged(
                 f"shard {index}/{count}: {due.name} was opened with other settings than this worker's ("
-                + ("; ".join(diff) if diff else "chunk size, device or prompt limit")
+                + ("; ".join(diff) if diff else "chunk size, dtype or prompt limit")
                 + "): give the worker the settings of the coordinating `run`, or run it with these to reopen it")
         stage_settings, source, out = run.stage_job(due.round, due.stage, key)
     with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
@@ -590,13 +590,13 @@ class Run:
     def resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
         """What a killed attempt's work was made with: the settings its result depends on, its inputs, and what
         the stage's own work directory records besides (generate's and score's chunk size, generate's prompt
-        limit, the device that resolves dtype "auto"; train's global batch). A killed attempt is continued only
-        under the same key. Batch sizes, save and log intervals are left out: lowering a batch size after an
-        out-of-memory kill, or saving more often, must not throw finished work away."""
-        s = self.settings
-        settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
+        limit, the dtype [model].dtype resolves to on this host's device; train's global batch). A killed
+        attempt is continued only under the same key. Batch sizes, save and log intervals are left out: lowering
+        a batch size after an out-of-memory kill, or saving more often, must not throw finished work away."""
         from modpo_pipe import models  # here: this module stays light (no torch) for run's lock and --help
 
+        s = self.settings
+        settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
         dtype = str(models.resolve_dtype(s.model.dtype, models.resolve_device(s.model.device)))
         work = {"generate": {"chunk_size": s.generate.shard_size, "dtype": dtype,
                              "vllm_max_model_len": s.generate.vllm_max_model_len},

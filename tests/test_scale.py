@@ -447,7 +447,7 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
     # A worker given other settings than the coordinator's used to idle with exit 0, forever: now 78, saying why.
     fails(["run", "--workdir", sharded, "--shard", "0/2", "--train-lr", "1e-3",
            "--generate-vllm-max-model-len", "512"],
-          "round-001 generate was opened with other settings than this worker's (chunk size, device or prompt "
+          "round-001 generate was opened with other settings than this worker's (chunk size, dtype or prompt "
           "limit)", code=78)
     # ... unless the worker reads the run's own modpo.toml alone: then the file changed after the opening, and the
     # coordinator's next firing reopens the stage (exit 0, nothing to do yet)
