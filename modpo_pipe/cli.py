@@ -611,10 +611,10 @@ def _run_exit_codes() -> Iterator[None]:
         typer.secho(f"locked: {e}", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(rounds.EXIT_LOCKED) from None
     except rounds.ConfigChanged as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        _error_line(e)
         raise typer.Exit(rounds.EXIT_CONFIG_CHANGED) from None
     except ModpoError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        _error_line(e)
         raise typer.Exit(EXIT_FAILURE) from None
     except OSError as e:
         _environment_exit(e)

@@ -18,7 +18,6 @@ _WHAT_TO_DO = {
     errno.EISDIR: "a directory is where a file goes: choose another path",
     errno.ENOTDIR: "a file is where a directory goes: choose another path",
 }
-ENVIRONMENT_ERRNOS = frozenset(_WHAT_TO_DO)
 
 
 class ModpoError(Exception):
@@ -26,7 +25,7 @@ class ModpoError(Exception):
 
 
 def environment_error(e: OSError) -> ModpoError | None:
-    """The one-line error for an OSError the machine caused (ENVIRONMENT_ERRNOS); None for any other."""
+    """The one-line error for an OSError the machine caused (an errno of _WHAT_TO_DO); None for any other."""
     if e.errno not in _WHAT_TO_DO:
         return None
     where = f"cannot write or read {e.filename}" if e.filename else "a write failed"

@@ -218,12 +218,12 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
             return None
         key = run.attempt_key(due.round, due.stage, due.inputs, due.record.get("resume_key"))
         if due.record.get("resume_key") != key:
-            diff = settings_diff(due.record.get("settings", {}), due.settings)
             if own_settings:  # the run's modpo.toml changed after the opening: the coordinator reopens the stage
                 log(f"shard {index}/{count}: {due.name} was opened with other settings than the run's modpo.toml "
                     "now holds; nothing to do until the coordinating `run` opens it again")
                 return None
             # A worker given other settings than the run's: idling with exit 0 would wait forever, unseen by cron.
+            diff = settings_diff(due.record.get("settings", {}), due.settings)
             raise ConfigChanged(
                 f"shard {index}/{count}: {due.name} was opened with other settings than this worker's ("
                 + ("; ".join(diff) if diff else "chunk size, dtype or prompt limit")

@@ -112,12 +112,13 @@ def soup(a: Path, b: Path, lambdas: list[float], out: Path, trust_remote_code: b
     bad = [lam for lam in lambdas if not 0.0 <= lam <= 1.0]
     if bad:
         raise ModpoError(f"soup: every lambda must be in [0, 1] (interpolation, not extrapolation); got {bad[0]}")
-    names: dict[str, float] = {}
+    names: dict[str, float] = {}  # directory name -> the lambda that writes it
     for lam in lambdas:
-        if soup_dir_name(lam) in names:
-            raise ModpoError(f"soup: lambdas {names[soup_dir_name(lam)]:g} and {lam:g} would both write "
-                             f"{soup_dir_name(lam)}; give lambdas that differ in their first two decimals")
-        names[soup_dir_name(lam)] = lam
+        name = soup_dir_name(lam)
+        if name in names:
+            raise ModpoError(f"soup: lambdas {names[name]:g} and {lam:g} would both write {name}; give lambdas "
+                             "that differ in their first two decimals")
+        names[name] = lam
     if out.exists() and not out.is_dir():
         raise ModpoError(f"soup: --out {out} is a file; give a directory (it gets one soup-LAMBDA/ per lambda)")
     a, b = Path(a).resolve(), Path(b).resolve()
