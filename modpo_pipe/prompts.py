@@ -131,6 +131,8 @@ def _record(obj: Any, where: str, index: int) -> PromptRecord:
     _check_unicode([obj.get("id"), obj.get("prompt"), obj.get("messages")], where)  # what a record keeps
     pid = obj.get("id")
     pid = f"row-{index:06d}" if pid is None else str(pid)
+    if not pid.strip():  # an empty id names nothing in the Parquet files and their errors
+        raise ModpoError(f"{where}: field 'id' is empty; give the row an id or leave the field out")
     if "messages" in obj and obj["messages"] is not None:
         messages = obj["messages"]
         if (
@@ -143,6 +145,9 @@ def _record(obj: Any, where: str, index: int) -> PromptRecord:
         if messages[-1]["role"] == "assistant":  # _without_trailing_reply left it: assistant turns only
             raise ModpoError(f"{where}: 'messages' holds assistant turns only; the policy writes the reply, so a "
                              "chat needs a turn before it")
+        if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+            # The policy would answer a system message alone: not a prompt anyone wrote.
+            raise ModpoError(f"{where}: 'messages' has no text besides a system message")
         return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
     if "prompt" not in obj:
         raise ModpoError(f"{where}: missing field 'prompt' (or 'messages')")
