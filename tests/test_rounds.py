@@ -388,6 +388,32 @@ def test_a_killed_stage_resumes_under_other_batch_sizes_and_intervals(tiny, tmp_
     assert run.attempt_key(0, "score", inputs, None) == run.resume_key(0, "score", inputs)
 
 
+def test_the_legacy_resume_key_is_the_one_runs_before_the_upgrade_recorded(tmp_path, monkeypatch):
+    """legacy_resume_key must reproduce, bit for bit, the key modpo-pipe 08cb2d3 (the last release with the old
+    key) wrote into manifests and shard directory names; otherwise an upgraded run silently drops the work of a
+    killed stage. The hashes below were computed by 08cb2d3's Run.resume_key on these very settings. It hashes
+    every field of the stage's section and [model], so a new setting or a changed default breaks it: keep the
+    old fields and defaults out of the blob then, rather than updating the hashes."""
+    from modpo_pipe import config as cfg
+
+    monkeypatch.chdir(tmp_path)  # relative paths: the settings, and so the hashes, do not name tmp_path
+    Path("prompts.jsonl").write_text('{"id": "p0", "prompt": "Hello"}\n{"id": "p1", "prompt": "Bye"}\n')
+    settings = cfg.Settings(
+        model=cfg.ModelSettings(dtype="float32", device="cpu"),
+        generate=cfg.GenerateSettings(policy="/models/policy", samples_per_prompt=2, max_new_tokens=8, seed=3),
+        score=cfg.ScoreSettings(rewards={"a": "/models/ra", "b": "/models/rb"}),
+        train=cfg.TrainSettings(weights={"a": 0.5, "b": 0.5}, seed=3),
+        run=cfg.RunSettings(rounds=2, prompts="prompts.jsonl", prompts_per_round=2),
+    )
+    run = rounds.Run(Path("run"), settings)
+    inputs = {"round-000/pairs.parquet": "x"}
+    assert {stage: run.legacy_resume_key(0, stage, inputs) for stage in rounds.STAGES} == {
+        "generate": "6a14b416c0cb993e56e988f5a1676171",
+        "score": "4c04719fe9eaf8fbd55594ce9588cbd4",
+        "train": "5c886889b24900de9bbb1c6590f32d13",
+    }
+
+
 def test_round_semantics_and_refusals(base, tiny, tmp_path):
 
     config = write_config(tmp_path / "run", tiny, run={"rounds": 4, "prompts_per_round": 3, "replay": 2,
