@@ -647,7 +647,8 @@ def _register_run_commands() -> None:
                                                help="end: every due round; round: finish the current round.")),
         inspect.Parameter("allow_config_change", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                           default=typer.Option(False, "--allow-config-change",
-                                               help="Redo finished stages whose settings changed.")),
+                                               help="Redo finished stages whose settings changed (remembered: later "
+                                                    "invocations redo them without the flag).")),
         inspect.Parameter("shard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                           default=typer.Option(None, "--shard", help=(
                               "I/N (0-based; N = [run].shards): be a shard worker: compute shard I of the generate "

@@ -152,11 +152,16 @@ def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until
         manifest = Manifest.load(run.dir)
         manifest.data["initial_policy"] = settings.generate.policy  # saved with the next stage transition
         states = run.survey(manifest)
-        if any(s.changed for s in states):
+        if any(s.change_refused for s in states):
             message = config_change_message(states)
             if not allow_config_change:
                 raise ConfigChanged(message)
             log("--allow-config-change: " + message.splitlines()[0].replace("running now would redo", "redoing"))
+            # Remembered: cron's next invocations, without the flag, redo the rest rather than refuse.
+            for s in states:
+                if s.changed:
+                    manifest.accept_settings(s.name, s.settings)
+            manifest.save()
         ran: list[str] = []
         target_round: int | None = None
         while True:
@@ -209,7 +214,7 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
         # Changed settings of a stage up to the due one are the worker's business (its settings differ from the
         # run's); of stages after it, not: those are redone anyway once it is (an accepted change, for one).
         upto = next((i for i, s in enumerate(states) if not s.valid), len(states) - 1) + 1
-        if any(s.changed for s in states[:upto]):
+        if any(s.change_refused for s in states[:upto]):
             raise ConfigChanged(config_change_message(states[:upto]))
         due = next((s for s in states if not s.valid), None)
         if due is None or due.status != "waiting" or due.record is None or due.inputs is None:
@@ -512,6 +517,7 @@ class Run:
                 st = StageState(k, stage, "pending", record=record, settings=self.stage_settings(k, stage))
                 if record is not None and record["status"] == "done":
                     st.changed = settings_diff(record["settings"], st.settings)
+                    st.change_accepted = bool(st.changed) and manifest.accepts_settings(st.name, st.settings)
                 if chain_ok:
                     st.inputs = json_normal(self.stage_inputs(k, stage, manifest))
                 if record is None:

@@ -173,6 +173,14 @@ class Manifest:
     def put(self, k: int, stage: str, record: dict[str, Any]) -> None:
         self.data["rounds"].setdefault(str(k), {})[stage] = record
 
+    def accept_settings(self, name: str, settings: dict[str, Any]) -> None:
+        """Remember that `run --allow-config-change` accepted these settings for stage `name` (e.g. "round-001
+        train"), so that later invocations without the flag (cron's) redo it instead of refusing."""
+        self.data.setdefault("accepted_settings", {})[name] = storage.json_fingerprint(settings)
+
+    def accepts_settings(self, name: str, settings: dict[str, Any]) -> bool:
+        return self.data.get("accepted_settings", {}).get(name) == storage.json_fingerprint(settings)
+
     def recorded_rounds(self) -> list[int]:
         return sorted(int(k) for k in self.data["rounds"])
 
@@ -196,6 +204,12 @@ class StageState:
     settings: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] | None = None  # None: an earlier stage is not done yet
     changed: list[str] = field(default_factory=list)  # settings that differ from a finished record
+    change_accepted: bool = False  # `changed`, and an earlier `run --allow-config-change` accepted these settings
+
+    @property
+    def change_refused(self) -> bool:
+        """Its settings changed since it finished, and no `run --allow-config-change` accepted the new ones."""
+        return bool(self.changed) and not self.change_accepted
 
     @property
     def name(self) -> str:

@@ -35,7 +35,7 @@ def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
             rewards[s.round] = s.record["summary"]["reward_mean"]
     return {"run_dir": str(run.dir), "rounds": settings.run.rounds, "running": held,
             "done": sum(s.valid for s in states), "stages": len(states),
-            "next": due.name if due else None, "config_changed": any(s.changed for s in states),
+            "next": due.name if due else None, "config_changed": any(s.change_refused for s in states),
             "table": rows, "reward_mean_by_round": rewards}
 
 

@@ -313,6 +313,15 @@ def test_settings_change_is_refused_unless_allowed(base, tiny, reference):
     assert report["next"] == "round-001 generate"
     assert manifest(run_dir)["rounds"]["0"]["train"]["settings"]["train.weights"] == {"rm": 1.0, "length": 0.0}
 
+    # The acceptance is remembered: cron's next invocation, without the flag, redoes the rest instead of exiting
+    # 78 at every tick until someone runs the flag by hand to the end.
+    assert not report["config_changed"]
+    out = invoke(["run", "-w", str(run_dir), "--max-stages", "1"])
+    assert stages_ran(out) == ["round-001 generate"]
+    # Only the settings accepted: another change is refused again.
+    out = invoke(["run", "-w", str(run_dir), "--train-beta", "0.2"], expect=rounds.EXIT_CONFIG_CHANGED)
+    assert "train.beta: 0.1 -> 0.2" in out
+
 
 def test_a_failing_stage_exits_1_is_recorded_and_retried(base, tiny, tmp_path):
     reward = tmp_path / "flaky.py"
