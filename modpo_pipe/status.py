@@ -31,7 +31,7 @@ def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
     due = next((s for s in states if not s.valid), None)
     rewards = {}
     for s in states:
-        if s.stage == "score" and s.record and s.record.get("status") == "done":
+        if s.stage == "score" and s.valid:  # a score due again describes samples that are being replaced
             rewards[s.round] = s.record["summary"]["reward_mean"]
     return {"run_dir": str(run.dir), "rounds": settings.run.rounds, "running": held,
             "done": sum(s.valid for s in states), "stages": len(states),

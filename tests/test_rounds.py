@@ -311,6 +311,7 @@ def test_settings_change_is_refused_unless_allowed(base, tiny, reference):
     status = {(r["round"], r["stage"]): r["status"] for r in report["table"]}
     assert status[(0, "train")] == "done" and status[(1, "generate")] == "redo"
     assert report["next"] == "round-001 generate"
+    assert list(report["reward_mean_by_round"]) == ["0"]  # rounds 1 and 2 are sampled and scored again
     assert manifest(run_dir)["rounds"]["0"]["train"]["settings"]["train.weights"] == {"rm": 1.0, "length": 0.0}
 
     # The acceptance is remembered: cron's next invocation, without the flag, redoes the rest instead of exiting
