@@ -237,21 +237,34 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
     with run_lock(run.dir, f".lock-shard-{shards.shard_name(shard).removesuffix('.parquet')}"):
         log(f"{due.name}: shard {index}/{count}: starting")
         started = time.time()
-        if due.stage == "generate":
-            from modpo_pipe.generate import run_generate
+        try:
+            if due.stage == "generate":
+                from modpo_pipe.generate import run_generate
 
-            report = run_generate(stage_settings, source, out, round_index=due.round, progress=run.progress,
-                                  shard=shard)
-        else:
-            from modpo_pipe.score import run_score
+                report = run_generate(stage_settings, source, out, round_index=due.round, progress=run.progress,
+                                      shard=shard)
+            else:
+                from modpo_pipe.score import run_score
 
-            report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
+                report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
+        except BaseException as e:
+            # The coordinator only sees a shard missing; this note lets `status` and its waiting line say why.
+            shards.record_failure(out, shard, {"error": error_text(e), "host": socket.gethostname(),
+                                               "finished": now()})
+            raise
+        shards.clear_failure(out, shard)
         log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
             f"{report.out})")
     return due.name
 
 
 # --------------------------------------------------------------------------- what the entry points share
+
+
+def error_text(e: BaseException) -> str:
+    """How a manifest records a failure: the exception's type and first line, capped."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
 def track_stage(tracker: RunTracker, manifest: Manifest, k: int, stage: str, round_dir: Path) -> None:
@@ -577,8 +590,7 @@ class Run:
             log(f"{st.name}: {e}")
             return record
         except BaseException as e:
-            text = str(e).strip().splitlines()
-            record.update(status="failed", error=f"{type(e).__name__}: {text[0] if text else ''}"[:500],
+            record.update(status="failed", error=error_text(e),
                           finished=now(), seconds=earlier_seconds + time.time() - started)
             manifest.save()
             if isinstance(e, SystemExit):  # sys.exit(0) somewhere in a stage must not make `run` exit 0
@@ -677,10 +689,13 @@ class Run:
         if len(done) == count:
             return done, ""
         have = {p.name for p in done}
-        missing = [f"{i}/{count}" for i in range(count) if shards.shard_name((i, count)) not in have]
+        missing = [i for i in range(count) if shards.shard_name((i, count)) not in have]
+        failed = [(i, note) for i in missing if (note := shards.failure(self.shard_output(k, stage, key), (i, count)))]
+        failures = "".join(f"; shard {i}/{count} failed on {note.get('host', '?')} at {note.get('finished', '?')}: "
+                           f"{note.get('error', '')}" for i, note in failed[:3])
         return done, (f"waiting for shard workers: {len(done)} of {count} shards written (missing "
-                      f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); they run as "
-                      f"`modpo-pipe run --workdir {self.dir} --shard I/{count}`")
+                      f"{', '.join(f'{i}/{count}' for i in missing[:8])}{' ...' if len(missing) > 8 else ''}"
+                      f"{failures}); they run as `modpo-pipe run --workdir {self.dir} --shard I/{count}`")
 
     def merge_shards(self, k: int, stage: str, key: str, out: Path) -> None:
         """Merge the N shards of this opening into `out`, or raise ShardsPending while some are missing."""

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from modpo_pipe import reward_stats, schema
+from modpo_pipe import reward_stats, schema, storage
 from modpo_pipe.errors import ModpoError
 
 Shard = tuple[int, int]  # (index, count)
@@ -55,6 +55,30 @@ def shard_name(shard: Shard) -> str:
 
 def shard_path(out: Path, shard: Shard) -> Path:
     return shard_dir(out) / shard_name(shard)
+
+
+def failure_path(out: Path, shard: Shard) -> Path:
+    """Where a shard worker notes that its last attempt failed (hidden: merge and status read only shards)."""
+    return shard_dir(out) / f".{shard_name(shard).removesuffix('.parquet')}.failed.json"
+
+
+def record_failure(out: Path, shard: Shard, note: dict[str, Any]) -> None:
+    path = failure_path(out, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.write_atomic(path, json.dumps(note) + "\n")
+
+
+def clear_failure(out: Path, shard: Shard) -> None:
+    failure_path(out, shard).unlink(missing_ok=True)
+
+
+def failure(out: Path, shard: Shard) -> dict[str, Any] | None:
+    """The note of the shard's last failed attempt; None if there is none (or it is unreadable: only a hint)."""
+    try:
+        note = json.loads(failure_path(out, shard).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
 
 
 def shard_info(shard: Shard, run: str, manifest: dict[str, Any], chunks: list[int], chunk_rows: list[int],

@@ -486,3 +486,37 @@ def test_a_shard_the_machine_will_not_read_is_no_damaged_shard(env, sharded, mon
     monkeypatch.setattr(Path, "open", forbidden)
     with pytest.raises(PermissionError):
         shards.merge(files, sharded["dir"] / "never.parquet")
+
+
+def test_a_failed_shard_worker_is_reported_by_status(tiny, tmp_path):
+    """A worker that failed used to leave only a missing shard: status and the coordinator said "waiting" with no
+    hint why, while the error sat in some batch system's log. Its note names the shard, host and error, and goes
+    once the shard is written."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(tiny.prompts.read_text().splitlines(keepends=True)[:2]))
+    down = tmp_path / "reward-server-down"
+    reward = tmp_path / "flaky.py"
+    reward.write_text("import pathlib\n"
+                      "def score(prompts, responses):\n"
+                      f"    if pathlib.Path({str(down)!r}).exists():\n"
+                      "        raise RuntimeError('reward server down')\n"
+                      "    return [float(len(r)) for r in responses]\n")
+    run_dir = tmp_path / "sharded"
+    _run_config(run_dir, tiny, prompts, shards=2, rounds=1)
+    settings = (run_dir / "modpo.toml").read_text().replace(tiny.reward_fn, f"py:{reward}:score")
+    (run_dir / "modpo.toml").write_text(settings)
+    ok(["run", "--workdir", run_dir])  # opens generate
+    for i in range(2):
+        ok(["run", "--workdir", run_dir, "--shard", f"{i}/2"])
+    assert "waiting for shard workers: 0 of 2" in ok(["run", "--workdir", run_dir])  # merged; score opened
+    ok(["run", "--workdir", run_dir, "--shard", "0/2"])
+    down.touch()
+    fails(["run", "--workdir", run_dir, "--shard", "1/2"], "reward server down")
+    text = ok(["status", "--workdir", run_dir])
+    assert "missing 1/2; shard 1/2 failed on " in text and "RuntimeError: reward server down" in text, text
+    assert "shard 1/2 failed" in ok(["run", "--workdir", run_dir])  # the coordinator's waiting line too
+    down.unlink()
+    ok(["run", "--workdir", run_dir, "--shard", "1/2"])
+    text = ok(["status", "--workdir", run_dir])
+    assert "every shard is written" in text and "shard 1/2 failed" not in text, text
+    assert "round-000 train: done" in ok(["run", "--workdir", run_dir])
