@@ -263,11 +263,13 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
 
 def launch_train(num_processes: int, arguments: list[str]) -> None:
     """`train --num-processes N`: this very command line, without the flag, on N processes started by
-    accelerate's own launcher (torchrun underneath); its exit status is ours."""
+    accelerate's own launcher (torchrun underneath; modpo_pipe.launcher); its exit status is ours."""
     import contextlib
     import signal
     import socket
     import subprocess
+
+    from modpo_pipe.launcher import exit_code
 
     if num_processes < 1:
         raise ModpoError(f"--num-processes must be >= 1; got {num_processes}")
@@ -276,7 +278,7 @@ def launch_train(num_processes: int, arguments: list[str]) -> None:
     with socket.socket() as probe:  # a free port for the processes' rendezvous, so runs side by side never clash
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+    command = [sys.executable, "-m", "modpo_pipe.launcher", "--multi_gpu", "--num_processes",
                str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
     typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
@@ -297,7 +299,7 @@ def launch_train(num_processes: int, arguments: list[str]) -> None:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     if code:
-        raise typer.Exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
+        raise typer.Exit(exit_code(code))
 
 
 def given_arguments(ctx: typer.Context, drop: set[str]) -> list[str]:
