@@ -249,8 +249,9 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
                 report = run_score(stage_settings, source, out, progress=run.progress, shard=shard)
         except BaseException as e:
             # The coordinator only sees a shard missing; this note lets `status` and its waiting line say why.
-            shards.record_failure(out, shard, {"error": error_text(e), "host": socket.gethostname(),
-                                               "finished": now()})
+            with contextlib.suppress(OSError):  # a note that cannot be written must not hide the error itself
+                shards.record_failure(out, shard, {"error": error_text(e), "host": socket.gethostname(),
+                                                   "finished": now()})
             raise
         shards.clear_failure(out, shard)
         log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
