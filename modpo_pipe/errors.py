@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import sys
+from collections.abc import Iterator
 
 # What the machine refused: the user's to fix, not a bug of ours, so one line instead of a traceback, with what
 # to do. Outputs are written atomically: earlier ones are intact.
@@ -30,3 +33,19 @@ def environment_error(e: OSError) -> ModpoError | None:
         return None
     where = f"cannot write or read {e.filename}" if e.filename else "a write failed"
     return ModpoError(f"{where}: {e.strerror or e}; {_WHAT_TO_DO[e.errno]} (finished outputs are intact)")
+
+
+@contextlib.contextmanager
+def out_of_memory(stage: str, what_to_lower: str) -> Iterator[None]:
+    """A device out of memory in `stage` (torch.OutOfMemoryError: CUDA, MPS, XPU): one line naming the settings
+    to lower, instead of a traceback that names none. Usable as a decorator. Finished parts and saved training
+    state are kept, so the rerun goes on from them."""
+    try:
+        yield
+    except Exception as e:
+        torch = sys.modules.get("torch")  # an OutOfMemoryError means torch is loaded; this module never loads it
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        first = next(iter(str(e).strip().splitlines()), "")
+        raise ModpoError(f"{stage}: out of device memory ({first[:160]}); lower {what_to_lower}, then rerun: "
+                         "finished work is kept") from None

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from modpo_pipe import models, parts, reward_stats, schema, shards, storage
 from modpo_pipe.config import Settings
-from modpo_pipe.errors import ModpoError
+from modpo_pipe.errors import ModpoError, out_of_memory
 from modpo_pipe.logprobs import batched_sequence_logps
 from modpo_pipe.rewards import CallableReward, load_reward, reward_inputs
 
@@ -34,6 +34,7 @@ class ScoreReport:
     dropped_invalid_responses: int = 0  # responses with a NaN/inf/None reward, dropped (on_invalid_reward = "drop")
 
 
+@out_of_memory("score", "[score].batch_tokens (the reference's forward batches) or reward_batch_size")
 def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = True,
               shard: shards.Shard | None = None) -> ScoreReport:
     """Score every pair and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
 from modpo_pipe.config import Settings, TrainSettings, as_before
-from modpo_pipe.errors import ModpoError
+from modpo_pipe.errors import ModpoError, out_of_memory
 from modpo_pipe.logprobs import build_batch, sequence_logps
 from modpo_pipe.losses import (
     kl_k2,
@@ -439,6 +439,8 @@ class TrainReport:
     groups: int = 0  # the prompts the pairs come from
 
 
+@out_of_memory("train", "[train].batch_size (groups per micro-batch; raise grad_accum to keep the global "
+               "batch, and the saved state resumes) or, below one group, samples_per_prompt or max_new_tokens")
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
     t, m = settings.train, settings.model
     started = time.time()

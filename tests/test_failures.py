@@ -349,6 +349,25 @@ def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, mon
     assert not list(parts.work_dir(out).glob("ref-*.parquet"))  # the finished reward parts stay, no ref part
 
 
+@pytest.mark.parametrize(("stage", "module", "function", "setting"), [
+    ("generate", "modpo_pipe.generate.hf", "sample_rows", "lower [generate].batch_size"),
+    ("score", "modpo_pipe.score", "batched_sequence_logps", "lower [score].batch_tokens"),
+    ("train", "modpo_pipe.train", "sequence_logps", "lower [train].batch_size"),
+])
+def test_out_of_device_memory_is_one_line_naming_the_setting_to_lower(env, tmp_path, monkeypatch, stage, module,
+                                                                      function, setting):
+    """A GPU out of memory (torch.OutOfMemoryError) was a traceback deep in torch, naming no setting."""
+    import importlib
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total)\nmore")
+
+    monkeypatch.setattr(importlib.import_module(module), function, out_of_memory)
+    source = {"generate": env / "prompts.jsonl", "score": env / "pairs.parquet", "train": env / "scored.parquet"}
+    line = fails([stage, source[stage], *config(env), "--out", tmp_path / "out"], f"{stage}: out of device memory")
+    assert "Tried to allocate 2.00 GiB" in line and setting in line and "more" not in line
+
+
 # --------------------------------------------------------------------- 4. safetensors only, adapters too
 
 

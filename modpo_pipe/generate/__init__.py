@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from modpo_pipe import schema, storage
 from modpo_pipe.config import Settings
-from modpo_pipe.errors import ModpoError
+from modpo_pipe.errors import ModpoError, out_of_memory
 
 
 @dataclass
@@ -214,6 +214,8 @@ def prompts_fingerprint(records, prompt_ids: list[list[int]]) -> str:
     return h.hexdigest()[:32]
 
 
+@out_of_memory("generate", "[generate].batch_size (prompts per batch, each sampled samples_per_prompt "
+               "times) or max_new_tokens")
 def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index: int = 0,
                  progress: bool = True, shard: tuple[int, int] | None = None) -> GenerateReport:
     """Sample every prompt and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of
