@@ -18,7 +18,7 @@ from typing import Any
 
 from modpo_pipe import models, storage
 from modpo_pipe.config import Settings, prompt_fields
-from modpo_pipe.errors import ModpoError
+from modpo_pipe.errors import ModpoError, out_of_memory
 
 
 @dataclass
@@ -61,6 +61,7 @@ def policy_family(policy: str) -> str:
     return meta.get("family") or ("MODPO" if meta.get("weights") else "other")
 
 
+@out_of_memory("eval", "[generate].batch_size (sampling), [score].batch_tokens (KL) or reward_batch_size")
 def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
              samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
     """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""

@@ -353,6 +353,7 @@ def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, mon
     ("generate", "modpo_pipe.generate.hf", "sample_rows", "lower [generate].batch_size"),
     ("score", "modpo_pipe.score", "batched_sequence_logps", "lower [score].batch_tokens"),
     ("train", "modpo_pipe.train", "sequence_logps", "lower [train].batch_size"),
+    ("eval", "modpo_pipe.generate.hf", "sample_rows", "lower [generate].batch_size"),
 ])
 def test_out_of_device_memory_is_one_line_naming_the_setting_to_lower(env, tmp_path, monkeypatch, stage, module,
                                                                       function, setting):
@@ -363,8 +364,10 @@ def test_out_of_device_memory_is_one_line_naming_the_setting_to_lower(env, tmp_p
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.19 GiB total)\nmore")
 
     monkeypatch.setattr(importlib.import_module(module), function, out_of_memory)
-    source = {"generate": env / "prompts.jsonl", "score": env / "pairs.parquet", "train": env / "scored.parquet"}
-    line = fails([stage, source[stage], *config(env), "--out", tmp_path / "out"], f"{stage}: out of device memory")
+    source = {"generate": env / "prompts.jsonl", "score": env / "pairs.parquet", "train": env / "scored.parquet",
+              "eval": env / "prompts.jsonl"}
+    line = fails([stage, source[stage], *config(env), "--out", tmp_path / "out.json"],
+                 f"{stage}: out of device memory")
     assert "Tried to allocate 2.00 GiB" in line and setting in line and "more" not in line
 
 
