@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from modpo_pipe import builtin_rewards, embedded
+from modpo_pipe.config import load_settings
 from modpo_pipe.errors import ModpoError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -327,7 +328,8 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
                 for r in stages.values()] == ["done"] * 3 * size.rounds
     # The per-round rewards: one line per weight vector and round, matching the runs' own status.
     table = first.split("rewards of each round's training samples")[1].split("== eval")[0]
-    report = status.status(run_dirs[2], demo.demo_settings(str(tiny.policy), size, str(out / "train-prompts.jsonl")))
+    # the run's own settings (the demo's base settings lack its weights: status would show the trains as changed)
+    report = status.status(run_dirs[2], load_settings(run_dirs[2] / "modpo.toml"))
     round_one = [line for line in table.splitlines() if line.startswith("w_positivity=1.0") and line.split()[1] == "1"]
     assert len(round_one) == 1
     assert float(round_one[0].split()[2]) == pytest.approx(report["reward_mean_by_round"][1]["positivity"], abs=6e-4)
