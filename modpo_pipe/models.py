@@ -99,7 +99,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _adapter_base(path_or_id: str) -> str | None:
+def adapter_base(path_or_id: str) -> str | None:
+    """The base model an adapter directory names; None for anything that is not an adapter directory."""
     config = Path(path_or_id) / "adapter_config.json"
     if not config.is_file():
         return None
@@ -145,8 +146,8 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, what: str =
 
     _check_loadable(path_or_id, what)
     source = path_or_id
-    if _adapter_base(path_or_id) and not (Path(path_or_id) / "tokenizer_config.json").is_file():
-        source = _adapter_base(path_or_id)
+    if adapter_base(path_or_id) and not (Path(path_or_id) / "tokenizer_config.json").is_file():
+        source = adapter_base(path_or_id)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -175,7 +176,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     _check_loadable(path_or_id, what)
-    base = _adapter_base(path_or_id)
+    base = adapter_base(path_or_id)
     if base is not None:
         _check_loadable(base, f"{what} (the base model of adapter {path_or_id})")
     try:
@@ -187,7 +188,8 @@ def load_causal_lm(
         if base is not None:
             from peft import PeftModel
 
-            model = merge_lora(PeftModel.from_pretrained(model, path_or_id))
+            # Merged, it is a plain model again: trainable like one from_pretrained (peft had frozen it all).
+            model = merge_lora(PeftModel.from_pretrained(model, path_or_id)).requires_grad_(True)
     except ModpoError:
         raise
     except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)

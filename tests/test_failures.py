@@ -422,6 +422,23 @@ def test_an_adapter_needs_adapter_model_safetensors(env, adapter, tmp_path):
           f"[train].policy: {path} is an adapter directory without adapter_model.safetensors")
 
 
+def test_an_adapter_policy_trains_whole_and_a_new_adapter_on_it_is_refused(env, adapter, tmp_path):
+    """Full fine-tuning of an adapter policy was a traceback (peft left every merged weight frozen: "optimizer got
+    an empty parameter list"); a LoRA on it saved final/ against the bare base, silently without the policy's
+    own adapter."""
+    from safetensors.torch import load_file
+
+    from modpo_pipe import models
+
+    out = tmp_path / "whole"
+    ok(["train", env / "scored.parquet", *config(env), "--policy", adapter, "--lora-r", 0, "--out", out])
+    start = models.load_causal_lm(str(adapter), dtype=torch.float32, device=None).state_dict()
+    trained = load_file(str(out / "final" / "model.safetensors"))
+    assert any(not torch.equal(trained[name], start[name]) for name in trained if name in start)
+    fails(["train", env / "scored.parquet", *config(env), "--policy", adapter, "--lora-r", 2, "--out",
+           tmp_path / "lora"], f"[train].policy {adapter} is a LoRA adapter")
+
+
 def test_a_model_directory_with_any_pickle_is_refused(env, tiny, tmp_path, monkeypatch):
     policy = tmp_path / "policy"
     shutil.copytree(tiny.policy, policy)
