@@ -154,7 +154,8 @@ def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str,
 def shard_option(output: str) -> inspect.Parameter:
     return extra_option(
         "shard", Optional[str], None, "--shard",
-        f"I/N: compute only shard I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/N) into {output}.shards/I-of-N.parquet; "
+        f"I/N: compute only shard I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/N) into "
+        f"{output}.shards/IIIII-of-NNNNN.parquet (zero-padded); "
         f"run all N (anywhere, side by side), then join them with `modpo-pipe merge {output}.shards`.")
 
 

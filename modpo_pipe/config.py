@@ -94,7 +94,7 @@ class ScoreSettings:
         "modpo-pipe imports and calls it like any script of yours.",
         flag="reward",
     )
-    ref: str = setting("", "Reference model for ref_logp_*; empty: the policy that generated the pairs.", path="model")
+    ref: str = setting("", "Reference model for ref_logps; empty: the policy that generated the pairs.", path="model")
     batch_tokens: int = setting(8192, "Token budget of one reference forward batch (sequences sorted by length).")
     reward_batch_size: int = setting(16, "Texts per reward-model batch.")
     shard_size: int = setting(
