@@ -89,8 +89,11 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     backend = choose_backend(g.backend)
     context = context_length(ref, m.trust_remote_code)
     limit = prompt_token_limit(settings, context, backend)
-    records, _, prompt_ids, _, _ = render_prompts(records, tokenizer, settings, limit)
+    records, _, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit)
     require_prompts(records, prompts_path, settings, limit, context)
+    if dropped or truncated:  # the means cover fewer or shorter prompts than the file holds: say so
+        print(f"note: {dropped} held-out prompts longer than {limit} tokens dropped, {truncated} truncated "
+              "([generate].long_prompts)")
     all_policies = {"reference": ref, **{k: v for k, v in policies.items() if v != ref}}
 
     # Sample with each policy in turn (one model in memory at a time).

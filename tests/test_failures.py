@@ -781,3 +781,11 @@ def test_only_the_other_processes_of_a_multi_process_run_keep_quiet(tmp_path, mo
     result = cli(["inspect", tmp_path / "missing.parquet"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
     assert ("error: " in result.output) == printed, result.output
+
+
+def test_eval_says_how_many_held_out_prompts_it_dropped_as_too_long(env, tmp_path):
+    """eval dropped long held-out prompts without a word: its means covered fewer prompts than the file."""
+    prompts = tmp_path / "heldout.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 200}) + "\n")
+    output = ok(["eval", prompts, *config(env), "--max-prompt-tokens", 32, "--out", tmp_path / "eval.json"])
+    assert "note: 1 held-out prompts longer than 32 tokens dropped, 0 truncated" in output, output
