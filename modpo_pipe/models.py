@@ -145,13 +145,16 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, what: str =
     from transformers import AutoTokenizer
 
     _check_loadable(path_or_id, what)
-    source = path_or_id
-    if adapter_base(path_or_id) and not (Path(path_or_id) / "tokenizer_config.json").is_file():
-        source = adapter_base(path_or_id)
+    source, base = path_or_id, adapter_base(path_or_id)
+    if base and not (Path(path_or_id) / "tokenizer_config.json").is_file():
+        source = base
+        _check_loadable(base, f"{what} (the base model of adapter {path_or_id})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModpoError(f"{what}: cannot load tokenizer from {path_or_id}: {_first_line(e)}") from None
+        named = (f"{path_or_id}'s base model {base!r} (base_model_name_or_path in adapter_config.json)"
+                 if source == base else path_or_id)
+        raise ModpoError(f"{what}: cannot load tokenizer from {named}: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id works; EOS is the conventional choice.
         tokenizer.pad_token = tokenizer.eos_token

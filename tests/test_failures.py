@@ -789,3 +789,17 @@ def test_eval_says_how_many_held_out_prompts_it_dropped_as_too_long(env, tmp_pat
     prompts.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps({"prompt": "word " * 200}) + "\n")
     output = ok(["eval", prompts, *config(env), "--max-prompt-tokens", 32, "--out", tmp_path / "eval.json"])
     assert "note: 1 held-out prompts longer than 32 tokens dropped, 0 truncated" in output, output
+
+
+def test_an_adapter_whose_base_cannot_load_names_its_base(env, adapter, tmp_path):
+    """The error named the adapter directory and transformers' message about '../base/policy' or the Hub,
+    not that the value came from the adapter's base_model_name_or_path."""
+    path = tmp_path / "adapter"
+    shutil.copytree(adapter, path)
+    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    for base in ("../base/policy", "nobody-here/no-such-model"):
+        (path / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": base}))
+        line = fails(["generate", env / "prompts.jsonl", *config(env), "--policy", path, "--out",
+                      tmp_path / "p.parquet"], "[generate].policy")
+        assert f"base model of adapter {path}" in line or "base_model_name_or_path" in line, line
+        assert base in line, line
