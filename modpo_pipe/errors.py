@@ -47,5 +47,7 @@ def out_of_memory(stage: str, what_to_lower: str) -> Iterator[None]:
         if torch is None or not isinstance(e, torch.OutOfMemoryError):
             raise
         first = next(iter(str(e).strip().splitlines()), "")
-        raise ModpoError(f"{stage}: out of device memory ({first[:160]}); lower {what_to_lower}, then rerun: "
+        if len(first) > 200:  # CUDA's message runs on for a paragraph: keep its whole first sentences
+            first = first[:200].rsplit(". ", 1)[0] + "."
+        raise ModpoError(f"{stage}: out of device memory ({first}); lower {what_to_lower}, then rerun: "
                          "finished work is kept") from None

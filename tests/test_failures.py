@@ -803,3 +803,18 @@ def test_an_adapter_whose_base_cannot_load_names_its_base(env, adapter, tmp_path
                       tmp_path / "p.parquet"], "[generate].policy")
         assert f"base model of adapter {path}" in line or "base_model_name_or_path" in line, line
         assert base in line, line
+
+
+def test_a_long_cuda_out_of_memory_message_is_cut_at_a_sentence():
+    """CUDA's real message (seen on an H200) runs on for 400 characters; the line keeps whole sentences."""
+    from modpo_pipe.errors import out_of_memory
+
+    cuda = ("CUDA out of memory. Tried to allocate 382.00 MiB. GPU 0 has a total capacity of 139.80 GiB of which "
+            "139.29 GiB is free. Including non-PyTorch memory, this process has 520.00 MiB memory in use. Of the "
+            "allocated memory 0 bytes is allocated by PyTorch, and 0 bytes is reserved by PyTorch but unallocated.")
+    with pytest.raises(ModpoError) as raised, out_of_memory("train", "[train].batch_size"):
+        raise torch.OutOfMemoryError(cuda)
+    assert str(raised.value) == ("train: out of device memory (CUDA out of memory. Tried to allocate 382.00 MiB. GPU "
+                                 "0 has a total capacity of 139.80 GiB of which 139.29 GiB is free. Including "
+                                 "non-PyTorch memory, this process has 520.00 MiB memory in use.); lower "
+                                 "[train].batch_size, then rerun: finished work is kept")
