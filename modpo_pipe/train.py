@@ -460,11 +460,12 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if not policy_path:
         raise ModpoError("no policy: pass --policy (the scored file names no reference)")
     base = models.adapter_base(policy_path)
-    if base is not None and t.lora_r > 0:
-        # peft would save the new adapter against the bare base: final/ would silently drop the policy's own one.
-        raise ModpoError(f"[train].policy {policy_path} is a LoRA adapter (on {base}): a new adapter on it would be "
-                         "saved against that base without the policy's own adapter; train it with lora_r = 0 (its "
-                         "merged weights, fine-tuned whole) or merge it into a full model first")
+    if base is not None and t.lora_r > 0 and not t.merge:
+        # peft saves the new adapter against the bare base: final/ alone would silently drop the policy's own
+        # adapter. merged/ holds both (rounds train this way), so --merge is the way to a usable policy.
+        raise ModpoError(f"[train].policy {policy_path} is a LoRA adapter (on {base}): a new adapter on it is saved "
+                         "against that base without the policy's own adapter; pass --merge (merged/ holds both), "
+                         "train with lora_r = 0 (its merged weights, fine-tuned whole), or merge it first")
     tokenizer = models.load_tokenizer(policy_path, m.trust_remote_code, what="[train].policy")
     if models.tokenizer_fingerprint(tokenizer) != data.meta["tokenizer_fingerprint"]:
         raise ModpoError(f"{scored_paths[0]}: tokenised with another tokenizer than the policy {policy_path}'s")

@@ -435,8 +435,13 @@ def test_an_adapter_policy_trains_whole_and_a_new_adapter_on_it_is_refused(env, 
     start = models.load_causal_lm(str(adapter), dtype=torch.float32, device=None).state_dict()
     trained = load_file(str(out / "final" / "model.safetensors"))
     assert any(not torch.equal(trained[name], start[name]) for name in trained if name in start)
-    fails(["train", env / "scored.parquet", *config(env), "--policy", adapter, "--lora-r", 2, "--out",
+    fails(["train", env / "scored.parquet", *config(env), "--policy", adapter, "--lora-r", 2, "--no-merge", "--out",
            tmp_path / "lora"], f"[train].policy {adapter} is a LoRA adapter")
+    # merged/ holds the policy's adapter and the new one (how rounds train an adapter policy with LoRA)
+    ok(["train", env / "scored.parquet", *config(env), "--policy", adapter, "--lora-r", 2, "--merge", "--out",
+        tmp_path / "merged"])
+    merged = load_file(str(tmp_path / "merged" / "merged" / "model.safetensors"))
+    assert any(not torch.equal(merged[name], start[name]) for name in merged if name in start)
 
 
 def test_a_model_directory_with_any_pickle_is_refused(env, tiny, tmp_path, monkeypatch):
