@@ -685,13 +685,14 @@ class Run:
         from modpo_pipe import shards
 
         count = self.settings.run.shards
-        directory = shards.shard_dir(self.shard_output(k, stage, key))
+        out = self.shard_output(k, stage, key)
+        directory = shards.shard_dir(out)
         done = sorted(directory.glob(f"*-of-{count:05d}.parquet")) if directory.is_dir() else []
         if len(done) == count:
             return done, ""
         have = {p.name for p in done}
         missing = [i for i in range(count) if shards.shard_name((i, count)) not in have]
-        failed = [(i, note) for i in missing if (note := shards.failure(self.shard_output(k, stage, key), (i, count)))]
+        failed = [(i, note) for i in missing if (note := shards.failure(out, (i, count)))]
         failures = "".join(f"; shard {i}/{count} failed on {note.get('host', '?')} at {note.get('finished', '?')}: "
                            f"{note.get('error', '')}" for i, note in failed[:3])
         return done, (f"waiting for shard workers: {len(done)} of {count} shards written (missing "
