@@ -47,10 +47,14 @@ def user_errors() -> Iterator[None]:
 
 def _error_line(error: Exception) -> None:
     """The one `error:` line; in a multi-process run, from the first process only (every process meets the same
-    bad input, and N copies of one line read like N problems)."""
+    bad input, and N copies of one line read like N problems), and the launcher adds the lines it did not meet."""
+    from modpo_pipe.launcher import record_error
+
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    quiet = rank.isdigit() and int(rank) > 0 and world.isdigit() and int(world) > 1
-    if not quiet:
+    several = rank.isdigit() and world.isdigit() and int(world) > 1
+    if several:  # the launcher prints what this process met and the first did not (modpo_pipe/launcher.py)
+        record_error(int(rank), str(error))
+    if not (several and int(rank) > 0):
         typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
 
 

@@ -8,6 +8,7 @@ rows of the unsharded run, in its order; a bad set of shards is refused with one
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,43 @@ def test_a_bad_input_to_a_multi_process_train_is_one_error_line(env, tmp_path):
     # ... and the launcher added torch elastic's ChildFailedError: 30 lines of traceback after the error line
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr
     assert "exitcode" not in result.stderr, result.stderr
+
+
+def test_a_failure_of_another_process_than_the_first_is_its_error_line(env, odd_scored, tmp_path):
+    """One process out of memory on its own device (its GPU fuller than the others'): only the first process
+    printed error lines, so the launcher exited 1 with nothing said at all. A sitecustomize on the workers' path
+    makes process 1's optimizer step raise the OutOfMemoryError that torch raises."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch\n"
+        "    def step(self, *args, **kwargs):\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.')\n"
+        "    torch.optim.AdamW.step = step\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "modpo_pipe", "train", str(odd_scored), *map(str, config(env)),
+         "--num-processes", "2", "--out", str(tmp_path / "x")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))})
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: process 1 of 2: train: out of device memory (CUDA out of memory. Tried to "
+                                "allocate 2.00 GiB.); lower [train].batch_size"), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "x" / "final").exists()
+
+
+def test_the_launcher_says_each_line_the_first_process_did_not(tmp_path):
+    from modpo_pipe.launcher import unsaid_errors
+
+    for rank, line in [(0, "bad input"), (1, "bad input"), (2, "out of memory"), (3, "out of memory"), (5, "disk")]:
+        (tmp_path / f"rank-{rank}.txt").write_text(line)
+    assert unsaid_errors(tmp_path, 6) == ["processes 2, 3 of 6: out of memory", "process 5 of 6: disk"]
+    (tmp_path / "rank-0.txt").unlink()  # the first process met nothing (it was stopped)
+    assert unsaid_errors(tmp_path, 6)[0] == "process 1 of 6: bad input"
 
 
 def test_num_processes_is_refused_under_a_launcher(env, odd_scored, tmp_path, monkeypatch):
