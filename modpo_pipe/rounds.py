@@ -809,11 +809,13 @@ def merged_summary(path: Path) -> dict[str, Any]:
     if meta["stage"] == "pairs":
         counts = meta.get("counts", {})
         return {"rows": rows, "prompts": counts.get("prompts"), "backend": meta.get("sampling", {}).get("backend"),
-                "long_prompts_dropped": counts.get("long_prompts_dropped"), "shards": meta.get("merged_shards")}
+                "long_prompts_dropped": counts.get("long_prompts_dropped"), "shards": meta.get("merged_shards"),
+                "shard_seconds": meta.get("shard_seconds")}
     return {"rows": rows, "dropped_invalid_reward": meta["score_counts"]["dropped_invalid_reward"],
             "dropped_invalid_responses": meta["score_counts"].get("dropped_invalid_responses", 0),
             "reward_mean": {n: r["mean"] for n, r in meta["rewards"].items()},
-            "reward_std": {n: r["std"] for n, r in meta["rewards"].items()}, "shards": meta.get("merged_shards")}
+            "reward_std": {n: r["std"] for n, r in meta["rewards"].items()}, "shards": meta.get("merged_shards"),
+            "shard_seconds": meta.get("shard_seconds")}
 
 
 def metrics_summary(path: Path) -> dict[str, Any]:
@@ -843,9 +845,9 @@ def headline(stage: str, summary: dict[str, Any]) -> str:
     if not summary:
         return ""
     if stage == "generate":
-        return f"{summary['rows']} groups from {summary['prompts']} prompts"
+        return f"{summary['rows']} groups from {summary['prompts']} prompts" + shards_note(summary)
     if stage == "score":
-        return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items())
+        return ", ".join(f"{n} mean {v:.4g}" for n, v in summary["reward_mean"].items()) + shards_note(summary)
     text = f"{summary['rows']} pairs, {summary['steps']} steps"
     if "loss_start" in summary:
         text += f", loss {summary['loss_start']:.4g} -> {summary['loss']:.4g} (first -> last {summary['loss_span']})"
@@ -854,3 +856,11 @@ def headline(stage: str, summary: dict[str, Any]) -> str:
     if "kl_k2" in summary:  # (runs recorded before it replaced kl_proxy lack it)
         text += f", kl_k2 {summary['kl_k2']:.4g}"
     return text
+
+
+def shards_note(summary: dict[str, Any]) -> str:
+    """A merged stage's workers: its own wall time is the coordinator's merge alone."""
+    if not summary.get("shards"):
+        return ""
+    work = summary.get("shard_seconds")
+    return f"; merged from {summary['shards']} shards" + (f", {work:.1f}s of work in them" if work is not None else "")

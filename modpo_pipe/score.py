@@ -219,7 +219,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     if shard:
         kept_by_chunk = [sum(kept_rows[starts[c]: starts[c] + len(chunks[c])]) for c in selected]
         metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected, kept_by_chunk,
-                                                       len(chunks))
+                                                       len(chunks), time.time() - started)
     work.write_output(scored, metadata)
     return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
                        len(chunks), work.reused, truncated_by_reward, dropped_responses)

@@ -82,10 +82,11 @@ def failure(out: Path, shard: Shard) -> dict[str, Any] | None:
 
 
 def shard_info(shard: Shard, run: str, manifest: dict[str, Any], chunks: list[int], chunk_rows: list[int],
-               n_chunks: int) -> dict[str, Any]:
-    """The `shard` entry of a shard file's metadata."""
+               n_chunks: int, seconds: float) -> dict[str, Any]:
+    """The `shard` entry of a shard file's metadata; `seconds`: the worker's time for it (its last invocation),
+    which the merged file sums, since the stage's own clock only saw the merge."""
     return {"index": shard[0], "count": shard[1], "run": run, "n_chunks": n_chunks, "chunks": chunks,
-            "chunk_rows": chunk_rows, "manifest": manifest}
+            "chunk_rows": chunk_rows, "manifest": manifest, "seconds": round(seconds, 3)}
 
 
 def finished(path: Path, run: str) -> dict[str, Any] | None:
@@ -248,6 +249,8 @@ def merged_metadata(stage: str, metas: list[dict[str, Any]], infos: list[dict[st
     merged = {k: v for k, v in metas[0].items() if k != SHARD_KEY}
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     merged["merged_shards"] = len(metas)
+    if all("seconds" in info for info in infos):  # (shards written before workers recorded it lack it)
+        merged["shard_seconds"] = round(sum(info["seconds"] for info in infos), 3)
     n_chunks = infos[0]["n_chunks"]
     if stage == "pairs":
         counts = merged.setdefault("counts", {})

@@ -8,7 +8,7 @@ from typing import Any
 
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.rounds import Run, headline
+from modpo_pipe.rounds import Run, headline, shards_note
 from modpo_pipe.runstate import MANIFEST_NAME, Manifest, lock_is_held, round_name
 
 
@@ -50,7 +50,7 @@ def format_status(report: dict[str, Any]) -> str:
         if row["status"] != "done":
             text = row["reason"]
         elif row["stage"] == "generate":  # the rows column counts its groups already
-            text = f"{row['summary'].get('prompts')} prompts"
+            text = f"{row['summary'].get('prompts')} prompts" + shards_note(row["summary"])
         else:
             text = headline(row["stage"], row["summary"])
         lines.append(f"{round_name(row['round']):<10} {row['stage']:<9} {row['status']:<8} {rows:>6} {wall:>8}  "

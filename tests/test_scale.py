@@ -362,6 +362,10 @@ def test_three_shards_merge_to_the_unsharded_rows(env, sharded):
     assert merged["rewards"] == unsharded["rewards"]  # statistics over all rows, as train's z-score needs
     assert merged["score_counts"]["groups_in"] == merged["score_counts"]["groups_out"] == 6
     assert "shard" not in merged and merged["merged_shards"] == 3
+    # the workers' time, summed: the merge's own clock is all a merged stage's record had
+    worker_seconds = [schema.read_metadata(p)["shard"]["seconds"] for p in pair_shards]
+    assert all(s > 0 for s in worker_seconds)
+    assert schema.read_metadata(sharded["pairs"])["shard_seconds"] == pytest.approx(sum(worker_seconds), abs=1e-3)
 
 
 def test_a_finished_shard_is_not_redone(env, sharded):
@@ -474,6 +478,9 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
         assert "shard" in ok(["run", "--workdir", sharded, "--shard", "1/2"])
         assert "every shard is written: the next `run` merges them" in ok(["status", "--workdir", sharded])
     assert waited == 4  # generate and score of both rounds
+    # A merged stage's wall time is the coordinator's merge alone (about 0.1 s): its workers' time is the headline's.
+    merged = [line for line in ok(["status", "--workdir", sharded]).splitlines() if "merged from 2 shards, " in line]
+    assert len(merged) == 4 and all(float(line.split(", ")[-1].split("s of work")[0]) > 0 for line in merged), merged
     assert "nothing to do now; every round is done" in ok(["run", "--workdir", sharded, "--shard", "0/2"])
     fails(["run", "--workdir", sharded, "--shard", "0/3"], "the run is split into [run].shards = 2")
     for k in range(2):

@@ -316,7 +316,8 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     )
     if shard:
         metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected,
-                                                       [tables[c].num_rows for c in selected], len(chunks))
+                                                       [tables[c].num_rows for c in selected], len(chunks),
+                                                       time.time() - started)
     else:
         metadata[RUN_KEY] = work.key
     work.write_output(table, metadata)
