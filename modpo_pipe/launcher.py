@@ -12,6 +12,7 @@ Run as `python -m modpo_pipe.launcher ACCELERATE-LAUNCH-ARGS...`; cli.launch_tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -30,7 +31,8 @@ def record_error(rank: int, line: str) -> None:
     """A worker's error line, left for the launcher (under this launcher only; a no-op elsewhere)."""
     directory = os.environ.get(ERROR_DIR)
     if directory:
-        (Path(directory) / f"rank-{rank}.txt").write_text(line)
+        with contextlib.suppress(OSError):  # the error being reported matters more than this note of it
+            (Path(directory) / f"rank-{rank}.txt").write_text(line)
 
 
 def unsaid_errors(directory: Path, processes: int) -> list[str]:
