@@ -28,6 +28,15 @@ def resolve_device(name: str) -> torch.device:
         raise ModpoError(f"[model].device: not a device: {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModpoError(f"[model].device is {name!r} but no CUDA device is available")
+    if device.type == "meta":  # shapes without data: nothing can be sampled or trained on it
+        raise ModpoError(f"[model].device: {name!r} holds no data; use cpu, cuda or auto")
+    if device.type not in ("cpu", "cuda"):
+        # mps, xpu, hpu, ...: torch parses any name it knows and failed later, on the first tensor, with a traceback
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError, ImportError):  # each backend says 'not here' its own way
+            raise ModpoError(f"[model].device is {name!r} but this torch build or machine has no {device.type} "
+                             "device") from None
     return device
 
 

@@ -823,3 +823,15 @@ def test_a_long_cuda_out_of_memory_message_is_cut_at_a_sentence():
                                  "0 has a total capacity of 139.80 GiB of which 139.29 GiB is free. Including "
                                  "non-PyTorch memory, this process has 520.00 MiB memory in use.); lower "
                                  "[train].batch_size, then rerun: finished work is kept")
+
+
+@pytest.mark.parametrize(("device", "fragment"), [
+    ("mps", "[model].device is 'mps' but this torch build or machine has no mps device"),
+    ("meta", "[model].device: 'meta' holds no data"),
+    ("vulkan", "has no vulkan device"),
+])
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_a_device_this_machine_lacks_is_one_line(env, tmp_path, device, fragment, command):
+    """Any device name torch can parse got through: the first tensor on it raised a RuntimeError traceback."""
+    inputs = env / ("prompts.jsonl" if command == "generate" else "scored.parquet")
+    fails([command, inputs, *config(env), "--device", device, "--out", tmp_path / "out"], fragment)
