@@ -145,8 +145,13 @@ def _print_summary(title: str, fields: dict[str, Any]) -> None:
         typer.echo(f"  {key}: {value}", err=True)
 
 
-def output_path(setting: str) -> Path:
-    return Path(setting).resolve()
+def output_path(setting: str, kind: str) -> Path:
+    """An `out` setting as a path, refused now if the command could never write it there (after its minutes)."""
+    from modpo_pipe.storage import refuse_unwritable_output
+
+    path = Path(setting).resolve()
+    refuse_unwritable_output(path, kind)
+    return path
 
 
 def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str,
@@ -183,7 +188,8 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_generate(settings, prompts, output_path(settings.generate.out), **({"shard": part} if part else {}))
+    report = run_generate(settings, prompts, output_path(settings.generate.out, "file"),
+                          **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
     if report.up_to_date:
@@ -212,7 +218,7 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_score(settings, pairs, output_path(settings.score.out), **({"shard": part} if part else {}))
+    report = run_score(settings, pairs, output_path(settings.score.out, "file"), **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
     _print_summary(f"wrote {report.out}", {
@@ -253,7 +259,7 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
     if num_processes != 1:
         launch_train(num_processes, given_arguments(ctx, drop={"num_processes"}))
         return
-    report = train(settings, list(scored), output_path(settings.train.out))
+    report = train(settings, list(scored), output_path(settings.train.out, "directory"))
     if not report.main_process:
         return
     _print_summary(f"wrote {report.out}/final", {
@@ -363,7 +369,7 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     names = reward_names_of(pq.read_schema(scored[0]))  # column order: the order rewards were given in
     grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
                     else weight_grid(names, grid))
-    root = output_path(settings.train.out)
+    root = output_path(settings.train.out, "directory")
     labels: dict[str, dict[str, float]] = {}
     for weights in grid_vectors:
         label = "w-" + "-".join(f"{k}{v:.2f}" for k, v in weights.items())

@@ -45,6 +45,19 @@ def refuse_overwriting_input(out: Path, source: Path) -> None:
                          "another output path")
 
 
+def refuse_unwritable_output(out: Path, kind: str) -> None:
+    """An output a command could never write (a file output that is a directory, a directory output that is a
+    file, a parent that is a file): refused before the work, not at its end, when a rerun would fail the same."""
+    out = Path(out)
+    if kind == "file" and out.is_dir():
+        raise ModpoError(f"--out {out} is a directory; give the output file's path (e.g. {out / 'out.parquet'})")
+    if kind == "directory" and out.exists() and not out.is_dir():
+        raise ModpoError(f"--out {out} is a file; give a directory for the outputs")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ModpoError(f"--out {out}: {parent} is a file, not a directory")
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory, so that a rename inside it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)

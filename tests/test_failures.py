@@ -835,3 +835,23 @@ def test_a_device_this_machine_lacks_is_one_line(env, tmp_path, device, fragment
     """Any device name torch can parse got through: the first tensor on it raised a RuntimeError traceback."""
     inputs = env / ("prompts.jsonl" if command == "generate" else "scored.parquet")
     fails([command, inputs, *config(env), "--device", device, "--out", tmp_path / "out"], fragment)
+
+
+@pytest.mark.parametrize(("command", "out_is", "fragment"), [
+    ("generate", "directory", "is a directory; give the output file's path"),
+    ("score", "directory", "is a directory; give the output file's path"),
+    ("train", "file", "is a file; give a directory for the outputs"),
+    ("score", "under a file", "is a file, not a directory"),
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(env, tmp_path, command, out_is, fragment):
+    """generate and score sampled and scored everything, then failed to write, saying to rerun the same command
+    (which failed again the same way); train trained to the end, then failed on the file in its way."""
+    out = tmp_path / "out"
+    if out_is == "directory":
+        out.mkdir()
+    else:
+        out.write_text("in the way\n")
+        out = out / "scored.parquet" if out_is == "under a file" else out
+    inputs = {"generate": "prompts.jsonl", "score": "pairs.parquet", "train": "scored.parquet"}[command]
+    fails([command, env / inputs, *config(env), "--out", out], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work started (no parts beside it)
