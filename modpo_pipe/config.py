@@ -377,7 +377,13 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
             values[name].update(_section_from_mapping(name, table, str(path), path.parent.resolve()))
     for name, given in (overrides or {}).items():
         given = {k: v for k, v in given.items() if v is not None}
-        values[name].update(_section_from_mapping(name, given, "command line", Path.cwd()))
+        from_flags = _section_from_mapping(name, given, "command line", Path.cwd())
+        for key, table in from_flags.items():
+            dropped = [k for k in values[name].get(key, {}) if k not in table] if isinstance(table, dict) else []
+            if dropped:  # replacing is how a flag picks a subset, but a user adding one entry loses the others
+                print(f"WARNING: {path}: [{name}].{key} from the command line replaces the file's table; not used: "
+                      f"{', '.join(dropped)}", file=sys.stderr)
+        values[name].update(from_flags)
     sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
     settings = Settings(**sections, config_path=path)
     validate(settings)
@@ -543,7 +549,8 @@ def reference_markdown() -> str:
         "[generate], [score] and [train] flags with their section as prefix (`--train-beta 0.2`,",
         "`--score-reward NAME=SPEC`), and set each round's outputs, `[train].policy` and `[train].reward_stats`",
         "themselves. Tables (`[score.rewards]`, `[train.weights]`) take `NAME=VALUE` flags, repeated or",
-        "comma-separated; a boolean's flag also has a `--no-` form (`--no-chat-template`).",
+        "comma-separated, and replace the file's table whole (a warning names the entries left out); a",
+        "boolean's flag also has a `--no-` form (`--no-chat-template`).",
         "",
     ]
     for name, cls in SECTIONS.items():

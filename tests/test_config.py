@@ -562,3 +562,16 @@ def test_a_byte_order_mark_is_no_toml_error(tmp_path):
     path = tmp_path / "modpo.toml"
     path.write_bytes(b"\xef\xbb\xbf[train]\nbeta = 0.3\n")
     assert cfg.load_settings(path).train.beta == 0.3
+
+
+def test_a_table_flag_that_drops_entries_of_the_file_says_so(tmp_path, capsys):
+    """`score --reward c=SPEC` replaced [score.rewards] whole: the file's other rewards went unscored, unsaid."""
+    path = tmp_path / "modpo.toml"
+    path.write_text('[score.rewards]\nrm = "some/rm"\nlength = "py:m.py:length"\n[train.weights]\nrm = 1.0\n')
+    settings = cfg.load_settings(path, {"score": {"rewards": {"c": "py:m.py:c"}}})
+    assert list(settings.score.rewards) == ["c"]  # replacing is how a flag picks a subset of the rewards
+    err = capsys.readouterr().err
+    assert "[score].rewards from the command line replaces the file's table; not used: rm, length" in err
+    cfg.load_settings(path, {"score": {"rewards": {"rm": "other/rm", "length": "py:m.py:length", "c": "py:m.py:c"}},
+                         "train": {"weights": {"rm": 0.5}}})
+    assert capsys.readouterr().err == ""  # nothing of the file's tables left out
