@@ -61,6 +61,8 @@ def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
     folder). A dataset that is neither cached nor downloadable is one line, saying so."""
     from datasets import load_dataset
 
+    if Path(source).is_dir():
+        _refuse_mixed_formats(Path(source))
     try:
         ds = load_dataset(source, split=fields.split or None)
     except (ConnectionError, FileNotFoundError) as e:
@@ -86,6 +88,21 @@ def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
     keep = [c for c in (fields.id, *wanted) if c in columns]
     return [(f"{source} [{fields.split}]: row {i}", _without_trailing_reply(row, fields.messages))
             for i, row in enumerate(ds.select_columns(keep))]
+
+
+def _refuse_mixed_formats(folder: Path) -> None:
+    """load_dataset reads a folder's files of one format and drops the others without a word (prompts lost)."""
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+             ".arrow": "arrow"}
+    by_kind: dict[str, list[str]] = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.name.startswith(".") and f.suffix in kinds:
+            by_kind.setdefault(kinds[f.suffix], []).append(str(f.relative_to(folder)))
+    if len(by_kind) > 1:
+        listing = "; ".join(f"{kind}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3
+                                                                   else "") for kind, names in by_kind.items())
+        raise ModpoError(f"{folder}: holds data files of {len(by_kind)} formats ({listing}), and a dataset folder is "
+                         "read in one format, the others dropped: keep one format in the folder")
 
 
 def _without_trailing_reply(row: Any, messages_field: str) -> Any:
@@ -184,6 +201,15 @@ def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
             table = pq.read_table(path)
         except Exception as e:
             raise ModpoError(f"{path}: not a readable Parquet file: {e}") from None
+        from modpo_pipe.schema import METADATA_KEY
+
+        try:
+            stage = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}")).get("stage")
+        except (ValueError, AttributeError):  # another writer's metadata under our key: read as plain Parquet
+            stage = None
+        if stage:  # its prompts are rendered with the chat template already, its ids in prompt_id
+            raise ModpoError(f"{path}: a {stage!r} file written by modpo-pipe, not a prompts file; give the prompts "
+                             f"it was made from (its metadata names them: modpo-pipe inspect {path})")
         return [(f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist())]
     # JSONL: split on "\n" only (U+2028 and friends are legal inside JSON strings), decode line by line so
     # a bad line is an error of that line (skippable with skip_invalid) rather than of the whole file.
@@ -204,6 +230,9 @@ def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
             rows.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
             rows.append((where, ModpoError(f"{where}: invalid JSON: {e.msg}")))
+        except (ValueError, RecursionError) as e:  # an integer of over 4300 digits; nesting deeper than Python's stack
+            rows.append((where, ModpoError(f"{where}: JSON this reader refuses ({type(e).__name__}: "
+                                           f"{str(e).splitlines()[0][:120]})")))
     return rows
 
 

@@ -291,3 +291,35 @@ def test_no_chat_template(tiny):
     assert text == "Hello" and ids == tok("Hello")["input_ids"]
     with pytest.raises(ModpoError, match="prompt 'b' is a chat but the policy's tokenizer has no chat template"):
         render(PromptRecord("b", messages=CHAT), tok, use_chat_template=True)
+
+
+def test_a_folder_of_data_files_in_several_formats_is_refused(tmp_path):
+    """load_dataset read the folder's files of one format and dropped the others: 2 of 3 prompts lost, unsaid."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    pq.write_table(pa.table({"id": ["c"], "prompt": ["z"]}), folder / "c.parquet")
+    message = prompt_error(folder)
+    assert message.startswith(f"{folder}: holds data files of 2 formats (json: a.jsonl; parquet: c.parquet)")
+    (folder / "c.parquet").unlink()
+    write_jsonl(folder / "b.json", [{"id": "d", "prompt": "w"}])  # .json and .jsonl: both read as json
+    assert [r.id for r in read_prompts(folder)[0]] == ["a", "b", "d"]
+
+
+@pytest.mark.parametrize("stage", ["pairs", "scored"])
+def test_a_file_of_the_pipeline_is_no_prompts_file(tmp_path, stage):
+    """A pairs file read as prompts: its rendered prompts were rendered again, its ids replaced by row numbers."""
+    path = tmp_path / f"{stage}.parquet"
+    table = pa.table({"prompt_id": ["p0"], "prompt": ["<|im_start|>user\nHi<|im_end|>\n"]})
+    pq.write_table(table.replace_schema_metadata({b"modpo_pipe": json.dumps({"stage": stage}).encode()}), path)
+    assert prompt_error(path).startswith(f"{path}: a {stage!r} file written by modpo-pipe, not a prompts file")
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('{"id": "a", "prompt": "x", "n": ' + "9" * 5000 + "}", "JSON this reader refuses (ValueError: "),
+    ('{"id": "a", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON this reader refuses (RecursionError: "),
+])
+def test_json_python_will_not_read_is_an_error_of_its_line(tmp_path, line, fragment):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "fine"}, line])
+    assert prompt_error(path).startswith(f"{path}:2: {fragment}")
+    assert [r.id for r in read_prompts(path, skip_invalid=True)[0]] == ["ok"]  # skippable, as any bad line
