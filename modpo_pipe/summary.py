@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,21 @@ from modpo_pipe.errors import ModpoError
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:  # a shard whose groups all went to other shards or were dropped
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values),
-            "max": max(values)}
+    """Mean, std, min and max of the finite values; NaN and infinities (which train refuses, and which inspect is
+    there to find) counted apart."""
+    finite = [v for v in values if math.isfinite(v)]
+    stats: dict[str, float | None] = {"mean": None, "std": None, "min": None, "max": None}
+    if finite:  # (none: a shard whose groups all went to other shards or were dropped)
+        stats = {"mean": statistics.fmean(finite), "std": statistics.pstdev(finite), "min": min(finite),
+                 "max": max(finite)}
+    if len(finite) < len(values):
+        stats["non_finite"] = len(values) - len(finite)
+    return stats
 
 
 def _mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -51,8 +59,8 @@ def summarize(path: Path) -> dict[str, Any]:
         pairs = [(g, r) for g, r in zip(gen, ref) if g is not None]
         if pairs:
             # In a round whose sampler is the reference, this measures sampler/trainer numerical drift.
-            gaps = [abs(g - r) for g, r in pairs]
-            summary["gen_vs_ref_logp"] = {"responses": len(pairs), "mean_abs_gap": statistics.fmean(gaps),
-                                          "max_abs_gap": max(gaps)}
+            gaps = [abs(g - r) for g, r in pairs if math.isfinite(g - r)]
+            summary["gen_vs_ref_logp"] = {"responses": len(gaps), "mean_abs_gap": _mean(gaps),
+                                          "max_abs_gap": max(gaps, default=None)}
     summary["metadata"] = meta
     return summary

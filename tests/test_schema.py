@@ -478,3 +478,26 @@ def test_a_file_damaged_on_disk_is_refused_not_read(tmp_path):
             with pytest.raises(ModpoError, match="not a readable Parquet file"):
                 schema.read_columns(damaged, "scored", expected.column_names)
     assert silent > 10  # the damage a plain read takes for data
+
+
+def test_inspect_counts_the_non_finite_values_train_refuses(tmp_path):
+    """inspect, the tool to find what is wrong with a file, ended in an AttributeError traceback on a NaN or an
+    infinity (statistics.pstdev); train refuses such a file by name, and inspect now shows where."""
+    table = scored_table(4)
+    rewards = table.column(schema.reward_column(REWARD_NAMES[0])).to_pylist()
+    rewards[0][0], rewards[1][2] = float("nan"), float("inf")
+    refs = table.column("ref_logps").to_pylist()
+    refs[2][1] = float("-inf")
+    table = table.set_column(table.schema.get_field_index(schema.reward_column(REWARD_NAMES[0])),
+                             schema.reward_column(REWARD_NAMES[0]), pa.array(rewards, pa.list_(pa.float32())))
+    table = table.set_column(table.schema.get_field_index("ref_logps"), "ref_logps",
+                             pa.array(refs, pa.list_(pa.float32())))
+    path = write_raw(table, tmp_path / "scored.parquet", "scored")
+    result = runner.invoke(app, ["inspect", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    reward = summary["rewards"][REWARD_NAMES[0]]
+    assert reward["non_finite"] == 2 and reward["min"] == -3 and reward["max"] == 3  # over the 10 finite values
+    assert summary["ref_logp"]["non_finite"] == 1 and summary["ref_logp"]["min"] == -4.5
+    assert "non_finite" not in summary["rewards"][REWARD_NAMES[1]]
+    assert "NaN" not in result.stdout and "Infinity" not in result.stdout  # strict JSON: margins over finite pairs
