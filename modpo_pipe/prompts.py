@@ -283,8 +283,13 @@ def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool,
     if record.messages is not None and not has_template:
         raise ModpoError(f"prompt {record.id!r} is a chat but the policy's tokenizer has no chat template")
     if record.messages is not None or (use_chat_template and has_template):
+        from jinja2.exceptions import TemplateError
+
         messages = record.messages or [{"role": "user", "content": record.prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:  # real templates refuse roles that do not alternate, or a system message
+            raise ModpoError(f"prompt {record.id!r}: the policy's chat template refuses it: {e}") from None
         # The template writes its own special tokens (BOS included); adding them again would double them.
         special = False
     else:

@@ -186,8 +186,14 @@ class ModelReward(Reward):
         def length(messages: list[dict[str, str]]) -> int:
             return len(self.encode([self.render(RewardInput(messages, x.response))])["input_ids"][0])
 
-        if length(x.messages) <= self.max_length:
-            return x
+        from jinja2.exceptions import TemplateError
+
+        try:
+            if length(x.messages) <= self.max_length:
+                return x
+        except TemplateError as e:  # real templates refuse roles that do not alternate, or a system message
+            raise ModpoError(f"reward {self.name!r} ({self.spec}): {where}: the reward model's chat template "
+                             f"refuses this conversation: {e}") from None
         messages = fit_messages(x.messages, length, self.max_length, self.tokenizer)
         if messages is None:
             raise ModpoError(f"reward {self.name!r} ({self.spec}): {where}: the response alone is longer than the "

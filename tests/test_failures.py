@@ -855,3 +855,32 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(env, t
     inputs = {"generate": "prompts.jsonl", "score": "pairs.parquet", "train": "scored.parquet"}[command]
     fails([command, env / inputs, *config(env), "--out", out], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no work started (no parts beside it)
+
+
+STRICT_TEMPLATE = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_the_chat_template_refuses_is_a_bad_row(env, tiny, tmp_path):
+    """Real templates (Llama 2, Mistral, Gemma) refuse roles that do not alternate: a jinja2 TemplateError
+    traceback that named no prompt, in generate (even with --skip-invalid) and in score."""
+    strict = Path(shutil.copytree(tiny.policy, tmp_path / "strict"))
+    (strict / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "two-users", "messages": [{"role": "user", "content": "q"},
+                                                                   {"role": "user", "content": "q2"}]}) + "\n"
+                       + json.dumps({"id": "fine", "prompt": "Hello?"}) + "\n")
+    generate = ["generate", prompts, *config(env), "--policy", strict, "--out", tmp_path / "pairs.parquet"]
+    fails(generate, "prompt 'two-users': the policy's chat template refuses it: Conversation roles must alternate")
+    output = ok([*generate, "--skip-invalid"])
+    assert [r["prompt_id"] for r in pq.read_table(tmp_path / "pairs.parquet").to_pylist()] == ["fine"]
+    assert schema.read_metadata(tmp_path / "pairs.parquet")["counts"]["skipped_invalid"] == 1, output
+    # the reward model's template, on a conversation the policy's template took
+    ok(["generate", prompts, *config(env), "--out", tmp_path / "loose.parquet"])
+    reward = Path(shutil.copytree(tiny.reward, tmp_path / "strict-reward"))
+    (reward / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    fails(["score", tmp_path / "loose.parquet", *config(env), "--reward", f"rm={reward}",
+           "--out", tmp_path / "scored.parquet"],
+          "the reward model's chat template refuses this conversation: Conversation roles must alternate")

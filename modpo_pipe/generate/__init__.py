@@ -72,18 +72,25 @@ def require_prompts(records: list, prompts_path: Path, settings: Settings, limit
                          f"{g.max_prompt_tokens}, policy context {context}, max_new_tokens={g.max_new_tokens})")
 
 
-def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | None = None,
+def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | None = None, stats=None,
                    ) -> tuple[list, list[str], list[list[int]], int, int]:
     """Render and tokenise prompts, applying the long-prompt policy to prompts longer than `max_tokens`
-    (default [generate].max_prompt_tokens); returns the kept records too."""
+    (default [generate].max_prompt_tokens); returns the kept records too. A prompt the chat template refuses is
+    an error, or with [generate].skip_invalid a skipped row, counted in `stats` (prompts.PromptStats)."""
     g = settings.generate
     limit = g.max_prompt_tokens if max_tokens is None else max_tokens
     kept, texts, ids_list = [], [], []
-    dropped = truncated = 0
+    dropped = truncated = refused = 0
     from modpo_pipe.prompts import render
 
     for record in records:
-        text, ids = render(record, tokenizer, g.chat_template, limit)
+        try:
+            text, ids = render(record, tokenizer, g.chat_template, limit)
+        except ModpoError:  # a prompt the chat template refuses: a bad row, skipped with the others when asked
+            if not g.skip_invalid:
+                raise
+            refused += 1
+            continue
         if len(ids) > limit:
             shortened = shorten_prompt(record, tokenizer, g.chat_template, limit) if g.long_prompts == "truncate" \
                 else None
@@ -96,6 +103,11 @@ def render_prompts(records, tokenizer, settings: Settings, max_tokens: int | Non
         kept.append(record)
         texts.append(text)
         ids_list.append(ids)
+    if refused and stats is not None:
+        stats.skipped_invalid += refused
+        stats.read -= refused
+    if refused and not kept and not dropped:
+        raise ModpoError(f"the policy's chat template refuses every prompt ({refused} skipped as invalid)")
     return kept, texts, ids_list, dropped, truncated
 
 
@@ -242,7 +254,8 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     backend = choose_backend(g.backend)
     context = context_length(g.policy, m.trust_remote_code)
     limit = prompt_token_limit(settings, context, backend)
-    records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit)
+    records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit,
+                                                                           prompt_stats)
     require_prompts(records, prompts_path, settings, limit, context)
     n = g.samples_per_prompt
     sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
