@@ -211,9 +211,14 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
                 raise ModpoError(f"--weights / [train].weights: {e} (file {path})") from None
             if normalize == "zscore":
                 source = stats_path or path
-                stats = reward_stats.from_metadata(read_scored_meta(source) if stats_path else meta, names, source)
+                stats_meta = read_scored_meta(source) if stats_path else meta
+                if stats_path:
+                    same_scorers(stats_meta, meta, names, source, path, reference=False)
+                stats = reward_stats.from_metadata(stats_meta, names, source)
         elif sorted(file_names) != sorted(names):
             raise ModpoError(f"{path}: rewards {file_names} differ from {paths[0]}'s {names}")
+        else:
+            same_scorers(meta, first_meta, names, path, paths[0])
         if meta["tokenizer_fingerprint"] != first_meta["tokenizer_fingerprint"]:
             raise ModpoError(f"{path}: tokenised with another tokenizer than {paths[0]}")
         numbers = [schema.reward_column(n) for n in names] + [schema.REF_COLUMN[0]]
@@ -270,6 +275,22 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         torch.cumsum(torch.cat([zero, torch.tensor(pair_counts, dtype=torch.int64)]), 0), names,
         {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids, pairing,
     )
+
+
+def same_scorers(meta: dict[str, Any], other: dict[str, Any], names: list[str], path: Path, other_path: Path,
+                 reference: bool = True) -> None:
+    """Two scored files trained on together: the same reward model behind every name, and (`reference`) the same
+    reference: one loss mixing two would aim at no one target. The file whose statistics z-score the rewards
+    needs only the reward models."""
+    for name in names:
+        mine, theirs = meta["rewards"].get(name, {}), other["rewards"].get(name, {})
+        if mine.get("fingerprint") != theirs.get("fingerprint"):
+            raise ModpoError(f"{path}: reward {name!r} was scored with {mine.get('spec')!r}, in {other_path} with "
+                             f"{theirs.get('spec')!r} (other contents): one name, two reward models")
+    mine, theirs = meta.get("ref", {}), other.get("ref", {})
+    if reference and mine.get("fingerprint") != theirs.get("fingerprint"):
+        raise ModpoError(f"{path}: scored against the reference {mine.get('path')!r}, {other_path} against "
+                         f"{theirs.get('path')!r} (other contents): their log-ratios measure from two references")
 
 
 def check_vocabulary(paths: list[Path], data: TrainingGroups, vocab_size: int) -> None:

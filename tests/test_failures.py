@@ -884,3 +884,28 @@ def test_a_chat_the_chat_template_refuses_is_a_bad_row(env, tiny, tmp_path):
     fails(["score", tmp_path / "loose.parquet", *config(env), "--reward", f"rm={reward}",
            "--out", tmp_path / "scored.parquet"],
           "the reward model's chat template refuses this conversation: Conversation roles must alternate")
+
+
+def test_train_refuses_files_scored_by_other_reward_models_or_another_reference(env, tiny, tmp_path):
+    """train compared the files' reward names only: one name could stand for two reward models, and two files
+    scored against two references trained as one target, silently (the run itself never mixes them)."""
+    prompts = tmp_path / "more.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    ok(["generate", prompts, *config(env), "--out", tmp_path / "pairs.parquet"])
+    other_fn = tmp_path / "other.py"
+    other_fn.write_text("def length(prompts, responses):\n    return [len(r) / 5.0 for r in responses]\n")
+    ok(["score", tmp_path / "pairs.parquet", *config(env), "--reward", f"length=py:{other_fn}:length",
+        "--out", tmp_path / "swapped.parquet"])
+    train = ["train", env / "scored.parquet", *config(env), "--out", tmp_path / "x"]
+    fails([*train[:2], tmp_path / "swapped.parquet", *train[2:]],
+          f"reward 'length' was scored with 'py:{other_fn}:length', in {env / 'scored.parquet'} with")
+    other_ref = Path(shutil.copytree(tiny.policy, tmp_path / "other-ref"))
+    config_json = json.loads((other_ref / "config.json").read_text())
+    (other_ref / "config.json").write_text(json.dumps({**config_json, "note": "another copy"}))
+    ok(["score", tmp_path / "pairs.parquet", *config(env), "--ref", other_ref, "--out", tmp_path / "ref.parquet"])
+    fails([*train[:2], tmp_path / "ref.parquet", *train[2:]], f"scored against the reference '{other_ref}'")
+    ok(["score", tmp_path / "pairs.parquet", *config(env), "--out", tmp_path / "same.parquet"])
+    ok([*train[:2], tmp_path / "same.parquet", *train[2:]])  # same reward models, same reference: one target
+    # the file whose statistics z-score the rewards: the same reward models, whatever its reference
+    fails([*train, "--reward-stats", tmp_path / "swapped.parquet"], "one name, two reward models")
+    ok([*train[:-1], tmp_path / "y", "--reward-stats", tmp_path / "ref.parquet"])
