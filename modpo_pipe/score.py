@@ -73,6 +73,12 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     specs = {name: {"spec": spec, "fingerprint": callables[name].fingerprint() if name in callables
                     else models.fingerprint(spec)} for name, spec in s.rewards.items()}
     ref_identity = {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")}
+    sampled_with = pairs_meta["policy"].get("fingerprint")
+    if not s.ref and sampled_with and Path(ref_path).is_dir() and ref_identity["fingerprint"] != sampled_with:
+        # The reference defaults to the policy that sampled: another model in its place is no such reference. (A
+        # local directory only: a Hub id's cached snapshot may have held only its tokenizer when generate looked.)
+        raise ModpoError(f"{pairs_path}: the policy that sampled it, {ref_path}, has changed since (other contents); "
+                         "give the reference explicitly ([score].ref / --ref) to score against what is there now")
     n = table.num_rows
     chunks = parts.chunk_ranges(n, s.shard_size)
     out_file = shards.shard_path(out, shard) if shard else out

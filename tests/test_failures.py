@@ -909,3 +909,16 @@ def test_train_refuses_files_scored_by_other_reward_models_or_another_reference(
     # the file whose statistics z-score the rewards: the same reward models, whatever its reference
     fails([*train, "--reward-stats", tmp_path / "swapped.parquet"], "one name, two reward models")
     ok([*train[:-1], tmp_path / "y", "--reward-stats", tmp_path / "ref.parquet"])
+
+
+def test_score_refuses_a_sampling_policy_changed_since_as_its_reference(env, tiny, tmp_path):
+    """With no --ref, score loads the policy the pairs file names; a directory overwritten since (a checkpoint
+    saved in place) became the reference silently, another model than the one that sampled."""
+    policy = Path(shutil.copytree(tiny.policy, tmp_path / "policy"))
+    ok(["generate", env / "prompts.jsonl", *config(env), "--policy", policy, "--out", tmp_path / "pairs.parquet"])
+    config_json = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config_json, "note": "saved again"}))
+    score = ["score", tmp_path / "pairs.parquet", *config(env), "--out", tmp_path / "scored.parquet"]
+    fails(score, f"the policy that sampled it, {policy}, has changed since (other contents); give the reference "
+                 "explicitly")
+    ok([*score, "--ref", policy])  # what is there now, asked for by name
