@@ -142,14 +142,17 @@ def _check_unicode(obj: Any, where: str) -> None:
             _check_unicode(value, where)
 
 
-def _record(obj: Any, where: str, index: int) -> PromptRecord:
+def _record(obj: Any, where: str, index: int, fields: PromptFields | None = None) -> PromptRecord:
+    """A row (its fields under our names, PromptFields.remap) as a record; errors name the fields as the file
+    spells them."""
+    f = fields or PromptFields()
     if not isinstance(obj, dict):
-        raise ModpoError(f"{where}: expected an object with 'prompt' or 'messages'")
+        raise ModpoError(f"{where}: expected an object with {f.prompt!r} or {f.messages!r}")
     _check_unicode([obj.get("id"), obj.get("prompt"), obj.get("messages")], where)  # what a record keeps
     pid = obj.get("id")
     pid = f"row-{index:06d}" if pid is None else str(pid)
     if not pid.strip():  # an empty id names nothing in the Parquet files and their errors
-        raise ModpoError(f"{where}: field 'id' is empty; give the row an id or leave the field out")
+        raise ModpoError(f"{where}: field {f.id!r} is empty; give the row an id or leave the field out")
     if "messages" in obj and obj["messages"] is not None:
         messages = obj["messages"]
         if (
@@ -158,21 +161,21 @@ def _record(obj: Any, where: str, index: int) -> PromptRecord:
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                        and isinstance(m.get("content"), str) for m in messages)
         ):
-            raise ModpoError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
+            raise ModpoError(f"{where}: {f.messages!r} must be a non-empty list of {{role, content}} strings")
         if messages[-1]["role"] == "assistant":  # _without_trailing_reply left it: assistant turns only
-            raise ModpoError(f"{where}: 'messages' holds assistant turns only; the policy writes the reply, so a "
+            raise ModpoError(f"{where}: {f.messages!r} holds assistant turns only; the policy writes the reply, so a "
                              "chat needs a turn before it")
         if not any(m["content"].strip() for m in messages if m["role"] != "system"):
             # The policy would answer a system message alone: not a prompt anyone wrote.
-            raise ModpoError(f"{where}: 'messages' has no text besides a system message")
+            raise ModpoError(f"{where}: {f.messages!r} has no text besides a system message")
         return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
     if "prompt" not in obj:
-        raise ModpoError(f"{where}: missing field 'prompt' (or 'messages')")
+        raise ModpoError(f"{where}: missing field {f.prompt!r} (or {f.messages!r})")
     prompt = obj["prompt"]
     if not isinstance(prompt, str):
-        raise ModpoError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
+        raise ModpoError(f"{where}: field {f.prompt!r} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
-        raise ModpoError(f"{where}: field 'prompt' is empty")
+        raise ModpoError(f"{where}: field {f.prompt!r} is empty")
     return PromptRecord(pid, prompt=prompt)
 
 
@@ -255,7 +258,7 @@ def read_prompts(path: Path, skip_invalid: bool = False,
         try:
             if isinstance(obj, ModpoError):
                 raise obj
-            record = _record(_without_trailing_reply(fields.remap(obj), "messages"), where, index)
+            record = _record(_without_trailing_reply(fields.remap(obj), "messages"), where, index, fields)
             if record.id in seen:
                 raise ModpoError(f"{where}: duplicate id {record.id!r} (first at {seen[record.id]})")
         except ModpoError:

@@ -323,3 +323,13 @@ def test_json_python_will_not_read_is_an_error_of_its_line(tmp_path, line, fragm
     path = write_jsonl(tmp_path / "p.jsonl", [{"id": "ok", "prompt": "fine"}, line])
     assert prompt_error(path).startswith(f"{path}:2: {fragment}")
     assert [r.id for r in read_prompts(path, skip_invalid=True)[0]] == ["ok"]  # skippable, as any bad line
+
+
+def test_errors_name_the_fields_as_configured(tmp_path):
+    """With --prompt-field text, a row without it was said to miss 'prompt', the field it did have."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "x"}])
+    with pytest.raises(ModpoError, match=r":1: missing field 'text' \(or 'chat'\)$"):
+        read_prompts(path, fields=PromptFields(prompt="text", messages="chat"))
+    path = write_jsonl(tmp_path / "q.jsonl", [{"key": "", "text": "x"}])
+    with pytest.raises(ModpoError, match=r":1: field 'key' is empty"):
+        read_prompts(path, fields=PromptFields(prompt="text", id="key"))
