@@ -412,6 +412,9 @@ _CHOICES = {
 }
 
 
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # the smallest normal and the largest
+
+
 def validate(s: Settings) -> None:
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(s, section), key)
@@ -433,6 +436,9 @@ def validate(s: Settings) -> None:
     for section, key, value in positive:
         if value <= 0:
             raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    if not FLOAT32_TINY <= t.beta <= FLOAT32_MAX:  # the loss runs in float32: 1e-300 became 0 and trained nothing
+        raise ModpoError(f"[train].beta must be a float32 number, {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}; "
+                         f"got {t.beta}")
     non_negative = [
         ("train", "lora_r", t.lora_r), ("train", "lora_layers", t.lora_layers), ("train", "save_every", t.save_every),
         ("train", "max_grad_norm", t.max_grad_norm), ("train", "weight_decay", t.weight_decay),

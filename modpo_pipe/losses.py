@@ -53,8 +53,9 @@ def normalise_weights(weights: dict[str, float], names: list[str]) -> torch.Tens
         unknown = sorted(set(weights) - set(names))
         raise ValueError(f"weights must name exactly the rewards {names}; missing {missing}, unknown {unknown}")
     w = torch.tensor([float(weights[n]) for n in names], dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum; got {weights}")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite and >= 0 with a positive sum; got {weights}")
+    w = w / w.max()  # first: weights near the float64 limit summed to infinity, and every weight became 0
     return (w / w.sum()).to(torch.float32)
 
 

@@ -196,7 +196,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
     first_meta: dict[str, Any] = {}
     stats: reward_stats.RewardStats | None = None
     w = None
-    dropped = 0
+    dropped = tied = 0
     offset = 0  # responses kept before this file
     for path in paths:
         meta = read_scored_meta(path)
@@ -243,6 +243,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
                 a = int(start[row])
                 pairs, same = group_pairs(ids, score[a: a + len(ids)].tolist(), pairing)
                 dropped += same
+                tied += pairing == "max-min" and not pairs and not same
                 keep_group.append(bool(pairs))
                 if pairs:
                     firsts.append(torch.tensor([i for i, _ in pairs]) + offset)
@@ -262,6 +263,10 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         fingerprints.append(f"{meta['created']}:{table.num_rows}:{meta.get('ref', {}).get('fingerprint')}")
     if len(set(group_ids)) != len(group_ids):
         raise ModpoError("the scored files share group_ids: the same groups given twice")
+    if not group_ids and tied:
+        raise ModpoError(f"no pairs left to train on: in {tied} groups every response has the same weighted reward, "
+                         "and max-min pairs a highest with a lower one (a constant reward, or all weight on one): "
+                         "check [train].weights, or pair them all ([train].pairs = all)")
     if not group_ids:
         raise ModpoError(f"no pairs left to train on ({dropped} had identical responses): a policy that samples "
                          "one reply per prompt has collapsed; a lower [train].lr or a higher [train].beta avoids it")

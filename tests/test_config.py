@@ -474,6 +474,10 @@ def test_top_p_of_one_is_allowed():
         ("generate", "vllm_tensor_parallel_size", 0, "[generate].vllm_tensor_parallel_size must be > 0"),
         ("generate", "vllm_gpu_memory_utilization", 1.5, "[generate].vllm_gpu_memory_utilization must be in (0, 1]"),
         ("generate", "vllm_max_model_len", -1, "[generate].vllm_max_model_len must be >= 0"),
+        # The loss runs in float32: beta 1e-300 became 0 (every gradient 0, the policy unchanged, exit 0), and 1e300
+        # a non-finite loss blamed on the learning rate.
+        ("train", "beta", 1e-300, "[train].beta must be a float32 number"),
+        ("train", "beta", 1e300, "[train].beta must be a float32 number"),
     ],
 )
 def test_out_of_range_values(section, key, value, fragment):

@@ -922,3 +922,12 @@ def test_score_refuses_a_sampling_policy_changed_since_as_its_reference(env, tin
     fails(score, f"the policy that sampled it, {policy}, has changed since (other contents); give the reference "
                  "explicitly")
     ok([*score, "--ref", policy])  # what is there now, asked for by name
+
+
+def test_max_min_pairs_of_a_constant_reward_say_the_rewards_tie(env, tmp_path):
+    """The error blamed a collapsed policy and its learning rate: nothing had collapsed, the rewards tied."""
+    fn = tmp_path / "const.py"
+    fn.write_text("def const(prompts, responses):\n    return [1.0] * len(responses)\n")
+    ok(["score", env / "pairs.parquet", *config(env), "--reward", f"c=py:{fn}:const", "--out", tmp_path / "s.parquet"])
+    fails(["train", tmp_path / "s.parquet", *config(env), "--pairs", "max-min", "--out", tmp_path / "x"],
+          "no pairs left to train on: in 6 groups every response has the same weighted reward")

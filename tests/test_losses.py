@@ -76,6 +76,10 @@ def test_normalise_weights():
         normalise_weights({"a": 0.0, "b": 0.0}, ["a", "b"])
     # a zero weight is fine (no division by a preference weight, unlike the reference MODPO code)
     assert torch.allclose(normalise_weights({"a": 0.0, "b": 2.0}, ["a", "b"]), torch.tensor([0.0, 1.0]))
+    # weights whose sum overflows float64 came out all 0 (w / inf), and the loss trained toward nothing
+    assert torch.allclose(normalise_weights({"a": 1e308, "b": 1e308}, ["a", "b"]), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="finite"):
+        normalise_weights({"a": float("inf"), "b": 1.0}, ["a", "b"])
 
 
 def test_zscore_uses_stored_stats_and_handles_constant_reward():
