@@ -357,6 +357,7 @@ def merge_command(
         extra_option("vectors", Optional[list[str]], None, "--vector",
                      "A weight vector NAME=W,NAME=W (repeatable); overrides --grid."),
     ),
+    skip=frozenset({("train", "weights")}),  # the sweep sets each policy's weights: --weights was ignored
 )
 def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors: list[str] | None) -> None:
     import pyarrow.parquet as pq
@@ -367,6 +368,9 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
 
     read_metadata(scored[0])  # a missing or unreadable file: one line (train checks the rest)
     names = reward_names_of(pq.read_schema(scored[0]))  # column order: the order rewards were given in
+    if len(names) < 2 and not vectors:
+        raise ModpoError(f"{scored[0]}: holds one reward ({', '.join(names)}); a sweep trades rewards off, so it needs "
+                         "two or more (one reward: modpo-pipe train)")
     grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
                     else weight_grid(names, grid))
     root = output_path(settings.train.out, "directory")

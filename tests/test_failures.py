@@ -274,6 +274,17 @@ def test_sweep_refuses_a_grid_of_fewer_than_two_points(env, tmp_path, grid):
     assert not out.exists()
 
 
+def test_sweep_takes_no_weights_and_needs_two_rewards(env, tmp_path):
+    """sweep took --weights and ignored it (it sets each policy's weights), and on a one-reward file it blamed a
+    --vector nobody gave ("would both train into ...")."""
+    out = tmp_path / "sweep"
+    result = cli(["sweep", env / "scored.parquet", *config(env), "--weights", "length=1", "--out", out])
+    assert result.exit_code == 2 and "No such option: --weights" in result.output, result.output
+    fails(["sweep", env / "scored.parquet", *config(env), "--out", out],
+          "holds one reward (length); a sweep trades rewards off, so it needs two or more")
+    assert not out.exists()
+
+
 FRONT_FILES = [
     ("an-object", {"x": 1}, "expected a non-empty list of policy summaries"),
     ("empty-list", [], "expected a non-empty list of policy summaries"),
