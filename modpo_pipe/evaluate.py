@@ -49,15 +49,19 @@ class PolicySummary:
     prompt_rewards: dict[str, list[float]] = field(default_factory=dict)  # per eval prompt: the mean of its samples
 
 
-def trained_weights(policy: str) -> dict[str, float] | None:
+def policy_info(policy: str) -> dict[str, Any]:
+    """A trained policy's modpo_pipe.json (train and soup write it); {} for any other model."""
     info = Path(policy) / "modpo_pipe.json"
-    return json.loads(info.read_text()).get("weights") if info.is_file() else None
+    return storage.read_json_object(info) if info.is_file() else {}
+
+
+def trained_weights(policy: str) -> dict[str, float] | None:
+    return policy_info(policy).get("weights")
 
 
 def policy_family(policy: str) -> str:
     """Soups say so in their modpo_pipe.json; a policy with trained weights is MODPO's; anything else, other."""
-    info = Path(policy) / "modpo_pipe.json"
-    meta = json.loads(info.read_text()) if info.is_file() else {}
+    meta = policy_info(policy)
     return meta.get("family") or ("MODPO" if meta.get("weights") else "other")
 
 

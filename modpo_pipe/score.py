@@ -58,6 +58,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     if shards.SHARD_KEY in pairs_meta:
         raise ModpoError(f"{pairs_path} is one shard of a pairs file: join the shards first (modpo-pipe merge "
                          f"{pairs_path.parent})")
+    for key in ("policy", "tokenizer_fingerprint"):  # (a pairs file built outside the pipeline may lack them)
+        schema.metadata_key(pairs_meta, key, pairs_path)
     ref_path = s.ref or pairs_meta["policy"]["path"]
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)

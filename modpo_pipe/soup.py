@@ -45,7 +45,7 @@ def check_policy(path: Path) -> None:
 
 
 def _config(path: Path) -> dict[str, Any]:
-    return {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k not in _CONFIG_IGNORED}
+    return {k: v for k, v in storage.read_json_object(path / "config.json").items() if k not in _CONFIG_IGNORED}
 
 
 def _tensor_index(path: Path) -> dict[str, tuple[Path, list[int], str]]:
@@ -54,10 +54,13 @@ def _tensor_index(path: Path) -> dict[str, tuple[Path, list[int], str]]:
 
     index: dict[str, tuple[Path, list[int], str]] = {}
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                sl = f.get_slice(name)
-                index[name] = (file, list(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    sl = f.get_slice(name)
+                    index[name] = (file, list(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # safetensors' own SafetensorError: a truncated or damaged file
+            raise ModpoError(f"soup: {file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     return index
 
 
@@ -99,7 +102,7 @@ def interpolate(tensor_a: Any, tensor_b: Any, lam: float) -> Any:
 
 def _weights_info(path: Path) -> dict[str, Any]:
     info = path / "modpo_pipe.json"
-    return json.loads(info.read_text()) if info.is_file() else {}
+    return storage.read_json_object(info) if info.is_file() else {}
 
 
 def soup(a: Path, b: Path, lambdas: list[float], out: Path, trust_remote_code: bool = False) -> list[Path]:

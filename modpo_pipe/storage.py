@@ -58,6 +58,18 @@ def refuse_unwritable_output(out: Path, kind: str) -> None:
         raise ModpoError(f"--out {out}: {parent} is a file, not a directory")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model or checkpoint directory (config.json, modpo_pipe.json), or one line naming it:
+    a truncated or hand-edited one was a JSONDecodeError traceback."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModpoError(f"{path}: not valid JSON ({str(e).splitlines()[0]}): truncated or damaged") from None
+    if not isinstance(value, dict):
+        raise ModpoError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory, so that a rename inside it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)

@@ -17,7 +17,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, config, fails, ok, scored_env
+from conftest import cli, config, fails, ok, scored_env, write_unchecked
 
 from modpo_pipe import parts, schema
 from modpo_pipe.errors import ModpoError
@@ -942,3 +942,12 @@ def test_max_min_pairs_of_a_constant_reward_say_the_rewards_tie(env, tmp_path):
     ok(["score", env / "pairs.parquet", *config(env), "--reward", f"c=py:{fn}:const", "--out", tmp_path / "s.parquet"])
     fails(["train", tmp_path / "s.parquet", *config(env), "--pairs", "max-min", "--out", tmp_path / "x"],
           "no pairs left to train on: in 6 groups every response has the same weighted reward")
+
+
+def test_score_names_the_metadata_a_pairs_file_lacks(env, tmp_path):
+    """A pairs file built outside the pipeline with the schema's columns but not all of its metadata passed
+    validation, then score ended in KeyError: 'policy' (or 'tokenizer_fingerprint' with --ref)."""
+    table, meta = schema.read_table(env / "pairs.parquet", "pairs")
+    path = write_unchecked(table, {"schema_version": meta["schema_version"], "stage": "pairs"},
+                           tmp_path / "pairs.parquet")
+    fails(["score", path, *config(env), "--out", tmp_path / "s.parquet"], "metadata has no 'policy'")

@@ -171,3 +171,27 @@ def test_both_fronts_through_eval_and_front(tiny, tmp_path):
     svg = (tmp_path / "front.svg").read_text()
     for family in ("MODPO", "rewarded soups"):
         assert f"{family}: hypervolume {volumes[family]['hypervolume']:.3g}" in svg
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [
+    ("config.json", r"config.json: not valid JSON \(.*\): truncated or damaged"),
+    ("modpo_pipe.json", r"modpo_pipe.json: not valid JSON \(.*\): truncated or damaged"),
+    ("model.safetensors", r"model.safetensors: not a readable safetensors file"),
+])
+def test_soup_and_eval_name_a_damaged_file_of_a_policy(tiny, tmp_path, damage, fragment):
+    """soup and eval read these files themselves: a truncated one was a JSONDecodeError or SafetensorError
+    traceback (generate, score and train load through models.py, which names them)."""
+    damaged = Path(shutil.copytree(tiny.policy, tmp_path / "damaged"))
+    (damaged / "modpo_pipe.json").write_text(json.dumps({"weights": {"rm": 1.0}}))
+    data = (damaged / damage).read_bytes()
+    (damaged / damage).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModpoError, match=fragment):
+        soup(damaged, tiny.policy, [0.5], tmp_path / "s")
+    if damage == "modpo_pipe.json":
+        from modpo_pipe.evaluate import policy_family
+
+        with pytest.raises(ModpoError, match=fragment):
+            policy_family(str(damaged))
+        (damaged / "modpo_pipe.json").write_text("[]")
+        with pytest.raises(ModpoError, match="expected a JSON object, got list"):
+            policy_family(str(damaged))
