@@ -72,6 +72,9 @@ def from_metadata(meta: dict[str, Any], names: list[str], source: Path) -> Rewar
     std: dict[str, float] = {}
     for name in names:
         entry = rewards.get(name) if isinstance(rewards, dict) else None
+        if isinstance(rewards, dict) and name not in rewards:  # a good file, of other rewards
+            raise ModpoError(f"{source}: holds no statistics of reward {name!r}; it was scored with the rewards "
+                             f"{sorted(rewards)}")
         if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
             raise ModpoError(f"{source}: metadata has no 'rewards.{name}' mean and std: corrupt or not written by "
                              f"modpo-pipe" + ("" if isinstance(rewards, dict) and name in rewards

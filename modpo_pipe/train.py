@@ -288,7 +288,10 @@ def same_scorers(meta: dict[str, Any], other: dict[str, Any], names: list[str], 
     reference: one loss mixing two would aim at no one target. The file whose statistics z-score the rewards
     needs only the reward models."""
     for name in names:
-        mine, theirs = meta["rewards"].get(name, {}), other["rewards"].get(name, {})
+        if name not in meta["rewards"]:
+            raise ModpoError(f"{path}: holds no reward {name!r}; it was scored with the rewards "
+                             f"{sorted(meta['rewards'])}")
+        mine, theirs = meta["rewards"][name], other["rewards"].get(name, {})
         if mine.get("fingerprint") != theirs.get("fingerprint"):
             raise ModpoError(f"{path}: reward {name!r} was scored with {mine.get('spec')!r}, in {other_path} with "
                              f"{theirs.get('spec')!r} (other contents): one name, two reward models")

@@ -951,3 +951,14 @@ def test_score_names_the_metadata_a_pairs_file_lacks(env, tmp_path):
     path = write_unchecked(table, {"schema_version": meta["schema_version"], "stage": "pairs"},
                            tmp_path / "pairs.parquet")
     fails(["score", path, *config(env), "--out", tmp_path / "s.parquet"], "metadata has no 'policy'")
+
+
+def test_reward_stats_of_other_rewards_is_no_corrupt_file(env, tmp_path):
+    """--reward-stats naming a good scored file of other rewards was called 'corrupt or not written by
+    modpo-pipe'."""
+    fn = tmp_path / "const.py"
+    fn.write_text("def const(prompts, responses):\n    return [1.0] * len(responses)\n")
+    ok(["score", env / "pairs.parquet", *config(env), "--reward", f"c=py:{fn}:const", "--out", tmp_path / "s.parquet"])
+    output = fails(["train", env / "scored.parquet", *config(env), "--reward-stats", tmp_path / "s.parquet",
+                    "--out", tmp_path / "x"], "holds no reward 'length'; it was scored with the rewards ['c']")
+    assert "corrupt" not in output
