@@ -205,7 +205,7 @@ def validate_schema(schema: pa.Schema, stage: str, where: str) -> dict[str, Any]
         raise ModpoError(f"{where}: not a modpo-pipe file (no '{METADATA_KEY.decode()}' metadata)")
     meta = parse_metadata(raw, where)
     version = meta.get("schema_version")
-    if version not in READABLE_VERSIONS:
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:  # (True == 1 in Python)
         raise ModpoError(f"{where}: schema version {version!r} is not supported (this modpo-pipe reads "
                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     if meta.get("stage") != stage:

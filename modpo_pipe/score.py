@@ -61,10 +61,12 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     for key in ("policy", "tokenizer_fingerprint"):  # (a pairs file built outside the pipeline may lack them)
         schema.metadata_key(pairs_meta, key, pairs_path)
     ref_path = s.ref or pairs_meta["policy"]["path"]
+    # A reference not given is the policy the pairs file names: an error about it must not blame [score].ref.
+    ref_what = "[score].ref" if s.ref else f"the policy that sampled {pairs_path} (its default reference)"
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
 
-    tokenizer = models.load_tokenizer(ref_path, m.trust_remote_code, what="[score].ref")
+    tokenizer = models.load_tokenizer(ref_path, m.trust_remote_code, what=ref_what)
     if models.tokenizer_fingerprint(tokenizer) != pairs_meta["tokenizer_fingerprint"]:
         raise ModpoError(f"{pairs_path}: was tokenised with another tokenizer than the reference {ref_path}'s; "
                          "its stored ids would mean other tokens")
@@ -170,7 +172,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
 
     def load_ref():
         return models.load_causal_lm(ref_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-                                     what="[score].ref")
+                                     what=ref_what)
 
     def ref_rows(ref, c):
         prompts = [ids for ids, k in zip(column("prompt_ids", c), sizes(c)) for _ in range(k)]

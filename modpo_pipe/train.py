@@ -188,6 +188,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
     if not paths:
         raise ModpoError("train needs at least one scored file")
     group_ids: list[str] = []
+    group_file: dict[str, Path] = {}  # where each group was first seen
     prompts: list[pa.ChunkedArray] = []
     responses: list[pa.ChunkedArray] = []
     sizes: list[torch.Tensor] = []
@@ -254,15 +255,20 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         keep = torch.tensor(keep_group, dtype=torch.bool)
         keep_response = torch.repeat_interleave(keep, size)
         rows = table.filter(pa.array(keep_group)) if not all(keep_group) else table
-        group_ids += rows.column("group_id").to_pylist()
+        for group_id in rows.column("group_id").to_pylist():
+            if group_id in group_file:
+                raise ModpoError(
+                    f"{path}: group {group_id!r} is in {group_file[group_id]} too: the same groups given twice"
+                    + (" (or prompts without ids in both, numbered row-NNNNNN in each: give them ids)"
+                       if "/row-" in group_id or group_id.startswith("row-") else ""))
+            group_file[group_id] = path
+            group_ids.append(group_id)
         prompts.append(rows.column("prompt_ids"))
         responses.append(flat(rows.column("response_ids")))
         sizes.append(size[keep])
         refs.append(ref[keep_response])
         scores.append(score[keep_response])
         fingerprints.append(f"{meta['created']}:{table.num_rows}:{meta.get('ref', {}).get('fingerprint')}")
-    if len(set(group_ids)) != len(group_ids):
-        raise ModpoError("the scored files share group_ids: the same groups given twice")
     if not group_ids and tied:
         raise ModpoError(f"no pairs left to train on: in {tied} groups every response has the same weighted reward, "
                          "and max-min pairs a highest with a lower one (a constant reward, or all weight on one): "

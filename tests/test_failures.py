@@ -962,3 +962,26 @@ def test_reward_stats_of_other_rewards_is_no_corrupt_file(env, tmp_path):
     output = fails(["train", env / "scored.parquet", *config(env), "--reward-stats", tmp_path / "s.parquet",
                     "--out", tmp_path / "x"], "holds no reward 'length'; it was scored with the rewards ['c']")
     assert "corrupt" not in output
+
+
+def test_two_files_of_prompts_without_ids_say_why_their_groups_collide(env, tmp_path):
+    """Both files number their prompts row-000000, ...: train said only 'the scored files share group_ids'."""
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{name} {i}?"}) + "\n"
+                                                        for i in range(2)))
+        ok(["generate", tmp_path / f"{name}.jsonl", *config(env), "--out", tmp_path / f"{name}-pairs.parquet"])
+        ok(["score", tmp_path / f"{name}-pairs.parquet", *config(env), "--out", tmp_path / f"{name}.parquet"])
+    fails(["train", tmp_path / "a.parquet", tmp_path / "b.parquet", *config(env), "--out", tmp_path / "x"],
+          f"{tmp_path / 'b.parquet'}: group 'r0/row-000000' is in {tmp_path / 'a.parquet'} too: the same groups "
+          "given twice (or prompts without ids in both, numbered row-NNNNNN in each: give them ids)")
+
+
+def test_a_sampling_policy_gone_is_not_blamed_on_score_ref(env, tiny, tmp_path):
+    """With no --ref, the reference is the policy the pairs file names; when that directory was gone the error
+    named [score].ref, a setting the user never gave."""
+    policy = Path(shutil.copytree(tiny.policy, tmp_path / "policy"))
+    ok(["generate", env / "prompts.jsonl", *config(env), "--policy", policy, "--out", tmp_path / "pairs.parquet"])
+    shutil.rmtree(policy)
+    output = fails(["score", tmp_path / "pairs.parquet", *config(env), "--out", tmp_path / "s.parquet"],
+                   f"the policy that sampled {tmp_path / 'pairs.parquet'} (its default reference)")
+    assert "[score].ref" not in output

@@ -208,6 +208,9 @@ def test_wrong_schema_version_refused(tmp_path):
     message = str(read_error(path))
     assert str(path) in message
     assert "schema version 3 is not supported" in message and "reads 1, 2" in message
+    # JSON true is Python's True, which equals 1: it was read as version 1
+    path = write_raw(pairs_table(), tmp_path / "pairs.parquet", schema_version=True)
+    assert "schema version True is not supported" in str(read_error(path))
 
 
 def test_file_without_contract_metadata_refused(tmp_path):
