@@ -755,8 +755,10 @@ def test_an_output_that_is_the_input_is_refused_before_any_work(env, tmp_path):
 
 def test_an_output_directory_that_is_a_file_is_one_line(env, tmp_path):
     (tmp_path / "a-file").write_text("mine")
-    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file"], "File exists")
-    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file" / "ckpt"], "Not a directory")
+    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file"],
+          "is a file; give a directory for the outputs")
+    fails(["train", env / "scored.parquet", *config(env), "--out", tmp_path / "a-file" / "ckpt"],
+          f"{tmp_path / 'a-file'} is a file, not a directory")
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
