@@ -338,6 +338,21 @@ def fit_messages(messages: list[dict[str, str]], length: Callable[[list[dict[str
     every message is not enough. Cutting the text and not the rendered ids keeps the BOS, the template's headers
     and the generation prompt, and gives every model that renders the conversation the same shortened prompt."""
     messages = [dict(m) for m in messages]
+    if length(messages) <= limit:
+        return messages
+
+    def emptied(k: int) -> list[dict[str, str]]:
+        return [{**m, "content": ""} if i < k else m for i, m in enumerate(messages)]
+
+    # Emptying messages from the start only shortens the rendering, so the first k whose emptying fits is found by
+    # bisection: a render of the whole conversation per emptied message made a 2000-turn chat cost minutes.
+    if length(emptied(len(messages))) > limit:
+        return None
+    low, high = 0, len(messages)  # emptying `high` messages fits, emptying `low` does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if length(emptied(middle)) <= limit else (middle, high)
+    messages = emptied(high - 1)  # the earlier ones whole gone, as cutting them one by one would leave them
     while (excess := length(messages) - limit) > 0:
         first = next((m for m in messages if m["content"]), None)
         if first is None:
