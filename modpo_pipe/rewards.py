@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -280,5 +279,5 @@ def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.devic
     return ModelReward(name, spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def reward_inputs(prompt_messages: Sequence[str], responses: Sequence[str]) -> list[RewardInput]:
-    return [RewardInput(json.loads(m), r) for m, r in zip(prompt_messages, responses)]
+def reward_inputs(prompt_messages: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[RewardInput]:
+    return [RewardInput(m, r) for m, r in zip(prompt_messages, responses)]

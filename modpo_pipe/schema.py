@@ -425,6 +425,20 @@ def check_token_ids(table: pa.Table, vocab_size: int, where: str) -> None:
             raise ModpoError(f"{where}: row {row}: {col} holds id {flat[at].as_py()} >= vocab size {vocab_size}")
 
 
+def parse_messages(text: str, where: str) -> list[dict[str, str]]:
+    """A row's prompt_messages: the JSON list of {role, content} strings the reward models read."""
+    try:
+        messages = json.loads(text)
+    except (TypeError, ValueError):
+        messages = None
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ModpoError(f"{where}: prompt_messages must be a JSON list of {{role, content}} strings; got "
+                         f"{str(text)[:80]!r}")
+    return messages
+
+
 def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:
     """meta[key], or a one-line error naming the file when a file's metadata lacks it."""
     if key not in meta:

@@ -149,7 +149,9 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         def score_rows(reward, c):
             counts = sizes(c)
             # Every response of the chunk in one pass, once each: batches stay full.
-            messages = [m for m, k in zip(column("prompt_messages", c), counts) for _ in range(k)]
+            messages = [schema.parse_messages(m, f"{pairs_path}: group {gid!r}")
+                        for m, gid in zip(column("prompt_messages", c), column("group_id", c))]
+            messages = [m for m, k in zip(messages, counts) for _ in range(k)]
             inputs = reward_inputs(messages, per_response("responses", c))
             labels = [f"group {gid!r} response {j + 1}" for gid, k in zip(column("group_id", c), counts)
                       for j in range(k)]

@@ -987,3 +987,18 @@ def test_a_sampling_policy_gone_is_not_blamed_on_score_ref(env, tiny, tmp_path):
     output = fails(["score", tmp_path / "pairs.parquet", *config(env), "--out", tmp_path / "s.parquet"],
                    f"the policy that sampled {tmp_path / 'pairs.parquet'} (its default reference)")
     assert "[score].ref" not in output
+
+
+@pytest.mark.parametrize(("value", "group"), [("not json", 0), ('{"role": "user"}', 1), ("[]", 2),
+                                              ('[{"role": "user", "content": 3}]', 3)])
+def test_a_pairs_file_whose_prompt_messages_are_not_a_chat_is_one_line(env, tmp_path, value, group):
+    """prompt_messages, what the reward models read, was parsed inside scoring: a JSONDecodeError, TypeError or
+    KeyError traceback, or an IndexError blamed on the user's reward function."""
+    table, meta = schema.read_table(env / "pairs.parquet", "pairs")
+    column = table.column("prompt_messages").to_pylist()
+    column[group] = value
+    table = table.set_column(table.schema.get_field_index("prompt_messages"), "prompt_messages", pa.array(column))
+    path = write_unchecked(table, meta, tmp_path / "pairs.parquet")
+    gid = table.column("group_id")[group].as_py()
+    fails(["score", path, *config(env), "--out", tmp_path / "s.parquet"],
+          f"{path}: group {gid!r}: prompt_messages must be a JSON list of {{role, content}} strings")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modpo_pipe import schema
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.rewards import (
     CallableReward,
@@ -113,7 +114,7 @@ def test_callable_sees_the_last_user_turn_as_prompt(bad_rewards_file):
     messages = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": "second!"}]
     assert reward.score(inputs("abc", messages=messages), batch_size=4) == [len("second!") * 100 + 3]
-    from_file = reward_inputs([json.dumps(CHAT)], ["xy"])
+    from_file = reward_inputs([schema.parse_messages(json.dumps(CHAT), "row 0")], ["xy"])
     assert from_file[0].prompt == "How are you?" and from_file[0].response == "xy"
     assert reward.score(from_file, batch_size=4) == [len("How are you?") * 100 + 2]
 
