@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,9 @@ def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
             if not split and len(splits) != 1:
                 raise ModpoError(f"{path}: holds splits {splits}; choose one with --split")
             ds = ds[split or splits[0]]
+        elif split:
+            print(f"note: {path} is one saved dataset, with no splits: [generate].split {split!r} does not apply; "
+                  "every row is read", file=sys.stderr)
         return [(f"{path}: row {i}", row) for i, row in enumerate(ds)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -250,6 +254,9 @@ def read_prompts(path: Path, skip_invalid: bool = False,
     elif not path.exists():
         raise ModpoError(f"{path}: no such file")
     else:
+        if fields.split and path.is_file():  # a config's split for its Hub dataset, given a file too: say so
+            print(f"note: {path} is one file, with no splits: [generate].split {fields.split!r} does not apply; "
+                  "every row is read", file=sys.stderr)
         rows = _rows(path, fields.split)
     stats = PromptStats()
     records: list[PromptRecord] = []

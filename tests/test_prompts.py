@@ -333,3 +333,12 @@ def test_errors_name_the_fields_as_configured(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"key": "", "text": "x"}])
     with pytest.raises(ModpoError, match=r":1: field 'key' is empty"):
         read_prompts(path, fields=PromptFields(prompt="text", id="key"))
+
+
+def test_a_split_given_for_a_file_says_it_does_not_apply(tmp_path, capsys):
+    """[generate].split = "test" with a JSONL file read every row, without a word."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}])
+    assert len(read_prompts(path, fields=PromptFields(split="test"))[0]) == 2
+    assert "is one file, with no splits: [generate].split 'test' does not apply" in capsys.readouterr().err
+    read_prompts(path)
+    assert capsys.readouterr().err == ""
