@@ -368,6 +368,10 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ModpoError(f"{path}: not valid TOML: {e}") from None
         for name, table in raw.items():
+            if name not in SECTIONS and not isinstance(table, dict):  # `lr = 0.001` above the first [section]
+                owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+                hint = f" (it is a key of {', '.join(f'[{s}]' for s in owners)})" if owners else ""
+                raise ModpoError(f"{path}: {name} is set outside any section; put it under its [section]{hint}")
             if name not in SECTIONS:
                 close = difflib.get_close_matches(name, SECTIONS, n=1)
                 hint = f" (did you mean [{close[0]}]?)" if close else ""
@@ -436,6 +440,10 @@ def validate(s: Settings) -> None:
     for section, key, value in positive:
         if value <= 0:
             raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    for name, spec in s.score.rewards.items():
+        if not spec.strip():  # it was looked for as a model directory named "" (the working directory)
+            raise ModpoError(f"[score.rewards].{name} is empty: give a model directory, a Hub id or "
+                             "py:FILE:FUNCTION")
     if not FLOAT32_TINY <= t.beta <= FLOAT32_MAX:  # the loss runs in float32: 1e-300 became 0 and trained nothing
         raise ModpoError(f"[train].beta must be a float32 number, {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}; "
                          f"got {t.beta}")

@@ -579,3 +579,16 @@ def test_a_table_flag_that_drops_entries_of_the_file_says_so(tmp_path, capsys):
     cfg.load_settings(path, {"score": {"rewards": {"rm": "other/rm", "length": "py:m.py:length", "c": "py:m.py:c"}},
                          "train": {"weights": {"rm": 0.5}}})
     assert capsys.readouterr().err == ""  # nothing of the file's tables left out
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("lr = 0.001\n[train]\nbeta = 0.2\n", "lr is set outside any section; put it under its [section] (it is a key "
+                                          "of [train])"),
+    ('[score.rewards]\nrm = ""\n', "[score.rewards].rm is empty: give a model directory, a Hub id or py:FILE:"),
+])
+def test_settings_errors_that_pointed_elsewhere(tmp_path, text, fragment):
+    """A key above the first section was 'unknown section [lr]'; an empty reward spec 'reward rm: : no
+    config.json', the working directory looked at as a model."""
+    path = tmp_path / "modpo.toml"
+    path.write_text(text)
+    assert fragment in load_error(path)
