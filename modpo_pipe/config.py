@@ -149,7 +149,7 @@ class TrainSettings:
         0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.")
     merge: bool = setting(False, "With LoRA, also write merged full weights to OUT/merged.")
     gradient_checkpointing: bool = setting(False, "Trade compute for activation memory.")
-    log_every: int = setting(1, "Optimizer steps between metrics lines.")
+    log_every: int = setting(1, "Optimizer steps between metrics lines (the first and last step always).")
     save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).")
     report_to: str = setting(
         "none", "Experiment trackers that also get every metrics line and the settings: none, tensorboard "

@@ -654,7 +654,9 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
 
-        if (step + 1) % t.log_every == 0 or step + 1 == len(steps):
+        # The first step always: where the loss started, and the first batch's gap to the reference (log_every
+        # beyond the step count left one line, the last, which summaries then showed as first and last).
+        if step == 0 or (step + 1) % t.log_every == 0 or step + 1 == len(steps):
             student_all, teacher_all, ratio_all = (gather_over_processes(accelerator, x)
                                                    for x in (students, teachers, log_ratios))
             record = {

@@ -1002,3 +1002,12 @@ def test_a_pairs_file_whose_prompt_messages_are_not_a_chat_is_one_line(env, tmp_
     gid = table.column("group_id")[group].as_py()
     fails(["score", path, *config(env), "--out", tmp_path / "s.parquet"],
           f"{path}: group {gid!r}: prompt_messages must be a JSON list of {{role, content}} strings")
+
+
+def test_metrics_keep_the_first_step_whatever_log_every(env, tmp_path):
+    """log_every beyond the step count logged the last step alone: run's and status's headline showed its loss as
+    both the first and the last, and the first batch's gap to the reference was never recorded."""
+    ok(["train", env / "scored.parquet", *config(env), "--log-every", 1000, "--out", tmp_path / "x"])
+    records = [json.loads(line) for line in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 6]
+    assert "first_batch_ref_gap" in records[0]
