@@ -77,9 +77,7 @@ def from_metadata(meta: dict[str, Any], names: list[str], source: Path) -> Rewar
                              f"{sorted(rewards)}")
         if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
             raise ModpoError(f"{source}: metadata has no 'rewards.{name}' mean and std: corrupt or not written by "
-                             f"modpo-pipe" + ("" if isinstance(rewards, dict) and name in rewards
-                                              else f" (it holds statistics of {sorted(rewards)})"
-                                              if isinstance(rewards, dict) else ""))
+                             "modpo-pipe")
         m, sd = entry["mean"], entry["std"]
         mean[name] = float("nan") if m is None else float(m)
         std[name] = float("nan") if sd is None else float(sd)
