@@ -39,7 +39,10 @@ class PromptFields:
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+# Data files by suffix, and the format `datasets` reads each as (one format per folder).
+_DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+                 ".arrow": "arrow"}
+_FILE_SUFFIXES = tuple(_DATA_FORMATS)
 
 
 def is_hub_id(text: str | None) -> bool:
@@ -93,12 +96,10 @@ def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
 
 def _refuse_mixed_formats(folder: Path) -> None:
     """load_dataset reads a folder's files of one format and drops the others without a word (prompts lost)."""
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
-             ".arrow": "arrow"}
     by_kind: dict[str, list[str]] = {}
     for f in sorted(folder.rglob("*")):
-        if f.is_file() and not f.name.startswith(".") and f.suffix in kinds:
-            by_kind.setdefault(kinds[f.suffix], []).append(str(f.relative_to(folder)))
+        if f.is_file() and not f.name.startswith(".") and f.suffix in _DATA_FORMATS:
+            by_kind.setdefault(_DATA_FORMATS[f.suffix], []).append(str(f.relative_to(folder)))
     if len(by_kind) > 1:
         listing = "; ".join(f"{kind}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3
                                                                    else "") for kind, names in by_kind.items())
@@ -180,6 +181,11 @@ def _record(obj: Any, where: str, index: int, fields: PromptFields | None = None
     return PromptRecord(pid, prompt=prompt)
 
 
+def _split_does_not_apply(path: Path, what: str, split: str) -> None:
+    print(f"note: {path} is {what}, with no splits: [generate].split {split!r} does not apply; every row is read",
+          file=sys.stderr)
+
+
 def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
     """(location, raw object) per row, the location naming file and line or row for errors; `split` chooses
     among the splits of a saved DatasetDict."""
@@ -198,8 +204,7 @@ def _rows(path: Path, split: str = "") -> list[tuple[str, Any]]:
                 raise ModpoError(f"{path}: holds splits {splits}; choose one with --split")
             ds = ds[split or splits[0]]
         elif split:
-            print(f"note: {path} is one saved dataset, with no splits: [generate].split {split!r} does not apply; "
-                  "every row is read", file=sys.stderr)
+            _split_does_not_apply(path, "one saved dataset", split)
         return [(f"{path}: row {i}", row) for i, row in enumerate(ds)]
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -255,8 +260,7 @@ def read_prompts(path: Path, skip_invalid: bool = False,
         raise ModpoError(f"{path}: no such file")
     else:
         if fields.split and path.is_file():  # a config's split for its Hub dataset, given a file too: say so
-            print(f"note: {path} is one file, with no splits: [generate].split {fields.split!r} does not apply; "
-                  "every row is read", file=sys.stderr)
+            _split_does_not_apply(path, "one file", fields.split)
         rows = _rows(path, fields.split)
     stats = PromptStats()
     records: list[PromptRecord] = []
@@ -359,7 +363,15 @@ def fit_messages(messages: list[dict[str, str]], length: Callable[[list[dict[str
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if length(emptied(middle)) <= limit else (middle, high)
-    messages = emptied(high - 1)  # the earlier ones whole gone, as cutting them one by one would leave them
+    # The earlier ones whole gone, as cutting them one by one would leave them; then cut into the next.
+    return cut_earliest(emptied(high - 1), length, limit, tokenizer)
+
+
+def cut_earliest(messages: list[dict[str, str]], length: Callable[[list[dict[str, str]]], int], limit: int,
+                 tokenizer: Any) -> list[dict[str, str]] | None:
+    """Cut the earliest content left, by the tokens over `limit`, and measure again, until the conversation fits
+    (in place; None when every message is empty and it still does not). One render per cut: fit_messages finds
+    where to start first."""
     while (excess := length(messages) - limit) > 0:
         first = next((m for m in messages if m["content"]), None)
         if first is None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
 from modpo_pipe import storage
@@ -184,8 +185,6 @@ class ModelReward(Reward):
 
         def length(messages: list[dict[str, str]]) -> int:
             return len(self.encode([self.render(RewardInput(messages, x.response))])["input_ids"][0])
-
-        from jinja2.exceptions import TemplateError
 
         try:
             if length(x.messages) <= self.max_length:

@@ -187,8 +187,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
 
     if not paths:
         raise ModpoError("train needs at least one scored file")
-    group_ids: list[str] = []
-    group_file: dict[str, Path] = {}  # where each group was first seen
+    group_file: dict[str, Path] = {}  # each group kept, in order, and the file it came from
     prompts: list[pa.ChunkedArray] = []
     responses: list[pa.ChunkedArray] = []
     sizes: list[torch.Tensor] = []
@@ -262,13 +261,13 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
                     + (" (or prompts without ids in both, numbered row-NNNNNN in each: give them ids)"
                        if "/row-" in group_id or group_id.startswith("row-") else ""))
             group_file[group_id] = path
-            group_ids.append(group_id)
         prompts.append(rows.column("prompt_ids"))
         responses.append(flat(rows.column("response_ids")))
         sizes.append(size[keep])
         refs.append(ref[keep_response])
         scores.append(score[keep_response])
         fingerprints.append(f"{meta['created']}:{table.num_rows}:{meta.get('ref', {}).get('fingerprint')}")
+    group_ids = list(group_file)
     if not group_ids and tied:
         raise ModpoError(f"no pairs left to train on: in {tied} groups every response has the same weighted reward, "
                          "and max-min pairs a highest with a lower one (a constant reward, or all weight on one): "

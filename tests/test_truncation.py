@@ -154,25 +154,12 @@ def test_score_counts_reward_inputs_cut_to_fit(long_env):
     shutil.rmtree(long_env / "scored.parquet.parts", ignore_errors=True)
 
 
-def _fit_one_message_at_a_time(messages, length, limit, tokenizer):
-    """fit_messages as it was: a render of the whole conversation per message it emptied."""
-    from modpo_pipe.prompts import cut_start
-
-    messages = [dict(m) for m in messages]
-    while (excess := length(messages) - limit) > 0:
-        first = next((m for m in messages if m["content"]), None)
-        if first is None:
-            return None
-        first["content"] = cut_start(first["content"], excess, tokenizer)
-    return messages
-
-
 @pytest.mark.parametrize("turns", [3, 40, 500])
 def test_fit_messages_measures_a_long_chat_a_logarithmic_number_of_times(tiny_tokenizer, turns):
     """A 2000-turn chat with long_prompts = "truncate" took 111 s for one prompt: every emptied message cost a
     render of the whole conversation, and one that could never fit was dropped only after all of them. The
     shortened conversation is the same as before."""
-    from modpo_pipe.prompts import fit_messages
+    from modpo_pipe.prompts import cut_earliest, fit_messages
 
     messages = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i} is about robots. " * 3}
                 for i in range(turns)] + [{"role": "user", "content": "And the question?"}]
@@ -189,7 +176,8 @@ def test_fit_messages_measures_a_long_chat_a_logarithmic_number_of_times(tiny_to
         fitted = fit_messages(messages, length, limit, tiny_tokenizer)
         assert len(calls) <= 2 * turns.bit_length() + 8, len(calls)
         if turns <= 40:  # the old way, one render per emptied message, is slow at 500
-            assert fitted == _fit_one_message_at_a_time(messages, length, limit, tiny_tokenizer)
+            # the old way: cut the earliest content, one render per cut, from the first message on
+            assert fitted == cut_earliest([dict(m) for m in messages], length, limit, tiny_tokenizer)
         assert length(fitted) <= limit and fitted[-keep:] == messages[-keep:]
     calls.clear()
     assert fit_messages(messages, length, 3 * len(messages) - 1, tiny_tokenizer) is None  # headers alone too long
