@@ -186,7 +186,24 @@ def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
                                  "every policy needs its own label (`eval --policies LABEL=PATH`)")
             source[entry["label"]] = Path(path)
             out.append(entry)
+    if not any(e["is_reference"] for e in out):
+        raise ModpoError(f"{', '.join(map(str, paths))}: no reference entry (a summary with is_reference true, "
+                         "as `modpo-pipe eval` writes): every policy is compared with the reference")
+    _check_prompt_counts(out, source)
     return out
+
+
+def _check_prompt_counts(entries: list[dict[str, Any]], source: dict[str, Path]) -> None:
+    """Per-prompt rewards of one length throughout: the bootstrap and the paired differences pair prompt i of
+    every policy with prompt i of the reference, which only means something when all answered the same prompts."""
+    counts = {(e["label"], name): len(values)
+              for e in entries for name, values in (e.get("prompt_rewards") or {}).items()}
+    if len(set(counts.values())) > 1:
+        (label, name), count = next(iter(counts.items()))
+        other_label, other_name = next(key for key, n in counts.items() if n != count)
+        raise ModpoError(f"{source[other_label]}: {other_label!r} has per-prompt rewards ({other_name}) for "
+                         f"{counts[other_label, other_name]} prompts, {label!r} ({name}, in {source[label]}) for "
+                         f"{count}: summaries of other prompts cannot share a front; evaluate them in one `eval`")
 
 
 def _same_reference(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -210,6 +227,13 @@ def _check_summary(entry: Any, where: str) -> None:
     for key, value in estimates.items():
         if not (isinstance(value, dict) and all(_is_number(value.get(k)) for k in ("mean", "sem"))):
             raise ModpoError(f"{where}: {key} must be an object with numbers 'mean' and 'sem'")
+        if key.startswith("rewards.") and not math.isfinite(value["mean"]):
+            raise ModpoError(f"{where}: {key} has mean {value['mean']}: no front or table can place it")
+    prompt_rewards = entry.get("prompt_rewards") or {}
+    finite = [isinstance(v, list) and all(_is_number(x) and math.isfinite(x) for x in v)
+              for v in (prompt_rewards.values() if isinstance(prompt_rewards, dict) else [None])]
+    if not all(finite):
+        raise ModpoError(f"{where}: 'prompt_rewards' must be an object of lists of finite numbers (per prompt)")
     weights = entry.get("weights")
     if weights is not None and not (isinstance(weights, dict) and all(_is_number(w) for w in weights.values())):
         raise ModpoError(f"{where}: 'weights' must be an object of numbers, or null")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -213,3 +214,49 @@ def test_front_x_defaults_to_the_first_reward_other_than_y(swept, tmp_path):
     result = runner.invoke(app, ["front", str(tmp_path / "three.json"), "--y", "rm", "--out", str(tmp_path / "f")])
     assert result.exit_code == 0, result.output
     assert "hypervolume over (length, rm)" in result.output
+
+
+# ------------------------------------------------------------------------ hand-built eval files
+
+
+def hand_entry(label: str, per_prompt: dict[str, list[float]], *, reference: bool = False, family: str = "",
+               weights: dict[str, float] | None = None, tokens: float = 10.0) -> dict:
+    """An eval summary as `eval` writes it, from per-prompt rewards (its means and s.e. follow from them)."""
+    return {"label": label, "policy": f"/p/{label}", "is_reference": reference, "weights": weights, "samples": 4,
+            "family": "reference" if reference else family or ("MODPO" if weights else "other"),
+            "rewards": {n: {"mean": Estimate.of(v).mean, "sem": Estimate.of(v).sem} for n, v in per_prompt.items()},
+            "response_tokens": {"mean": tokens, "sem": 1.0}, "kl_to_ref": {"mean": 0.0 if reference else 1.0,
+                                                                         "sem": 0.1},
+            "prompt_rewards": per_prompt}
+
+
+def hand_file(tmp_path: Path, entries: list[dict], name: str = "eval.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(entries))
+    return path
+
+
+@pytest.mark.parametrize("case", ["nan mean", "nan per prompt", "other prompt count", "no reference"])
+def test_front_refuses_eval_files_it_cannot_be_right_about(tmp_path, case):
+    """A NaN mean printed 'hypervolume 0 ± 0' and plotted; per-prompt rewards of other lengths (files of other
+    prompts) printed '0 ± nan'; a file without a reference ended in a StopIteration traceback."""
+    ref = hand_entry("reference", {"a": [0.0, 1.0, 0.0], "b": [0.0, 1.0, 0.0]}, reference=True)
+    policy = hand_entry("p", {"a": [1.0, 2.0, 1.0], "b": [1.0, 0.0, 1.0]}, weights={"a": 1.0, "b": 0.0})
+    other = hand_entry("q", {"a": [2.0, 1.0, 2.0], "b": [0.0, 0.0, 0.0]}, weights={"a": 0.5, "b": 0.5})
+    if case == "nan mean":
+        policy["rewards"]["a"]["mean"] = float("nan")
+        files, message = [hand_file(tmp_path, [ref, policy, other])], "summary 1: rewards.a has mean nan"
+    elif case == "nan per prompt":
+        policy["prompt_rewards"]["b"][1] = float("nan")
+        files, message = [hand_file(tmp_path, [ref, policy, other])], "'prompt_rewards' must be an object of lists"
+    elif case == "other prompt count":
+        other = hand_entry("q", {"a": [2.0, 1.0], "b": [0.0, 0.0]}, weights={"a": 0.5, "b": 0.5})
+        files = [hand_file(tmp_path, [ref, policy]), hand_file(tmp_path, [{**ref, "setup": ""}, other], "more.json")]
+        message = "'q' has per-prompt rewards \\(a\\) for 2 prompts, 'reference' \\(a, in .*eval.json\\) for 3"
+    else:
+        files, message = [hand_file(tmp_path, [policy, other])], "no reference entry"
+    result = runner.invoke(app, ["front", *map(str, files), "--out", str(tmp_path / "front")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "front.png").exists()
