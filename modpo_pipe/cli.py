@@ -462,7 +462,7 @@ def front_command(
 ) -> None:
     """Plot reward vs reward, one labelled point per policy, each family (MODPO, rewarded soups) joined as its own
     line, with its hypervolume above the reference in the legend."""
-    from modpo_pipe.evaluate import format_hypervolumes, plot_front, read_summaries
+    from modpo_pipe.evaluate import format_hypervolumes, format_table, plot_front, read_summaries
 
     with user_errors():
         entries = read_summaries(summaries)
@@ -472,6 +472,7 @@ def front_command(
         if not y:
             raise ModpoError(f"a front needs two rewards; the summaries have {names}")
         written = plot_front(entries, x, y, out)
+    typer.echo(format_table(entries))
     if len(entries) > 1:
         typer.echo(format_hypervolumes(entries, [x, y]))
     typer.echo("wrote " + ", ".join(map(str, written)))

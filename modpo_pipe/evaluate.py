@@ -47,6 +47,18 @@ class PolicySummary:
     # and the reference's content. Summaries from several evals share a front only when theirs agree.
     setup: str = ""
     prompt_rewards: dict[str, list[float]] = field(default_factory=dict)  # per eval prompt: the mean of its samples
+    # Per reward: the mean over prompts of (this policy's prompt mean - the reference's), ± its s.e.; {} for the
+    # reference. See paired_differences.
+    paired_to_ref: dict[str, Estimate] = field(default_factory=dict)
+
+
+def paired_differences(policy: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, Estimate]:
+    """Per reward: the mean per-prompt difference to the reference (per prompt, the policy's mean over its samples
+    minus the reference's), with its standard error, stdev of the differences / sqrt(prompts). Every policy answers
+    the same prompts, so what a prompt contributes whatever the policy (some invite negative replies) cancels:
+    this s.e. is the one to compare a policy with the reference by, not the two means' s.e. combined."""
+    return {name: Estimate.of([p - r for p, r in zip(values, reference[name], strict=True)])
+            for name, values in policy.items() if values and name in reference}
 
 
 def policy_info(policy: str) -> dict[str, Any]:
@@ -136,6 +148,9 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
                 by_prompt.setdefault(i, []).append(score)
             summaries[label].prompt_rewards[name] = [statistics.fmean(by_prompt[i]) for i in sorted(by_prompt)]
         del reward
+    for summary in summaries.values():
+        if not summary.is_reference:
+            summary.paired_to_ref = paired_differences(summary.prompt_rewards, summaries["reference"].prompt_rewards)
 
     ref_model = models.load_causal_lm(ref, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
                                       what="reference")
@@ -190,7 +205,17 @@ def read_summaries(paths: list[Path]) -> list[dict[str, Any]]:
         raise ModpoError(f"{', '.join(map(str, paths))}: no reference entry (a summary with is_reference true, "
                          "as `modpo-pipe eval` writes): every policy is compared with the reference")
     _check_prompt_counts(out, source)
+    reference = reference_entry(out)
+    for entry in out:  # files written before paired differences were: from their per-prompt rewards
+        if "paired_to_ref" not in entry:
+            paired = {} if entry["is_reference"] else \
+                paired_differences(entry.get("prompt_rewards") or {}, reference.get("prompt_rewards") or {})
+            entry["paired_to_ref"] = {name: asdict(estimate) for name, estimate in paired.items()}
     return out
+
+
+def reference_entry(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(s for s in summaries if s["is_reference"])
 
 
 def _check_prompt_counts(entries: list[dict[str, Any]], source: dict[str, Path]) -> None:
@@ -224,6 +249,9 @@ def _check_summary(entry: Any, where: str) -> None:
             raise ModpoError(f"{where}: {key!r} is {_json_kind(entry.get(key))}, expected {kind.__name__}")
     estimates = {f"rewards.{name}": value for name, value in entry["rewards"].items()}
     estimates.update({key: entry[key] for key in ("response_tokens", "kl_to_ref") if entry.get(key) is not None})
+    if not isinstance(entry.get("paired_to_ref", {}), dict):
+        raise ModpoError(f"{where}: 'paired_to_ref' is {_json_kind(entry['paired_to_ref'])}, expected dict")
+    estimates.update({f"paired_to_ref.{name}": value for name, value in entry.get("paired_to_ref", {}).items()})
     for key, value in estimates.items():
         if not (isinstance(value, dict) and all(_is_number(value.get(k)) for k in ("mean", "sem"))):
             raise ModpoError(f"{where}: {key} must be an object with numbers 'mean' and 'sem'")
@@ -249,20 +277,31 @@ def _json_kind(value: Any) -> str:
 
 
 def format_table(summaries: list[dict[str, Any]]) -> str:
+    """Per policy: each reward's mean ± s.e., its paired difference to the reference (Δ), reply length, KL."""
     names = list(summaries[0]["rewards"])
-    header = ["policy", "weights"] + names + ["tokens", "KL to ref"]
+    header = ["policy", "weights"] + names + [f"Δ {n}" for n in names] + ["tokens", "KL to ref"]
     rows = []
     for s in summaries:
         weights = "reference" if s["is_reference"] else _weights_label(s["weights"]) or s["label"]
         cells = [s["label"], weights]
-        cells += [f"{s['rewards'][n]['mean']:+.3f} ± {s['rewards'][n]['sem']:.3f}" for n in names]
-        cells += [f"{s['response_tokens']['mean']:.1f} ± {s['response_tokens']['sem']:.1f}",
-                  f"{s['kl_to_ref']['mean']:.2f} ± {s['kl_to_ref']['sem']:.2f}"]
+        cells += [_estimate(s["rewards"][n], "+.3f") for n in names]
+        paired = s.get("paired_to_ref") or {}
+        cells += ["-" if s["is_reference"] else _estimate(paired[n], "+.3f") if n in paired else "n/a" for n in names]
+        cells += [_estimate(s["response_tokens"], ".1f"), _estimate(s["kl_to_ref"], ".2f")]
         rows.append(cells)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    prompts = len(next(iter((reference_entry(summaries).get("prompt_rewards") or {}).values()), []))
+    if prompts:
+        lines.append(f"Δ: paired difference to the reference, the mean over the {prompts} prompts of (the policy's "
+                     "mean reward on a prompt - the reference's) ± its s.e.; every policy answered the same prompts")
     return "\n".join(lines)
+
+
+def _estimate(estimate: dict[str, float], fmt: str) -> str:
+    sem_fmt = fmt.lstrip("+")
+    return f"{estimate['mean']:{fmt}} ± {estimate['sem']:{sem_fmt}}"
 
 
 def _weights_label(weights: dict[str, float] | None) -> str:
@@ -307,7 +346,7 @@ def family_hypervolumes(summaries: list[dict[str, Any]], names: list[str], resam
     policies were not evaluated on the same prompts."""
     import numpy as np
 
-    ref = next(s for s in summaries if s["is_reference"])
+    ref = reference_entry(summaries)
     families: dict[str, list[dict[str, Any]]] = {}
     for s in summaries:
         if not s["is_reference"]:

@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from modpo_pipe.cli import app
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.evaluate import Estimate, non_dominated, read_summaries, weight_grid
+from modpo_pipe.evaluate import (
+    Estimate,
+    format_table,
+    non_dominated,
+    paired_differences,
+    read_summaries,
+    weight_grid,
+)
 
 runner = CliRunner()
 
@@ -80,6 +87,14 @@ def test_eval_summaries(swept):
         assert set(e["rewards"]) == {"rm", "length"}
         assert e["response_tokens"]["mean"] > 0
     assert entries[1]["weights"] == {"rm": 0.0, "length": 1.0}
+    # Paired differences to the reference, as eval wrote them: from the per-prompt rewards, none for the reference.
+    written = json.loads((swept / "eval.json").read_text())
+    assert written[0]["paired_to_ref"] == {}
+    for e in written[1:]:
+        for name in ("rm", "length"):
+            diffs = [p - r for p, r in zip(e["prompt_rewards"][name], ref["prompt_rewards"][name])]
+            assert e["paired_to_ref"][name]["mean"] == pytest.approx(Estimate.of(diffs).mean)
+            assert e["paired_to_ref"][name]["sem"] == pytest.approx(Estimate.of(diffs).sem)
 
 
 def test_front_plot_files(swept):
@@ -260,3 +275,31 @@ def test_front_refuses_eval_files_it_cannot_be_right_about(tmp_path, case):
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert re.search(message, result.output), result.output
     assert not (tmp_path / "front.png").exists()
+
+
+def test_paired_differences_by_hand(tmp_path):
+    """Per prompt, the policy's mean minus the reference's; their mean and stdev / sqrt(prompts). Prompts that move
+    every policy alike (here by 10) cancel: the paired s.e. is far below the two means' s.e. combined."""
+    reference = {"a": [0.0, 10.0, 0.0, 10.0], "b": [1.0, 1.0, 1.0, 1.0]}
+    policy = {"a": [1.0, 12.0, 0.0, 11.0], "b": [2.0, 2.0, 2.0, 2.0]}  # differences a: 1, 2, 0, 1; b: 1, 1, 1, 1
+    paired = paired_differences(policy, reference)
+    # mean 1; deviations 0, 1, -1, 0: stdev sqrt(2/3), over sqrt(4)
+    assert paired["a"].mean == pytest.approx(1.0) and paired["a"].sem == pytest.approx((2 / 3) ** 0.5 / 2)
+    assert paired["b"].mean == pytest.approx(1.0) and paired["b"].sem == 0.0
+    unpaired = (Estimate.of(policy["a"]).sem ** 2 + Estimate.of(reference["a"]).sem ** 2) ** 0.5
+    assert unpaired > 7 * paired["a"].sem
+
+    # An eval.json written before paired differences existed: computed on reading, and shown in the table.
+    entries = [hand_entry("reference", reference, reference=True), hand_entry("p", policy, weights={"a": 1.0})]
+    read = read_summaries([hand_file(tmp_path, entries)])
+    assert read[0]["paired_to_ref"] == {}
+    assert read[1]["paired_to_ref"]["a"] == pytest.approx({"mean": 1.0, "sem": (2 / 3) ** 0.5 / 2})
+    table = format_table(read)
+    header, _, ref_row, row, footer = table.splitlines()
+    assert "Δ a" in header and "Δ b" in header
+    assert "+1.000 ± 0.408" in row and "+1.000 ± 0.000" in row and "+6.000 ± 3.189" in row  # unpaired kept
+    assert "over the 4 prompts" in footer
+    # A file without per-prompt rewards: the means stand, the paired column says n/a.
+    bare = [{k: v for k, v in e.items() if k != "prompt_rewards"} for e in entries]
+    read = read_summaries([hand_file(tmp_path, bare, "bare.json")])
+    assert read[1]["paired_to_ref"] == {} and "n/a" in format_table(read).splitlines()[3]
