@@ -20,6 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from modpo_pipe import config as cfg
 from modpo_pipe import runstate, storage
@@ -214,9 +215,71 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
     summaries = read_summaries([summary_path])
     step("results (mean ± standard error on held-out prompts)")
     print(format_table(summaries))
+    checks = criteria(summaries)
+    print("\n" + format_criteria(checks))
+    write_json(out / "criteria.json", {"passed": all(c.passed for c in checks),
+                                       "criteria": [dataclasses.asdict(c) for c in checks]})
     written = plot_front(summaries, "positivity", "concision", out / "front")
     print("\nfront: " + ", ".join(map(str, written)))
     print(f"done in {time.time() - started:.0f}s; everything is in {out}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    key: str
+    passed: bool
+    text: str  # what was checked, with the numbers it was decided on
+    values: dict[str, Any]
+
+
+def criteria(summaries: list[dict[str, Any]]) -> list[Criterion]:
+    """The demo's three criteria (README's demo section), from its eval summaries (as read_summaries returns them):
+    (1) the positivity-only policy is >= 2 paired standard errors above the reference on positivity; (2) the
+    concision-only policy writes the shortest replies of the policies; (3) the policies are ordered by their
+    weight on both rewards: positivity rises and concision falls with w_positivity."""
+    by_weight = {s["weights"]["positivity"]: s for s in summaries
+                 if not s["is_reference"] and "positivity" in (s.get("weights") or {})}
+    weights = sorted(by_weight)
+    if len(weights) < 2 or weights[0] != 0.0 or weights[-1] != 1.0:
+        raise ModpoError(f"the demo's criteria need policies at w_positivity 0 and 1; the summaries have {weights}")
+    labels = [weight_label(by_weight[w]["weights"]) for w in weights]
+    paired = {name: [(by_weight[w].get("paired_to_ref") or {}).get(name) for w in weights] for name in REWARDS}
+
+    gain = paired["positivity"][-1]
+    if gain is None:
+        first = Criterion("positivity_gain", False, "positivity-only policy vs the reference: no paired difference "
+                          "(the eval file holds no per-prompt rewards)", {})
+    else:
+        errors = gain["mean"] / gain["sem"] if gain["sem"] > 0 else None  # none for one prompt, or no spread
+        first = Criterion("positivity_gain", gain["mean"] > 0 and gain["mean"] >= 2 * gain["sem"],
+                          f"positivity-only policy >= 2 paired s.e. above the reference on positivity: "
+                          f"{gain['mean']:+.3f} ± {gain['sem']:.3f}" + (f" ({errors:+.2f} s.e.)" if errors else ""),
+                          {"difference": gain["mean"], "sem": gain["sem"], "standard_errors": errors})
+
+    tokens = [by_weight[w]["response_tokens"]["mean"] for w in weights]
+    second = Criterion("concision_shortest", all(tokens[0] < t for t in tokens[1:]),
+                       "concision-only policy writes the shortest replies: mean tokens "
+                       + ", ".join(f"{label} {t:.1f}" for label, t in zip(labels, tokens)),
+                       {"response_tokens": dict(zip(labels, tokens))})
+
+    if any(d is None for ds in paired.values() for d in ds):
+        third = Criterion("ordered_by_weight", False, "policies ordered by weight: no paired differences", {})
+    else:
+        means = {name: [d["mean"] for d in ds] for name, ds in paired.items()}
+        rising = all(a < b for a, b in zip(means["positivity"], means["positivity"][1:]))
+        falling = all(a > b for a, b in zip(means["concision"], means["concision"][1:]))
+        third = Criterion("ordered_by_weight", rising and falling,
+                          "positivity rises and concision falls with w_positivity (Δ to the reference, w_positivity "
+                          f"{' -> '.join(f'{w:g}' for w in weights)}): "
+                          + "; ".join(f"{name} " + ", ".join(f"{m:+.3f}" for m in ms) for name, ms in means.items()),
+                          {name: dict(zip(labels, ms)) for name, ms in means.items()})
+    return [first, second, third]
+
+
+def format_criteria(checks: list[Criterion]) -> str:
+    lines = [f"the demo's criteria: {sum(c.passed for c in checks)} of {len(checks)} met"]
+    lines += [f"  {'PASS' if c.passed else 'FAIL'}  {c.text}" for c in checks]
+    return "\n".join(lines)
 
 
 def format_rounds(reports: dict[str, dict]) -> str:

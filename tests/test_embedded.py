@@ -310,6 +310,11 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
     assert [s["weights"] for s in summaries[1:]] == [{"positivity": w, "concision": 1.0 - w} for w in (0.0, 0.5, 1.0)]
     assert all(s["samples"] == 2 * 12 and set(s["rewards"]) == {"positivity", "concision"} for s in summaries)
     assert (out / "front.png").stat().st_size > 0 and (out / "front.svg").is_file()
+    # The three criteria, printed after the table and written for experiments to read.
+    checks = json.loads((out / "criteria.json").read_text())
+    assert [c["key"] for c in checks["criteria"]] == ["positivity_gain", "concision_shortest", "ordered_by_weight"]
+    assert checks["passed"] == all(c["passed"] for c in checks["criteria"])
+    assert "the demo's criteria:" in first and first.count("  PASS  ") + first.count("  FAIL  ") == 3
     # The system message reached the rendered prompts the groups were sampled from.
     first_prompt = json.loads((out / "train-prompts.jsonl").read_text().splitlines()[0])
     assert first_prompt["messages"][0] == {"role": "system", "content": demo.SYSTEM_MESSAGE}

@@ -303,3 +303,51 @@ def test_paired_differences_by_hand(tmp_path):
     bare = [{k: v for k, v in e.items() if k != "prompt_rewards"} for e in entries]
     read = read_summaries([hand_file(tmp_path, bare, "bare.json")])
     assert read[1]["paired_to_ref"] == {} and "n/a" in format_table(read).splitlines()[3]
+
+
+def demo_summaries(gain: list[float], tokens: tuple[float, float, float] = (10.0, 19.0, 35.0),
+                   concision: tuple[float, float, float] = (0.9, 0.8, 0.5)) -> list[dict]:
+    """The reference and the demo's three policies (w_positivity 0, 0.5, 1) on 4 prompts; the positivity-only
+    policy is the reference plus `gain` prompt by prompt, the others fixed."""
+    ref_positivity = [0.0, 0.6, -0.4, 0.2]
+    ref = hand_entry("reference", {"positivity": ref_positivity, "concision": [0.5] * 4}, reference=True, tokens=32.0)
+    policies = []
+    positivities = ([-0.2] * 4, [0.1] * 4, [r + g for r, g in zip(ref_positivity, gain)])
+    for w, positivity, c, t in zip((0.0, 0.5, 1.0), positivities, concision, tokens):
+        policies.append(hand_entry(f"w_positivity={w:.1f}", {"positivity": positivity, "concision": [c] * 4},
+                                   weights={"positivity": w, "concision": 1.0 - w}, tokens=t))
+    return [ref, *policies]
+
+
+def test_demo_criteria_from_paired_differences(tmp_path):
+    from modpo_pipe import demo
+
+    # Gains 0.3, 0.4, 0.2, 0.3: mean 0.3, stdev sqrt(0.02/3), s.e. 0.0408 -> 7.35 s.e. The two means' s.e. combined
+    # (0.30) would put the same gain at 1 s.e.: the paired comparison is what sees it.
+    entries = read_summaries([hand_file(tmp_path, demo_summaries([0.3, 0.4, 0.2, 0.3]))])
+    first, second, third = demo.criteria(entries)
+    assert [c.key for c in (first, second, third)] == ["positivity_gain", "concision_shortest", "ordered_by_weight"]
+    assert first.passed and first.values["difference"] == pytest.approx(0.3)
+    assert first.values["sem"] == pytest.approx((0.02 / 3) ** 0.5 / 2)
+    assert first.values["standard_errors"] == pytest.approx(0.3 / ((0.02 / 3) ** 0.5 / 2))
+    assert "+0.300 ± 0.041 (+7.35 s.e.)" in first.text
+    assert second.passed and second.values["response_tokens"]["w_positivity=0.0"] == 10.0
+    # Δ positivity: -0.3, 0.0, +0.3 (the reference's mean is 0.1); Δ concision: +0.4, +0.3, 0.0
+    assert third.passed and third.values["positivity"] == pytest.approx(
+        {"w_positivity=0.0": -0.3, "w_positivity=0.5": 0.0, "w_positivity=1.0": 0.3})
+    assert third.values["concision"]["w_positivity=1.0"] == pytest.approx(0.0)
+    printed = demo.format_criteria([first, second, third])
+    assert printed.splitlines()[0] == "the demo's criteria: 3 of 3 met"
+    assert all(line.startswith("  PASS  ") for line in printed.splitlines()[1:])
+
+    # A gain of 0.1 with differences 0.3, -0.1, 0.3, -0.1: s.e. 0.115, under 1 s.e.; replies of the middle
+    # policy as short as the concision-only one's; concision not falling from w 0.5 to 1.
+    entries = read_summaries([hand_file(tmp_path, demo_summaries([0.3, -0.1, 0.3, -0.1], tokens=(10.0, 10.0, 35.0),
+                                                                  concision=(0.9, 0.5, 0.6)), "misses.json")])
+    first, second, third = demo.criteria(entries)
+    assert not first.passed and "+0.100 ± 0.115 (+0.87 s.e.)" in first.text
+    assert not second.passed and not third.passed
+    assert demo.format_criteria([first, second, third]).count("FAIL") == 3
+    # A policy below the reference: no pass whatever its s.e.
+    entries = read_summaries([hand_file(tmp_path, demo_summaries([-0.3] * 4), "below.json")])
+    assert not demo.criteria(entries)[0].passed
