@@ -1,10 +1,11 @@
 """Two built-in rewards for the embedded demo, usable as ``py:modpo_pipe.builtin_rewards:<name>``.
 
 Both follow the reward-callable contract ``(prompts, responses) -> list[float]`` (one score per
-response, higher is better) and both live in [-1, 1], so neither objective dominates MODPO's weighted
-combination merely through its units. They pull in opposite directions, which is what makes the demo
-a real multi-objective trade-off: VADER's compound score tends to grow as a reply accumulates more
-positive words (longer), while :func:`concision` rewards shorter replies.
+response, higher is better) and both live in [-1, 1] (each declares it: ``fn.bounds``), so neither
+objective dominates MODPO's weighted combination merely through its units. They pull in opposite
+directions, which is what makes the demo a real multi-objective trade-off: VADER's compound score tends
+to grow as a reply accumulates more positive words (longer), while :func:`concision` rewards shorter
+replies.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def positivity(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
 
 
+positivity.bounds = (-1.0, 1.0)  # every score's range (modpo_pipe.rewards): `front` measures from it
+
+
 def concision(prompts: list[str], responses: list[str]) -> list[float]:
     """Length reward ``1 - 2 * tanh(words / 100)`` in [-1, 1], with words = whitespace-split count.
 
@@ -67,3 +71,6 @@ def concision(prompts: list[str], responses: list[str]) -> list[float]:
         words = len(r.split())
         out.append(-1.0 if words == 0 else 1.0 - 2.0 * math.tanh(words / CONCISION_SCALE_WORDS))
     return out
+
+
+concision.bounds = (-1.0, 1.0)

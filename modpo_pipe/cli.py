@@ -461,7 +461,8 @@ def front_command(
     out: Path = typer.Option(Path("front"), "--out", help="Output path: writes OUT.png and OUT.svg."),
 ) -> None:
     """Plot reward vs reward, one labelled point per policy, each family (MODPO, rewarded soups) joined as its own
-    line, with its hypervolume above the reference in the legend."""
+    line; print the table and each family's hypervolume minus the reference's (from the rewards' declared
+    bounds, else the worst means), then the area that beats the reference on every reward."""
     from modpo_pipe.evaluate import format_hypervolumes, format_table, plot_front, read_summaries
 
     with user_errors():

@@ -156,7 +156,15 @@ def weight_label(weights: dict[str, float]) -> str:
 def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
     from modpo_pipe import rounds, status
     from modpo_pipe.embedded import embedded_policy_dir
-    from modpo_pipe.evaluate import evaluate, format_table, plot_front, read_summaries, weight_grid, write_summaries
+    from modpo_pipe.evaluate import (
+        evaluate,
+        format_hypervolumes,
+        format_table,
+        plot_front,
+        read_summaries,
+        weight_grid,
+        write_summaries,
+    )
 
     if not (EXAMPLES / "prompts.jsonl").is_file():
         raise ModpoError(f"the demo's prompts are not at {EXAMPLES}; run it from a checkout of the repository")
@@ -219,6 +227,7 @@ def run_demo(out: Path, size: DemoSize = DemoSize()) -> None:
     print("\n" + format_criteria(checks))
     write_json(out / "criteria.json", {"passed": all(c.passed for c in checks),
                                        "criteria": [dataclasses.asdict(c) for c in checks]})
+    print("\n" + format_hypervolumes(summaries, list(REWARDS)))
     written = plot_front(summaries, "positivity", "concision", out / "front")
     print("\nfront: " + ", ".join(map(str, written)))
     print(f"done in {time.time() - started:.0f}s; everything is in {out}")

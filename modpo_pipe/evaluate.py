@@ -50,6 +50,9 @@ class PolicySummary:
     # Per reward: the mean over prompts of (this policy's prompt mean - the reference's), ± its s.e.; {} for the
     # reference. See paired_differences.
     paired_to_ref: dict[str, Estimate] = field(default_factory=dict)
+    # Per reward: the (low, high) its scores lie in where the reward declares them (a `py:` callable's `bounds`),
+    # else None. `front` measures hypervolume from the low bounds.
+    reward_bounds: dict[str, tuple[float, float] | None] = field(default_factory=dict)
 
 
 def paired_differences(policy: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, Estimate]:
@@ -142,6 +145,8 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
             inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True))
                       for i, smp in rows]
             scores = reward.score(inputs, s.reward_batch_size)
+            _check_bounds(reward.bounds, scores, f"reward {name!r} ({spec})")
+            summaries[label].reward_bounds[name] = reward.bounds
             summaries[label].rewards[name] = Estimate.of(scores)
             by_prompt: dict[int, list[float]] = {}
             for (i, _), score in zip(rows, scores):
@@ -160,6 +165,13 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
         summaries[label].kl_to_ref = Estimate.of([smp.logp - r for (_, smp), r in zip(rows, ref_logps)])
         summaries[label].response_tokens = Estimate.of([float(len(smp.ids)) for _, smp in rows])
     return list(summaries.values())
+
+
+def _check_bounds(bounds: tuple[float, float] | None, scores: list[float], where: str) -> None:
+    """A score outside the declared bounds would put the front's reference point in the wrong place."""
+    if bounds is not None and (outside := [x for x in scores if not bounds[0] <= x <= bounds[1]]):
+        raise ModpoError(f"{where} declares bounds {bounds} but scored {outside[0]:g}: fix the scores or its "
+                         "`bounds` attribute")
 
 
 def _messages(record) -> list[dict[str, str]]:
@@ -262,6 +274,10 @@ def _check_summary(entry: Any, where: str) -> None:
               for v in (prompt_rewards.values() if isinstance(prompt_rewards, dict) else [None])]
     if not all(finite):
         raise ModpoError(f"{where}: 'prompt_rewards' must be an object of lists of finite numbers (per prompt)")
+    bounds = entry.get("reward_bounds") or {}
+    if not (isinstance(bounds, dict) and all(b is None or (isinstance(b, list) and len(b) == 2 and all(
+            _is_number(v) and math.isfinite(v) for v in b) and b[0] < b[1]) for b in bounds.values())):
+        raise ModpoError(f"{where}: 'reward_bounds' must be an object of [low, high] pairs (low < high) or nulls")
     weights = entry.get("weights")
     if weights is not None and not (isinstance(weights, dict) and all(_is_number(w) for w in weights.values())):
         raise ModpoError(f"{where}: 'weights' must be an object of numbers, or null")
@@ -338,49 +354,120 @@ def entry_family(entry: dict[str, Any]) -> str:
     return entry.get("family") or ("MODPO" if entry.get("weights") else "other")
 
 
-def family_hypervolumes(summaries: list[dict[str, Any]], names: list[str], resamples: int = 1000,
-                        seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per family of policies: the hypervolume of their mean rewards (over `names`) above the reference's mean
-    rewards, and its bootstrap standard error over the eval prompts (prompts resampled with replacement, the
-    same prompts for every policy and the reference). s.e. is NaN when per-prompt rewards are missing or the
-    policies were not evaluated on the same prompts."""
+def reward_floors(summaries: list[dict[str, Any]], names: list[str]) -> dict[str, float | None]:
+    """Per reward, the low bound every summary records for it (eval writes `reward_bounds`), or None where one
+    records none or they disagree: there the nadir stands in (see front_hypervolumes)."""
+    floors: dict[str, float | None] = {}
+    for name in names:
+        bounds = {tuple(b) if (b := (s.get("reward_bounds") or {}).get(name)) else None for s in summaries}
+        floors[name] = next(iter(bounds))[0] if len(bounds) == 1 and None not in bounds else None
+    return floors
+
+
+def front_hypervolumes(summaries: list[dict[str, Any]], names: list[str], resamples: int = 1000,
+                       seed: int = 0) -> dict[str, Any]:
+    """The fronts' hypervolumes over `names` (every reward maximised), each ± its bootstrap standard error over the
+    eval prompts (the prompts resampled with replacement, one resample for every policy and the reference).
+
+    From a point that does not depend on the reference policy: per reward its declared low bound, else the
+    nadir (the worst mean of any policy, the reference included; recomputed in each resample). There, the
+    reference's own hypervolume, and per family (MODPO, rewarded soups ...) its front's and the difference
+    `gain`, front minus reference. Beside it `beats_reference`: the hypervolume above the reference's means,
+    the area that beats the reference on every reward (0 when no policy does, however far the front reaches
+    past the reference on one reward). s.e. is NaN without per-prompt rewards of one length."""
     import numpy as np
 
-    ref = reference_entry(summaries)
-    families: dict[str, list[dict[str, Any]]] = {}
-    for s in summaries:
-        if not s["is_reference"]:
-            families.setdefault(entry_family(s), []).append(s)
-    ref_point = [ref["rewards"][n]["mean"] for n in names]
-    out = {}
-    for family, members in families.items():
-        hv = hypervolume([[m["rewards"][n]["mean"] for n in names] for m in members], ref_point)
-        per_prompt = [[(e.get("prompt_rewards") or {}).get(n) for n in names] for e in [ref, *members]]
-        lengths = {len(v) if v else 0 for rows in per_prompt for v in rows}
-        sem = float("nan")
-        if len(lengths) == 1 and (n_prompts := lengths.pop()) > 1:
-            idx = np.random.default_rng(seed).integers(0, n_prompts, size=(resamples, n_prompts))
-            means = [np.stack([np.asarray(v)[idx].mean(axis=1) for v in rows], axis=1) for rows in per_prompt]
-            sem = float(np.std([hypervolume([m[b] for m in means[1:]], means[0][b]) for b in range(resamples)],
-                               ddof=1))
-        out[family] = {"hypervolume": hv, "sem": sem, "policies": [m["label"] for m in members]}
-    return out
+    entries = [reference_entry(summaries), *(s for s in summaries if not s["is_reference"])]
+    families: dict[str, list[int]] = {}  # family -> its policies' rows in `entries`
+    for i, entry in enumerate(entries[1:], start=1):
+        families.setdefault(entry_family(entry), []).append(i)
+    floors = list(reward_floors(summaries, names).values())
+
+    def point_of(means: Any) -> list[float]:
+        return [float(means[:, j].min()) if floor is None else floor for j, floor in enumerate(floors)]
+
+    def volumes(means: Any) -> dict[tuple[str, str], float]:  # means: one row per entry, one column per reward
+        point = point_of(means)
+        out = {("reference", "hypervolume"): hypervolume([means[0]], point)}
+        for family, rows in families.items():
+            out[family, "hypervolume"] = hypervolume(means[rows], point)
+            out[family, "gain"] = out[family, "hypervolume"] - out["reference", "hypervolume"]
+            out[family, "beats_reference"] = hypervolume(means[rows], means[0])
+        return out
+
+    means = np.array([[e["rewards"][n]["mean"] for n in names] for e in entries])
+    value = volumes(means)
+    resampled = _resampled_means(entries, names, resamples, seed)
+    sem = {key: math.nan for key in value}
+    if resampled is not None:
+        samples = [volumes(b) for b in resampled]
+        sem = {key: float(np.std([v[key] for v in samples], ddof=1)) for key in value}
+    return {
+        "point": dict(zip(names, point_of(means))),
+        "point_kind": {n: "nadir" if floor is None else "bound" for n, floor in zip(names, floors)},
+        "reference": {"hypervolume": value["reference", "hypervolume"], "sem": sem["reference", "hypervolume"]},
+        "families": {family: {**{k: value[family, k] for k in ("hypervolume", "gain", "beats_reference")},
+                              **{f"{k}_sem": sem[family, k] for k in ("hypervolume", "gain", "beats_reference")},
+                              "policies": [entries[i]["label"] for i in rows]}
+                     for family, rows in families.items()},
+    }
+
+
+def _resampled_means(entries: list[dict[str, Any]], names: list[str], resamples: int, seed: int) -> Any:
+    """Each entry's mean per reward in `resamples` bootstrap resamples of the prompts, the same resample for every
+    entry: an array (resamples, entries, rewards); None without per-prompt rewards of one length (>= 2)."""
+    import numpy as np
+
+    per_prompt = [[(e.get("prompt_rewards") or {}).get(n) for n in names] for e in entries]
+    lengths = {len(v) if v else 0 for rows in per_prompt for v in rows}
+    if len(lengths) != 1 or (n_prompts := lengths.pop()) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, n_prompts, size=(resamples, n_prompts))
+    return np.stack([np.stack([np.asarray(v)[idx].mean(axis=1) for v in rows], axis=1) for rows in per_prompt],
+                    axis=1)
+
+
+def family_hypervolumes(summaries: list[dict[str, Any]], names: list[str], resamples: int = 1000,
+                        seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per family of policies: the hypervolume above the reference's means, the area that beats the reference on
+    every reward, ± its bootstrap s.e. (front_hypervolumes has the comparison with the reference)."""
+    fronts = front_hypervolumes(summaries, names, resamples, seed)["families"]
+    return {family: {"hypervolume": v["beats_reference"], "sem": v["beats_reference_sem"], "policies": v["policies"]}
+            for family, v in fronts.items()}
+
+
+def describe_point(fronts: dict[str, Any]) -> str:
+    """Where the hypervolume is measured from, and why there: '(-1, -1), the rewards' lower bounds'."""
+    where = "(" + ", ".join(f"{v:+.3g}" for v in fronts["point"].values()) + ")"
+    kinds = set(fronts["point_kind"].values())
+    if kinds == {"bound"}:
+        return f"{where}, the rewards' lower bounds"
+    if kinds == {"nadir"}:
+        return f"{where}, the worst mean of any policy on each reward (the nadir)"
+    return where + ", " + ", ".join(f"{n}'s " + ("lower bound" if k == "bound" else "worst mean (nadir)")
+                                    for n, k in fronts["point_kind"].items())
 
 
 def format_hypervolumes(summaries: list[dict[str, Any]], names: list[str] | None = None) -> str:
     names = names or list(summaries[0]["rewards"])
-    volumes = family_hypervolumes(summaries, names)
-    prompts = len(next(iter(summaries[0].get("prompt_rewards", {}).values()), []))
-    lines = [f"hypervolume over ({', '.join(names)}) above the reference's means (± bootstrap s.e. over "
-             f"{prompts} prompts):"]
-    for family, v in volumes.items():
-        lines.append(f"  {family:<16} {v['hypervolume']:.4g} ± {v['sem']:.2g}  ({len(v['policies'])} policies)")
+    fronts = front_hypervolumes(summaries, names)
+    prompts = len(next(iter((reference_entry(summaries).get("prompt_rewards") or {}).values()), []))
+    ref = fronts["reference"]
+    lines = [f"front minus reference: hypervolume over ({', '.join(names)}) from {describe_point(fronts)}; "
+             f"± bootstrap s.e. over {prompts} prompts, resampled alike for every policy:"]
+    for family, v in fronts["families"].items():
+        lines.append(f"  {family:<16} {v['gain']:+.4g} ± {v['gain_sem']:.2g}  (front {v['hypervolume']:.4g} ± "
+                     f"{v['hypervolume_sem']:.2g}, reference {ref['hypervolume']:.4g} ± {ref['sem']:.2g}; "
+                     f"{len(v['policies'])} policies)")
+    lines.append("area that beats the reference on every reward (hypervolume above the reference's means):")
+    for family, v in fronts["families"].items():
+        lines.append(f"  {family:<16} {v['beats_reference']:.4g} ± {v['beats_reference_sem']:.2g}")
     return "\n".join(lines)
 
 
 def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> list[Path]:
     """Reward x vs reward y with standard-error bars, each family of policies (MODPO, rewarded soups ...) its
-    own line, its hypervolume in the legend; writes OUT.png and OUT.svg."""
+    own line, the legend leading with its hypervolume minus the reference's; writes OUT.png and OUT.svg."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,25 +482,31 @@ def plot_front(summaries: list[dict[str, Any]], x: str, y: str, out: Path) -> li
                 raise ModpoError(f"no reward {axis!r} in the summary of {s['label']!r}; it has {list(s['rewards'])}")
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
     points = [(s["rewards"][x]["mean"], s["rewards"][y]["mean"]) for s in summaries]
-    volumes = family_hypervolumes(summaries, [x, y])
-    colors = dict(zip(volumes, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]))
-    for family, v in volumes.items():
+    fronts = front_hypervolumes(summaries, [x, y])
+    colors = dict(zip(fronts["families"], ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                                           "tab:brown"]))
+    for family, v in fronts["families"].items():
         line = sorted(p for s, p in zip(summaries, points) if not s["is_reference"] and entry_family(s) == family)
         ax.plot([p[0] for p in line], [p[1] for p in line], "-", color=colors.get(family, "0.5"), alpha=0.6,
-                zorder=1, label=f"{family}: hypervolume {v['hypervolume']:.3g} ± {v['sem']:.2g}")
+                zorder=1, label=f"{family}: {v['gain']:+.3g} ± {v['gain_sem']:.2g} hypervolume over the reference "
+                                f"(beats it on both: {v['beats_reference']:.3g} ± {v['beats_reference_sem']:.2g})")
+    ref = fronts["reference"]
     for s, (px, py) in zip(summaries, points):
-        ref = s["is_reference"]
+        is_ref = s["is_reference"]
         ax.errorbar(px, py, xerr=s["rewards"][x]["sem"], yerr=s["rewards"][y]["sem"],
-                    fmt="*" if ref else "o", markersize=14 if ref else 8,
-                    color="black" if ref else colors.get(entry_family(s), "0.5"), capsize=3, zorder=2)
+                    fmt="*" if is_ref else "o", markersize=14 if is_ref else 8,
+                    color="black" if is_ref else colors.get(entry_family(s), "0.5"), capsize=3, zorder=2,
+                    label=f"reference: hypervolume {ref['hypervolume']:.3g} ± {ref['sem']:.2g}" if is_ref else None)
         soup = entry_family(s) == "rewarded soups" and s.get("weights")
-        label = "reference" if ref else (_front_label(s["weights"], x) or s["label"]) + (" (soup)" if soup else "")
+        label = "reference" if is_ref else (_front_label(s["weights"], x) or s["label"]) + (" (soup)" if soup else "")
         ax.annotate(label, (px, py), textcoords="offset points", xytext=(7, 7), fontsize=9)
+    if set(fronts["point_kind"].values()) == {"nadir"}:  # within the picture (a bound usually is not): mark it
+        ax.plot(*fronts["point"].values(), "x", color="0.4", markersize=8, zorder=2)
     ax.set_xlabel(f"{x} (mean reward, ± s.e.)")
     ax.set_ylabel(f"{y} (mean reward, ± s.e.)")
-    ax.set_title("Fronts on held-out prompts (hypervolume above the reference)")
+    ax.set_title(f"Fronts on held-out prompts\nhypervolume from {describe_point(fronts)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="best", fontsize=7)
     fig.tight_layout()
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)

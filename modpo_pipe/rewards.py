@@ -5,6 +5,9 @@
     concise  = "py:package.module:function"          a callable (prompts, responses) -> list[float]
     positive = "py:path/to/file.py:function"
 
+A callable may declare the range its scores lie in as an attribute, `function.bounds = (low, high)`: `eval`
+records it, and `front` measures hypervolume from the low bounds (a fixed point, the same for every front).
+
 A `py:` spec runs code the user chose: it is imported and called like any other Python they run.
 """
 
@@ -46,6 +49,7 @@ class Reward:
 
     def __init__(self, name: str, spec: str):
         self.name, self.spec = name, spec
+        self.bounds: tuple[float, float] | None = None  # (low, high) of every score, where the reward declares it
 
     def fingerprint(self) -> str:
         raise NotImplementedError
@@ -128,6 +132,7 @@ class CallableReward(Reward):
     def __init__(self, name: str, spec: str):
         super().__init__(name, spec)
         self.fn, self.source = load_callable(spec[len("py:"):], f"reward {name!r}")
+        self.bounds = declared_bounds(self.fn, f"reward {name!r} ({spec})")
 
     def fingerprint(self) -> str:
         if self.source and Path(self.source).is_file():
@@ -263,6 +268,21 @@ def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
     if not callable(fn):
         raise ModpoError(f"{what}: {module_name} has no function {function_name!r}")
     return fn, getattr(module, "__file__", None)
+
+
+def declared_bounds(fn: Callable, where: str) -> tuple[float, float] | None:
+    """`fn.bounds`, the (low, high) its scores lie in, if it declares them."""
+    bounds = getattr(fn, "bounds", None)
+    if bounds is None:
+        return None
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high) and low < high) or isinstance(bounds, (str, bytes)):
+        raise ModpoError(f"{where}: its `bounds` attribute must be (low, high), two finite numbers with low < high; "
+                         f"got {_short(bounds)}")
+    return low, high
 
 
 def _describe(e: BaseException) -> str:

@@ -315,6 +315,8 @@ def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny,
     assert [c["key"] for c in checks["criteria"]] == ["positivity_gain", "concision_shortest", "ordered_by_weight"]
     assert checks["passed"] == all(c["passed"] for c in checks["criteria"])
     assert "the demo's criteria:" in first and first.count("  PASS  ") + first.count("  FAIL  ") == 3
+    # The front's hypervolume from the rewards' declared bounds, minus the reference's, leads the summary.
+    assert "front minus reference: hypervolume over (positivity, concision) from (-1, -1)" in first
     # The system message reached the rendered prompts the groups were sampled from.
     first_prompt = json.loads((out / "train-prompts.jsonl").read_text().splitlines()[0])
     assert first_prompt["messages"][0] == {"role": "system", "content": demo.SYSTEM_MESSAGE}

@@ -17,6 +17,7 @@ from modpo_pipe.errors import ModpoError
 from modpo_pipe.evaluate import (
     Estimate,
     format_table,
+    front_hypervolumes,
     non_dominated,
     paired_differences,
     read_summaries,
@@ -351,3 +352,87 @@ def test_demo_criteria_from_paired_differences(tmp_path):
     # A policy below the reference: no pass whatever its s.e.
     entries = read_summaries([hand_file(tmp_path, demo_summaries([-0.3] * 4), "below.json")])
     assert not demo.criteria(entries)[0].passed
+
+
+def hand_front(bounds: dict[str, list[float] | None]) -> list[dict]:
+    """The reference at (0, 0); MODPO at (0.5, -0.5) and (-0.5, 0.5), each beating the reference on one reward
+    only; a soup at (0.2, 0.2) on average, its `a` varying over the prompts (0, 0.4, 0, 0.4)."""
+    def entry(label: str, a: list[float], b: list[float], **kwargs) -> dict:
+        return {**hand_entry(label, {"a": a, "b": b}, **kwargs), "reward_bounds": bounds}
+
+    return [entry("reference", [0.0] * 4, [0.0] * 4, reference=True),
+            entry("p1", [0.5] * 4, [-0.5] * 4, weights={"a": 1.0, "b": 0.0}),
+            entry("p2", [-0.5] * 4, [0.5] * 4, weights={"a": 0.0, "b": 1.0}),
+            entry("soup", [0.0, 0.4, 0.0, 0.4], [0.2] * 4, family="rewarded soups")]
+
+
+def test_front_hypervolumes_from_the_bounds_or_the_nadir_by_hand():
+    fronts = front_hypervolumes(hand_front({"a": [-1.0, 1.0], "b": [-1.0, 1.0]}), ["a", "b"])
+    assert fronts["point"] == {"a": -1.0, "b": -1.0} and set(fronts["point_kind"].values()) == {"bound"}
+    # From (-1, -1): the reference's box 1 x 1; MODPO's two boxes 1.5 x 0.5 and 0.5 x 1.5, overlapping in
+    # 0.5 x 0.5: 1.25, so +0.25 over the reference, where the area above the reference's means is 0.
+    assert fronts["reference"] == {"hypervolume": 1.0, "sem": 0.0}
+    modpo = fronts["families"]["MODPO"]
+    assert modpo["hypervolume"] == pytest.approx(1.25) and modpo["gain"] == pytest.approx(0.25)
+    assert modpo["gain_sem"] == 0.0 and modpo["beats_reference"] == 0.0 and modpo["policies"] == ["p1", "p2"]
+    # The soup: 1.2 x 1.2 = 1.44, +0.44; above the reference's means 0.2 x 0.2. Its gain is 1.2 (1 + mean a) - 1:
+    # s.e. 1.2 x the bootstrap s.e. of the mean of (0, 0.4, 0, 0.4), plug-in std 0.2 / sqrt(4): about 0.12.
+    soup = fronts["families"]["rewarded soups"]
+    assert soup["hypervolume"] == pytest.approx(1.44) and soup["gain"] == pytest.approx(0.44)
+    assert soup["beats_reference"] == pytest.approx(0.04) and 0.10 < soup["gain_sem"] < 0.14
+
+    # No bounds: the nadir, the worst mean on each reward, (-0.5, -0.5). There each MODPO policy is the worst on
+    # one reward and adds nothing: the reference's 0.25 beats MODPO's 0; the soup's 0.7 x 0.7 = 0.49.
+    fronts = front_hypervolumes(hand_front({"a": None, "b": None}), ["a", "b"])
+    assert fronts["point"] == {"a": -0.5, "b": -0.5} and set(fronts["point_kind"].values()) == {"nadir"}
+    assert fronts["reference"]["hypervolume"] == pytest.approx(0.25)
+    assert fronts["families"]["MODPO"]["hypervolume"] == 0.0
+    assert fronts["families"]["MODPO"]["gain"] == pytest.approx(-0.25)
+    assert fronts["families"]["rewarded soups"]["gain"] == pytest.approx(0.24)
+    # Only `a` bounded: (-1, -0.5): reference 1 x 0.5; MODPO p2's 0.5 x 1 (p1 adds nothing); soup 1.2 x 0.7.
+    fronts = front_hypervolumes(hand_front({"a": [-1.0, 1.0], "b": None}), ["a", "b"])
+    assert fronts["point"] == {"a": -1.0, "b": -0.5} and fronts["point_kind"] == {"a": "bound", "b": "nadir"}
+    assert fronts["families"]["MODPO"]["gain"] == pytest.approx(0.0)
+    assert fronts["families"]["rewarded soups"]["gain"] == pytest.approx(0.84 - 0.5)
+
+
+def test_front_leads_with_the_gain_over_the_reference(tmp_path):
+    """The hand-built front through `front`: the printed summary and the legend lead with front minus reference,
+    from the bounds eval recorded; the area above the reference's means follows, named for what it is."""
+    path = hand_file(tmp_path, hand_front({"a": [-1.0, 1.0], "b": [-1.0, 1.0]}))
+    result = runner.invoke(app, ["front", str(path), "--out", str(tmp_path / "front")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("front minus reference"))
+    assert "from (-1, -1), the rewards' lower bounds" in lines[head]
+    assert lines[head + 1].split()[:4] == ["MODPO", "+0.25", "±", "0"]
+    assert "(front 1.25 ± 0, reference 1 ± 0; 2 policies)" in lines[head + 1]
+    assert lines[head + 2].split()[:3] == ["rewarded", "soups", "+0.44"]
+    assert lines[head + 3].startswith("area that beats the reference on every reward")
+    assert lines[head + 4].split() == ["MODPO", "0", "±", "0"]
+    assert lines[head + 5].split()[:3] == ["rewarded", "soups", "0.04"]
+    svg = (tmp_path / "front.svg").read_text()
+    assert "MODPO: +0.25 ± 0 hypervolume over the reference (beats it on both: 0 ± 0)" in svg
+    assert "reference: hypervolume 1 ± 0" in svg and "the rewards' lower bounds" in svg
+
+
+def test_eval_records_declared_reward_bounds_and_refuses_scores_outside_them(swept, tmp_path):
+    """A `py:` reward's `bounds` attribute goes into eval.json per reward (none for a reward model or a callable
+    that declares none); a score outside its declared bounds would misplace the front's point, so it is refused."""
+    written = json.loads((swept / "eval.json").read_text())
+    assert all(e["reward_bounds"] == {"rm": None, "length": None} for e in written)
+    (tmp_path / "bounded.py").write_text(
+        "def short(prompts, responses):\n    return [-min(len(r), 50) / 50 for r in responses]\n"
+        "short.bounds = (-1, 0)\n\n"
+        "def wrong(prompts, responses):\n    return [1.5 for r in responses]\nwrong.bounds = [-1.0, 1.0]\n")
+    base = ["eval", str(swept / "prompts.jsonl"), "--config", str(swept / "modpo.toml"), "--backend", "transformers",
+            "--max-new-tokens", "4"]
+    for reward, out in (("short", "bounded.json"), ("wrong", "never.json")):
+        spec = f"{reward}=py:{tmp_path / 'bounded.py'}:{reward}"
+        result = runner.invoke(app, [*base, "--reward", spec, "--out", str(tmp_path / out)])
+        if reward == "short":
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 1 and "declares bounds (-1.0, 1.0) but scored 1.5" in result.output
+    assert [e["reward_bounds"] for e in json.loads((tmp_path / "bounded.json").read_text())] == [{"short": [-1, 0]}]
+    assert not (tmp_path / "never.json").exists()

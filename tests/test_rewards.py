@@ -280,3 +280,20 @@ def test_missing_model_gives_a_one_line_error(tmp_path, kind):
     fragment = {"missing": "no such model directory", "empty-dir": "no config.json",
                 "hub-id": "cannot load"}[kind]
     assert fragment in message
+
+
+def test_a_callable_declares_its_bounds_as_an_attribute(tmp_path):
+    """`fn.bounds = (low, high)`: what `eval` records and `front` measures hypervolume from; the builtins declare
+    [-1, 1]; a reward that declares none has none, and a malformed declaration is one line naming the reward."""
+    assert load("p", "py:modpo_pipe.builtin_rewards:positivity").bounds == (-1.0, 1.0)
+    assert load("c", "py:modpo_pipe.builtin_rewards:concision").bounds == (-1.0, 1.0)
+    source = tmp_path / "declared.py"
+    source.write_text("def none(prompts, responses):\n    return [0.0] * len(responses)\n\n" + "".join(
+        f"def {name}(prompts, responses):\n    return [0.0] * len(responses)\n{name}.bounds = {bounds}\n\n"
+        for name, bounds in (("ints", "[0, 10]"), ("reversed", "(1, -1)"), ("three", "(0, 1, 2)"),
+                             ("text", "'01'"), ("infinite", "(0, float('inf'))"), ("number", "1"))))
+    assert load("n", f"py:{source}:none").bounds is None
+    assert load("i", f"py:{source}:ints").bounds == (0.0, 10.0)
+    for name in ("reversed", "three", "text", "infinite", "number"):
+        with pytest.raises(ModpoError, match=f"reward 'x' \\(py:.*:{name}\\): its `bounds` attribute must be"):
+            load("x", f"py:{source}:{name}")

@@ -13,7 +13,7 @@ from conftest import cli, generate_and_score, ok
 from safetensors.torch import load_file
 
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.evaluate import family_hypervolumes, hypervolume
+from modpo_pipe.evaluate import family_hypervolumes, front_hypervolumes, hypervolume
 from modpo_pipe.soup import soup
 
 # ------------------------------------------------------------------------------------------- hypervolume
@@ -162,15 +162,18 @@ def test_both_fronts_through_eval_and_front(tiny, tmp_path):
     entries = json.loads((tmp_path / "eval.json").read_text())
     assert [e["family"] for e in entries] == ["reference", "MODPO", "MODPO"] + ["rewarded soups"] * 3
     assert all(len(e["prompt_rewards"]["rm"]) == 6 for e in entries)
-    volumes = family_hypervolumes(entries, ["rm", "length"])
+    fronts = front_hypervolumes(entries, ["rm", "length"])["families"]
     for family in ("MODPO", "rewarded soups"):
-        line = next(line for line in output.splitlines() if line.strip().startswith(family))
-        assert f"{volumes[family]['hypervolume']:.4g} ± {volumes[family]['sem']:.2g}" in line
+        # each family's front minus the reference's first, then its area above the reference's means
+        gain, beats = [line for line in output.splitlines() if line.strip().startswith(family)]
+        assert gain.split()[len(family.split()):][:3] == [f"{fronts[family]['gain']:+.4g}", "±",
+                                                          f"{fronts[family]['gain_sem']:.2g}"]
+        assert f"{fronts[family]['beats_reference']:.4g} ± {fronts[family]['beats_reference_sem']:.2g}" in beats
     front = ok(["front", "eval.json", "--out", "front"], tmp_path)
     assert "rewarded soups" in front
     svg = (tmp_path / "front.svg").read_text()
     for family in ("MODPO", "rewarded soups"):
-        assert f"{family}: hypervolume {volumes[family]['hypervolume']:.3g}" in svg
+        assert f"{family}: {fronts[family]['gain']:+.3g} ± {fronts[family]['gain_sem']:.2g} hypervolume over" in svg
 
 
 @pytest.mark.parametrize(("damage", "fragment"), [
