@@ -267,8 +267,8 @@ def criteria(summaries: list[dict[str, Any]]) -> list[Criterion]:
 
     tokens = [by_weight[w]["response_tokens"]["mean"] for w in weights]
     second = Criterion("concision_shortest", all(tokens[0] < t for t in tokens[1:]),
-                       "concision-only policy writes the shortest replies: mean tokens "
-                       + ", ".join(f"{label} {t:.1f}" for label, t in zip(labels, tokens)),
+                       "concision-only policy writes the shortest replies (mean tokens): "
+                       + ", ".join(f"{label}: {t:.1f}" for label, t in zip(labels, tokens)),
                        {"response_tokens": dict(zip(labels, tokens))})
 
     if any(d is None for ds in paired.values() for d in ds):
@@ -278,8 +278,8 @@ def criteria(summaries: list[dict[str, Any]]) -> list[Criterion]:
         rising = all(a < b for a, b in zip(means["positivity"], means["positivity"][1:]))
         falling = all(a > b for a, b in zip(means["concision"], means["concision"][1:]))
         third = Criterion("ordered_by_weight", rising and falling,
-                          "positivity rises and concision falls with w_positivity (Δ to the reference, w_positivity "
-                          f"{' -> '.join(f'{w:g}' for w in weights)}): "
+                          "positivity rises and concision falls with w_positivity (Δ to the reference at w_positivity "
+                          f"{', '.join(f'{w:g}' for w in weights)}): "
                           + "; ".join(f"{name} " + ", ".join(f"{m:+.3f}" for m in ms) for name, ms in means.items()),
                           {name: dict(zip(labels, ms)) for name, ms in means.items()})
     return [first, second, third]
