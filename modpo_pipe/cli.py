@@ -507,7 +507,7 @@ def demo_command(
     train_prompts: int = typer.Option(
         0, "--train-prompts", help="Training prompts, split evenly over the rounds (0: 40)."),
     eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 67)."),
-    eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 1)."),
+    eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 2)."),
     rounds: int = typer.Option(
         0, "--rounds", help="Rounds; round k samples with the policy round k-1 trained (0: 2)."),
     train_steps: int = typer.Option(
