@@ -644,7 +644,7 @@ def _register_run_commands() -> None:
     def run_command(**kwargs: Any) -> None:
         workdir, config = kwargs.pop("workdir"), kwargs.pop("config")
         max_stages, until = kwargs.pop("max_stages"), kwargs.pop("until")
-        allow, shard = kwargs.pop("allow_config_change"), kwargs.pop("shard")
+        allow, shard, retry = kwargs.pop("allow_config_change"), kwargs.pop("shard"), kwargs.pop("retry")
         with _run_exit_codes():
             settings = _run_settings(workdir, config, kwargs)
             if shard:
@@ -653,7 +653,8 @@ def _register_run_commands() -> None:
                 own = config is None and all(value is None for value in kwargs.values())
                 rounds.work_shard(workdir, settings, parse_shard(shard), own_settings=own)
                 return
-            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow)
+            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow,
+                           retry=retry)
 
     run_params = [
         _WORKDIR_PARAM, _RUN_CONFIG_PARAM,
@@ -666,6 +667,10 @@ def _register_run_commands() -> None:
                           default=typer.Option(False, "--allow-config-change",
                                                help="Redo finished stages whose settings changed (remembered: later "
                                                     "invocations redo them without the flag).")),
+        inspect.Parameter("retry", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--retry",
+                                               help="Run a stage that failed [run].max_failures times in a row (and "
+                                                    "is no longer tried) once more.")),
         inspect.Parameter("shard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                           default=typer.Option(None, "--shard", help=(
                               "I/N (0-based; N = [run].shards): be a shard worker: compute shard I of the generate "
@@ -678,7 +683,8 @@ def _register_run_commands() -> None:
                 f"Exit {rounds.EXIT_OK}: advanced or nothing to do; "
                 f"{rounds.EXIT_LOCKED}: another invocation holds the lock (nothing touched); "
                 f"{rounds.EXIT_CONFIG_CHANGED}: a settings change would redo finished stages; "
-                f"{rounds.EXIT_FAILURE}: a failure.")
+                f"{rounds.EXIT_FAILURE}: a failure (a stage that failed [run].max_failures times in a row: on every "
+                f"invocation, until --retry).")
     run_command.__signature__ = inspect.Signature(run_params)  # type: ignore[attr-defined]
     run_command.__annotations__ = {p.name: p.annotation for p in run_params}
     app.command("run", help=run_help)(run_command)
@@ -706,6 +712,10 @@ _register_run_commands()
 
 
 def main() -> None:
+    from modpo_pipe import supervise
+
+    if supervise.supervised():  # the work in a child process, whose every ending this one reports (supervise.py)
+        supervise.fork()
     code: int | str | None = 0
     try:
         app()  # standalone mode: ends in SystemExit
@@ -713,6 +723,10 @@ def main() -> None:
         code = 130
     except SystemExit as e:
         code = e.code
+    except BaseException:  # a bug: its traceback follows, and the command has ended (exit 1)
+        supervise.report(1)
+        raise
+    supervise.report(code)
     end_processes(code)
     sys.exit(code)
 

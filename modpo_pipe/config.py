@@ -187,6 +187,11 @@ class RunSettings:
         "I/N` workers (any batch system, hosts sharing the run directory); the plain `run` opens those stages, "
         "merges the shards and trains. The result does not depend on N."
     )
+    max_failures: int = setting(
+        3, "A stage that failed or died (killed, or ended from inside) this many times in a row is not tried "
+        "again: every `run` exits 1 naming it and its log (RUN/round-NNN/STAGE.log) until `run --retry`. 0: retry "
+        "forever."
+    )
 
 
 SECTIONS: dict[str, type] = {
