@@ -122,6 +122,28 @@ def adapter_base(path_or_id: str) -> str | None:
     return base
 
 
+def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
+    """A causal LM's context window in tokens, from its config (an adapter's: its base model's); None when the
+    config does not say."""
+    from transformers import AutoConfig
+
+    source = policy
+    adapter = Path(policy) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA adapter directory: the base model's config
+        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or policy
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # loading the model itself reports what is wrong
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 # Files that hold pickles: loading them can run code. (training_args.bin is Trainer's pickled settings, which
 # nothing here reads; it is not weights.)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

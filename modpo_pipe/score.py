@@ -71,6 +71,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         raise ModpoError(f"{pairs_path}: was tokenised with another tokenizer than the reference {ref_path}'s; "
                          "its stored ids would mean other tokens")
     schema.check_token_ids(table, len(tokenizer), str(pairs_path))
+    schema.check_context(table, models.context_length(ref_path, m.trust_remote_code), str(pairs_path),
+                         f"the reference {ref_path}")
 
     # Callables load (import) here, so a broken one fails before any work; models load when they have work.
     callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}

@@ -117,6 +117,7 @@ class TrainingGroups:
     stats: reward_stats.RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
     max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
     pairing: str = "all"
+    longest: list[int] = dataclasses.field(default_factory=list)  # per input file: most prompt + response tokens
 
     def __len__(self) -> int:
         """Groups: the unit steps and micro-batches are made of."""
@@ -191,7 +192,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
     prompts: list[pa.ChunkedArray] = []
     responses: list[pa.ChunkedArray] = []
     sizes: list[torch.Tensor] = []
-    refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids = [], [], [], [], [], [], []
+    refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids, longest = [], [], [], [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
     stats: reward_stats.RewardStats | None = None
@@ -226,6 +227,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         check_finite(table, numbers, path)
         max_ids.append(max(pc.max(pc.list_flatten(table.column("prompt_ids"))).as_py() or 0,
                            pc.max(pc.list_flatten(flat(table.column("response_ids")))).as_py() or 0))
+        longest.append(pc.max(schema.sequence_lengths(table)[0]).as_py() or 0)
         rewards = torch.tensor(np.stack([flat(table.column(schema.reward_column(n))).to_numpy() for n in names])).T
         if stats is not None:
             mean = torch.tensor([stats.mean[n] for n in names])
@@ -284,6 +286,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         torch.cat(firsts).long(), torch.cat(seconds).long(),
         torch.cumsum(torch.cat([zero, torch.tensor(pair_counts, dtype=torch.int64)]), 0), names,
         {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids, pairing,
+        longest,
     )
 
 
@@ -314,6 +317,15 @@ def check_vocabulary(paths: list[Path], data: TrainingGroups, vocab_size: int) -
             table, _ = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS])
             schema.check_token_ids(table, vocab_size, str(path))
             raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
+
+
+def check_context(paths: list[Path], data: TrainingGroups, policy: str, context: int | None) -> None:
+    """Refuse a prompt + response longer than the policy's context window (its log-probs there mean nothing, and
+    the gap to the cached reference's would be trained on); the offending file is read again to name the group."""
+    for path, longest in zip(paths, data.longest):
+        if context is not None and longest > context:
+            table, _ = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS])
+            schema.check_context(table, context, str(path), f"the policy {policy}")
 
 
 def target_record(data: TrainingGroups, t: TrainSettings) -> dict[str, Any]:
@@ -504,6 +516,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if models.tokenizer_fingerprint(tokenizer) != data.meta["tokenizer_fingerprint"]:
         raise ModpoError(f"{scored_paths[0]}: tokenised with another tokenizer than the policy {policy_path}'s")
     check_vocabulary(scored_paths, data, len(tokenizer))
+    check_context(scored_paths, data, policy_path, models.context_length(policy_path, m.trust_remote_code))
     if accelerator.is_main_process:
         warn_unusable_stats(data.stats)
     policy_fingerprint = models.fingerprint(policy_path)

@@ -114,3 +114,36 @@ def test_status_reads_a_manifest_whose_seconds_is_no_number(tiny, rewards, tmp_p
     row = next(line for line in text.splitlines() if line.startswith("round-000  generate"))
     assert ("7.5s" if seconds == "7.5" else " - ") in row and "RuntimeError: boom" in row
     assert json.loads(ok(["status", "--workdir", run_dir, "--json"]))["table"][0]["seconds"] == seconds
+
+
+# -------------------------------------------------------- 2. prompt + response beyond the model's context
+
+
+@pytest.fixture(scope="module")
+def short_context(tiny, tmp_path_factory) -> Path:
+    """The tiny policy with a context window of 8 tokens: shorter than any prompt + response of the fault files."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("short") / "policy"
+    shutil.copytree(tiny.policy, path)
+    settings = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**settings, "max_position_embeddings": 8}))
+    return path
+
+
+def test_score_refuses_responses_beyond_the_references_context_before_any_work(faults_env, short_context, tmp_path):
+    """score computed reference log-probs past the context window without a word."""
+    out = tmp_path / "scored.parquet"
+    line = fails(["score", faults_env / "pairs.parquet", *config(faults_env), "--ref", short_context, "--out", out],
+                 f"{faults_env / 'pairs.parquet'}: group 'r0/p0' response 1: prompt + response are ")
+    assert f"beyond the 8 of the reference {short_context}'s context window" in line
+    assert not out.exists() and not Path(f"{out}.parts").exists()  # refused before any reward ran
+
+
+def test_train_refuses_responses_beyond_the_policys_context_before_any_work(faults_env, short_context, tmp_path):
+    """train warned of a huge log-prob gap, trained on it and exited 0."""
+    out = tmp_path / "ckpt"
+    line = fails(["train", faults_env / "scored.parquet", *config(faults_env), "--policy", short_context,
+                  "--out", out], f"{faults_env / 'scored.parquet'}: group 'r0/p0' response 1: prompt + response are ")
+    assert f"beyond the 8 of the policy {short_context}'s context window" in line
+    assert not out.exists()

@@ -181,24 +181,11 @@ def raw_messages(record) -> list[dict[str, str]]:
 
 
 def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
-    """The policy's context window in tokens, from its config; None when the config does not say."""
-    from transformers import AutoConfig
+    """models.context_length, imported when asked for (eval reaches it through generate; generate imports no
+    torch at import time)."""
+    from modpo_pipe import models
 
-    source = policy
-    adapter = Path(policy) / "adapter_config.json"
-    if adapter.is_file():  # a LoRA adapter directory: the base model's config
-        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or policy
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception:  # loading the model itself reports what is wrong
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return models.context_length(policy, trust_remote_code)
 
 
 def prompt_token_limit(settings: Settings, context: int | None, backend: str = "transformers") -> int:
@@ -252,7 +239,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
     backend = choose_backend(g.backend)
-    context = context_length(g.policy, m.trust_remote_code)
+    context = models.context_length(g.policy, m.trust_remote_code)
     limit = prompt_token_limit(settings, context, backend)
     records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit,
                                                                            prompt_stats)
