@@ -83,9 +83,17 @@ def reward_column(name: str) -> str:
     return f"reward_{name}"
 
 
+# Files are named after rewards (score's OUT.parts/reward-NAME-00012.parquet, and its temporary name beside it),
+# and a file name holds at most 255 bytes.
+MAX_REWARD_NAME = 100
+
+
 def check_reward_name(name: str) -> str:
     if not REWARD_NAME.match(name):
         raise ModpoError(f"reward name {name!r} must start with a letter and hold only letters, digits and _")
+    if len(name) > MAX_REWARD_NAME:
+        raise ModpoError(f"reward name {name[:20]!r}... is {len(name)} characters long; a reward name is at most "
+                         f"{MAX_REWARD_NAME} characters (files are named after it)")
     return name
 
 
