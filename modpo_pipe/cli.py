@@ -221,6 +221,10 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     report = run_score(settings, pairs, output_path(settings.score.out, "file"), **({"shard": part} if part else {}))
     if part:
         return _shard_summary(report, part)
+    if report.up_to_date:
+        _print_summary(f"nothing to do: {report.out} is already scored from these pairs, with these rewards, this "
+                       "reference and these settings", {"groups": report.pairs})
+        return
     _print_summary(f"wrote {report.out}", {
         "groups": report.pairs, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
@@ -261,6 +265,10 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
         return
     report = train(settings, list(scored), output_path(settings.train.out, "directory"))
     if not report.main_process:
+        return
+    if report.up_to_date:
+        _print_summary(f"nothing to do: {report.out}/final is already trained from these files, this policy and "
+                       "these settings", {"groups": report.groups, "pairs": report.pairs, "steps": report.steps})
         return
     _print_summary(f"wrote {report.out}/final", {
         "groups": report.groups, "pairs": report.pairs,
@@ -386,7 +394,8 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
         train_settings = dataclasses.replace(settings.train, weights=weights, out=str(root / label))
         report = train(dataclasses.replace(settings, train=train_settings), list(scored), root / label)
         if report.main_process:  # under `accelerate launch`, one summary
-            _print_summary(f"wrote {report.out}/final", {"weights": weights, "last loss": report.last_loss})
+            _print_summary(f"{'nothing to do: already trained' if report.up_to_date else 'wrote'} {report.out}/final",
+                           {"weights": weights, "last loss": report.last_loss})
 
 
 @stage_command(
@@ -500,21 +509,31 @@ def soup_command(
     typer.echo("wrote " + ", ".join(map(str, written)))
 
 
+def _demo_size(name: str, flag: str, text: str) -> Any:
+    """A demo size flag: left out, the demo's own size (or --quick's); given, that number (check_size refuses one
+    below what the demo can run: 0 once meant the default, and ran a demo of another size than asked for)."""
+    from modpo_pipe.demo import QUICK, DemoSize
+
+    return typer.Option(None, flag, show_default=False,
+                        help=f"{text} (default {getattr(DemoSize(), name)}; --quick: {getattr(QUICK, name)}).")
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for every file the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller run (fewer prompts and steps) for a smoke check."),
-    train_prompts: int = typer.Option(
-        0, "--train-prompts", help="Training prompts, split evenly over the rounds (0: 40)."),
-    eval_prompts: int = typer.Option(0, "--eval-prompts", help="Held-out prompts (0: 67)."),
-    eval_samples: int = typer.Option(0, "--eval-samples", help="Replies per held-out prompt and policy (0: 2)."),
-    rounds: int = typer.Option(
-        0, "--rounds", help="Rounds; round k samples with the policy round k-1 trained (0: 2)."),
-    train_steps: int = typer.Option(
-        0, "--train-steps", help="Optimizer steps per policy over all rounds; the batch is a round's prompts / "
-        "its steps (0: 10)."),
-    samples_per_prompt: int = typer.Option(
-        0, "--samples-per-prompt", help="Responses per training prompt, one group; all pairs train (0: 4)."),
+    train_prompts: Optional[int] = _demo_size("train_prompts", "--train-prompts",
+                                              "Training prompts, split evenly over the rounds"),
+    eval_prompts: Optional[int] = _demo_size("eval_prompts", "--eval-prompts", "Held-out prompts"),
+    eval_samples: Optional[int] = _demo_size("eval_samples", "--eval-samples",
+                                             "Replies per held-out prompt and policy"),
+    rounds: Optional[int] = _demo_size("rounds", "--rounds",
+                                       "Rounds; round k samples with the policy round k-1 trained"),
+    train_steps: Optional[int] = _demo_size(
+        "train_steps", "--train-steps", "Optimizer steps per policy over all rounds; the batch is a round's prompts / "
+        "its steps"),
+    samples_per_prompt: Optional[int] = _demo_size(
+        "samples_per_prompt", "--samples-per-prompt", "Responses per training prompt, one group; all pairs train"),
     seed: int = typer.Option(0, "--seed", help="Seed of sampling and training."),
 ) -> None:
     """The whole method on a real model, offline, in rounds: SmolLM2-135M-Instruct, positivity vs concision,
@@ -527,7 +546,7 @@ def demo_command(
     chosen = {"train_prompts": train_prompts, "eval_prompts": eval_prompts, "eval_samples": eval_samples,
               "rounds": rounds, "train_steps": train_steps, "samples_per_prompt": samples_per_prompt}
     with user_errors():
-        run_demo(out, dataclasses.replace(size, seed=seed, **{k: v for k, v in chosen.items() if v}))
+        run_demo(out, dataclasses.replace(size, seed=seed, **{k: v for k, v in chosen.items() if v is not None}))
 
 
 @app.command("init")
@@ -612,6 +631,8 @@ def _run_settings(workdir: Path, config: Path | None, kwargs: dict[str, Any]) ->
     for key, value in kwargs.items():
         section, field_name = key.split("__", 1)
         overrides[section][field_name] = value
+    if workdir.exists() and not workdir.is_dir():
+        raise ModpoError(f"--workdir {workdir} is a file, not a run directory; give the run's directory")
     if config is None:
         config = workdir / cfg.DEFAULT_CONFIG_NAME
         if not config.is_file():
@@ -646,7 +667,7 @@ def _register_run_commands() -> None:
     def run_command(**kwargs: Any) -> None:
         workdir, config = kwargs.pop("workdir"), kwargs.pop("config")
         max_stages, until = kwargs.pop("max_stages"), kwargs.pop("until")
-        allow, shard = kwargs.pop("allow_config_change"), kwargs.pop("shard")
+        allow, shard, retry = kwargs.pop("allow_config_change"), kwargs.pop("shard"), kwargs.pop("retry")
         with _run_exit_codes():
             settings = _run_settings(workdir, config, kwargs)
             if shard:
@@ -655,7 +676,8 @@ def _register_run_commands() -> None:
                 own = config is None and all(value is None for value in kwargs.values())
                 rounds.work_shard(workdir, settings, parse_shard(shard), own_settings=own)
                 return
-            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow)
+            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow,
+                           retry=retry)
 
     run_params = [
         _WORKDIR_PARAM, _RUN_CONFIG_PARAM,
@@ -668,6 +690,10 @@ def _register_run_commands() -> None:
                           default=typer.Option(False, "--allow-config-change",
                                                help="Redo finished stages whose settings changed (remembered: later "
                                                     "invocations redo them without the flag).")),
+        inspect.Parameter("retry", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--retry",
+                                               help="Run a stage that failed [run].max_failures times in a row (and "
+                                                    "is no longer tried) once more.")),
         inspect.Parameter("shard", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                           default=typer.Option(None, "--shard", help=(
                               "I/N (0-based; N = [run].shards): be a shard worker: compute shard I of the generate "
@@ -680,7 +706,8 @@ def _register_run_commands() -> None:
                 f"Exit {rounds.EXIT_OK}: advanced or nothing to do; "
                 f"{rounds.EXIT_LOCKED}: another invocation holds the lock (nothing touched); "
                 f"{rounds.EXIT_CONFIG_CHANGED}: a settings change would redo finished stages; "
-                f"{rounds.EXIT_FAILURE}: a failure.")
+                f"{rounds.EXIT_FAILURE}: a failure (a stage that failed [run].max_failures times in a row: on every "
+                f"invocation, until --retry).")
     run_command.__signature__ = inspect.Signature(run_params)  # type: ignore[attr-defined]
     run_command.__annotations__ = {p.name: p.annotation for p in run_params}
     app.command("run", help=run_help)(run_command)
@@ -708,6 +735,10 @@ _register_run_commands()
 
 
 def main() -> None:
+    from modpo_pipe import supervise
+
+    if supervise.supervised():  # the work in a child process, whose every ending this one reports (supervise.py)
+        supervise.fork()
     code: int | str | None = 0
     try:
         app()  # standalone mode: ends in SystemExit
@@ -715,6 +746,10 @@ def main() -> None:
         code = 130
     except SystemExit as e:
         code = e.code
+    except BaseException:  # a bug: its traceback follows, and the command has ended (exit 1)
+        supervise.report(1)
+        raise
+    supervise.report(code)
     end_processes(code)
     sys.exit(code)
 

@@ -56,8 +56,8 @@ class GenerateSettings:
     policy: str = setting("", "Policy that samples the pairs: a local directory or a hub id.", path="model")
     backend: str = setting("auto", "Sampler: auto (vllm when it imports and a GPU is present), transformers, vllm.")
     samples_per_prompt: int = setting(
-        2, "N >= 2: responses sampled per prompt, stored together as one group; train forms pairs within a group "
-        "([train].pairs). Replaces pairs_per_prompt = P, which is read as N = 2P.")
+        2, "N, 2 to 1024: responses sampled per prompt, stored together as one group; train forms pairs within a "
+        "group ([train].pairs). Replaces pairs_per_prompt = P, which is read as N = 2P.")
     temperature: float = setting(1.0, "Sampling temperature (> 0).")
     top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
     max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
@@ -186,6 +186,11 @@ class RunSettings:
         1, "N > 1: each round's generate and score are split into N shards, computed by `modpo-pipe run --shard "
         "I/N` workers (any batch system, hosts sharing the run directory); the plain `run` opens those stages, "
         "merges the shards and trains. The result does not depend on N."
+    )
+    max_failures: int = setting(
+        3, "A stage that failed or died (killed, or ended from inside) this many times in a row is not tried "
+        "again: every `run` exits 1 naming it and its log (RUN/round-NNN/STAGE.log) until `run --retry`. 0: retry "
+        "forever."
     )
 
 
@@ -416,6 +421,10 @@ _CHOICES = {
 }
 
 
+# A group's responses are sampled side by side (batch_size prompts x N replies a batch), scored and trained together
+# (a group is train's smallest micro-batch, all N(N-1)/2 of its pairs by default): a typo of 10^9 planned that many
+# replies before the first was sampled. 1024 is 523,776 pairs a prompt.
+MAX_SAMPLES_PER_PROMPT = 1024
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # the smallest normal and the largest
 
 
@@ -462,6 +471,10 @@ def validate(s: Settings) -> None:
                          f"{g.vllm_gpu_memory_utilization}")
     if g.samples_per_prompt < 2:
         raise ModpoError(f"[generate].samples_per_prompt must be >= 2 (a pair needs two responses); got "
+                         f"{g.samples_per_prompt}")
+    if g.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
+        raise ModpoError(f"[generate].samples_per_prompt must be at most {MAX_SAMPLES_PER_PROMPT}: a group's "
+                         "responses are sampled side by side and trained in one forward pass; got "
                          f"{g.samples_per_prompt}")
     if not 0 < g.top_p <= 1:
         raise ModpoError(f"[generate].top_p must be in (0, 1]; got {g.top_p}")

@@ -7,9 +7,11 @@ merged, so a LoRA-trained round can sample and score the next one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,28 @@ def adapter_base(path_or_id: str) -> str | None:
     return base
 
 
+def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
+    """A causal LM's context window in tokens, from its config (an adapter's: its base model's); None when the
+    config does not say."""
+    from transformers import AutoConfig
+
+    source = policy
+    adapter = Path(policy) / "adapter_config.json"
+    if adapter.is_file():  # a LoRA adapter directory: the base model's config
+        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or policy
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception:  # loading the model itself reports what is wrong
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 # Files that hold pickles: loading them can run code. (training_args.bin is Trainer's pickled settings, which
 # nothing here reads; it is not weights.)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -129,8 +153,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _check_loadable(path_or_id: str, what: str) -> None:
+    from modpo_pipe.prompts import is_hub_id
+
     path = Path(path_or_id)
-    looks_local = path.is_absolute() or path_or_id.startswith((".", "~")) or path.exists()
+    # A Hub id is NAME or OWNER/NAME: anything else (q/a/b) can only be a local path, and one that is not there
+    # is no model directory (the Hub's loader said "Repo id must be in the form ...").
+    looks_local = path.is_absolute() or path_or_id.startswith((".", "~")) or path.exists() or not is_hub_id(path_or_id)
     if looks_local and not path.is_dir():
         raise ModpoError(f"{what}: {path_or_id}: no such model directory")
     if not path.is_dir():
@@ -192,11 +220,12 @@ def load_causal_lm(
     if base is not None:
         _check_loadable(base, f"{what} (the base model of adapter {path_or_id})")
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-            output_loading_info=True,
-        )
-        _check_head(model, loading.get("missing_keys", []), base or path_or_id, what)
+        with held_logs():
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True,
+            )
+            _check_head(model, loading.get("missing_keys", []), base or path_or_id, what)
         if base is not None:
             from peft import PeftModel
 
@@ -208,6 +237,29 @@ def load_causal_lm(
         kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
         raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
     return (model.to(device) if device is not None else model).eval()
+
+
+@contextlib.contextmanager
+def held_logs() -> Iterator[None]:
+    """transformers' log records of the block held back: shown once the block has succeeded, dropped when it
+    raises. A load that is refused (a classifier given as the policy) printed transformers' multi-line LOAD
+    REPORT of missing and unexpected weights above the one line that says what is wrong."""
+    import logging
+
+    root = logging.getLogger("transformers")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, root.handlers = root.handlers, [Hold()]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+    for record in held:
+        root.handle(record)
 
 
 def _check_head(model: torch.nn.Module, missing_keys: list[str], path_or_id: str, what: str) -> None:
@@ -257,22 +309,23 @@ def load_reward_model(
     from transformers import AutoModelForSequenceClassification
 
     _check_loadable(path_or_id, what)
-    try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
-            output_loading_info=True,
-        )
-    except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
-        kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
-        raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
-    # transformers initialises weights the checkpoint lacks at random and carries on (a causal LM loaded as a
-    # classifier gets a random score head): its rewards would be noise, and differ from load to load.
-    missing = sorted(loading.get("missing_keys", []))
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        architectures = getattr(model.config, "architectures", None) or ["?"]
-        raise ModpoError(f"{what}: {path_or_id} lacks weights of a sequence-classification reward model ({shown} "
-                         f"missing; it was saved as {', '.join(architectures)}): they would be random")
+    with held_logs():
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True,
+            )
+        except Exception as e:  # corrupt or truncated weights raise the loader's own types (SafetensorError...)
+            kind = "" if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: "
+            raise ModpoError(f"{what}: cannot load {path_or_id}: {kind}{_first_line(e)}") from None
+        # transformers initialises weights the checkpoint lacks at random and carries on (a causal LM loaded as a
+        # classifier gets a random score head): its rewards would be noise, and differ from load to load.
+        missing = sorted(loading.get("missing_keys", []))
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            architectures = getattr(model.config, "architectures", None) or ["?"]
+            raise ModpoError(f"{what}: {path_or_id} lacks weights of a sequence-classification reward model "
+                             f"({shown} missing; it was saved as {', '.join(architectures)}): they would be random")
     if model.config.num_labels != 1:
         raise ModpoError(f"{what}: {path_or_id} has {model.config.num_labels} labels; a reward model needs exactly 1")
     tokenizer = load_tokenizer(path_or_id, trust_remote_code, what)

@@ -18,6 +18,7 @@ files (shards.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
@@ -32,6 +33,8 @@ from modpo_pipe.errors import ModpoError
 
 MANIFEST = "manifest.json"
 PART_KEY = b"modpo_pipe_part"
+# A whole output's metadata: the key of what decided its rows (the parts' key, and what the merge applies).
+RUN_KEY = "run_key"
 
 
 def work_dir(out: Path) -> Path:
@@ -55,9 +58,29 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def write_error(path: Path, e: OSError, keep: str) -> ModpoError:
-    reason = e.strerror or str(e)
-    return ModpoError(f"cannot write {path}: {reason}; {keep}")
+def finished_output(out: Path, stage: str, key: str) -> tuple[dict[str, Any], int] | None:
+    """`out`'s metadata and rows when it is a whole `stage` file written under this very `key` (the input, models
+    and settings of this run): a rerun has nothing to do. None when it is missing, not whole, or another run's,
+    which is computed again and replaced."""
+    if not out.is_file():
+        return None
+    try:
+        meta = schema.validate_schema(pq.read_schema(out), stage, str(out))
+        rows = pq.read_metadata(out).num_rows
+    except (ModpoError, pa.ArrowException, OSError):
+        return None
+    return (meta, rows) if meta.get(RUN_KEY) == key else None
+
+
+def write_error(path: Path, e: OSError, keep: str) -> Exception:
+    """A failed write of a part or the output, as the user sees it: with `keep`, how a rerun continues from the
+    parts kept (a full disk, once freed). A path this process may not write at all (permissions, a read-only
+    filesystem) is the OSError itself: a rerun would fail the same, and the caller words what to do (the commands:
+    fix the permissions or choose another path; `run`: make the run directory writable)."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        e.filename = e.filename or str(path)
+        return e
+    return ModpoError(f"cannot write {path}: {e.strerror or e}; {keep}")
 
 
 class Parts:

@@ -257,6 +257,8 @@ def read_prompts(path: Path, skip_invalid: bool = False,
     if is_dataset_source(path):
         rows = dataset_rows(str(path), fields)
     elif not path.exists():
+        if path.is_symlink():
+            raise ModpoError(f"{path}: a symbolic link that leads nowhere (a loop, or to a file that is not there)")
         raise ModpoError(f"{path}: no such file")
     else:
         if fields.split and path.is_file():  # a config's split for its Hub dataset, given a file too: say so

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,13 +96,18 @@ class Reward:
             if isinstance(value, (str, bytes)) or not hasattr(type(value), "__float__"):
                 extra = hint if value is None else ""
                 raise ModpoError(f"{where}: {at}: score {_short(value)} is not a number{extra}")
-            value = float(value)
-            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:  # scores are stored as float32
+            overflowed = False
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float (10**400): beyond float32 all the more
+                number, overflowed = (math.inf if value > 0 else -math.inf), True
+            if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # scores are stored as float32
                 if not allow_invalid:
-                    detail = f"is {value}" if not math.isfinite(value) else f"{value:g} is beyond float32 (inf)"
+                    beyond = f"{_short(value) if overflowed else f'{number:g}'} is beyond float32 (inf)"
+                    detail = beyond if overflowed or math.isfinite(number) else f"is {number}"
                     raise ModpoError(f"{where}: {at}: score {detail}{hint}")
-                value = math.nan
-            checked.append(value)
+                number = math.nan
+            checked.append(number)
         return checked
 
 
@@ -141,11 +147,16 @@ class CallableReward(Reward):
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
         try:
-            return self.fn([x.prompt for x in inputs], [x.response for x in inputs])
+            values = self.fn([x.prompt for x in inputs], [x.response for x in inputs])
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # SystemExit too: sys.exit(0) in a reward must not end the stage with 0
             raise ModpoError(f"reward {self.name!r} ({self.spec}) raised {_describe(e)}") from e
+        closed = reopen_closed_streams()
+        if closed:  # else the next thing to print (loading the reference) failed, and was blamed
+            raise ModpoError(f"reward {self.name!r} ({self.spec}) closed sys.{closed}, which the rest of the process "
+                             "writes to: a reward must leave the process's streams open")
+        return values
 
 
 class ModelReward(Reward):
@@ -283,6 +294,17 @@ def declared_bounds(fn: Callable, where: str) -> tuple[float, float] | None:
         raise ModpoError(f"{where}: its `bounds` attribute must be (low, high), two finite numbers with low < high; "
                          f"got {_short(bounds)}")
     return low, high
+
+
+def reopen_closed_streams() -> str:
+    """The first of sys.stdout and sys.stderr that is closed ("" if neither), each closed one replaced by a new
+    stream on its file descriptor, so that the error saying so can still be printed."""
+    closed = ""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        if getattr(getattr(sys, name), "closed", False):
+            closed = closed or name
+            setattr(sys, name, os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace"))
+    return closed
 
 
 def _describe(e: BaseException) -> str:

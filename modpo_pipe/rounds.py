@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modpo_pipe import storage
+from modpo_pipe import runstate, storage
 from modpo_pipe.config import Settings, as_before
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.runstate import (
@@ -116,6 +116,10 @@ class ShardsPending(ModpoError):
     """A sharded stage is open and not every shard is written yet: the stage waits for its workers."""
 
 
+class GaveUp(ModpoError):
+    """The due stage failed or died [run].max_failures times in a row: not tried again until `run --retry`."""
+
+
 # ------------------------------------------------------------------------------------------- entry points
 
 
@@ -125,19 +129,21 @@ def _log_stderr(message: str) -> None:
 
 def advance(run_dir: Path, settings: Settings, *, max_stages: int | None = None, until: str | None = None,
             allow_config_change: bool = False, log: Callable[[str], None] = _log_stderr,
-            progress: bool | None = None) -> AdvanceReport:
+            progress: bool | None = None, retry: bool = False) -> AdvanceReport:
     """Run what is due in `run_dir`, stage by stage, holding its lock throughout.
 
     max_stages: run at most this many stages; until="round": stop once the round of the first due stage is
-    trained. Raises LockHeld, ConfigChanged, or whatever a failing stage raised (after recording it);
-    an OSError as a ModpoError."""
+    trained; retry: run a stage that failed [run].max_failures times in a row once more. Raises LockHeld,
+    ConfigChanged, GaveUp, or whatever a failing stage raised (after recording it); an OSError as a
+    ModpoError."""
     with filesystem_errors(Path(run_dir)):
         return _advance(run_dir, settings, max_stages=max_stages, until=until,
-                        allow_config_change=allow_config_change, log=log, progress=progress)
+                        allow_config_change=allow_config_change, log=log, progress=progress, retry=retry)
 
 
 def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until: str | None,
-             allow_config_change: bool, log: Callable[[str], None], progress: bool | None) -> AdvanceReport:
+             allow_config_change: bool, log: Callable[[str], None], progress: bool | None,
+             retry: bool = False) -> AdvanceReport:
     if max_stages is not None and max_stages < 1:
         raise ModpoError(f"--max-stages must be >= 1; got {max_stages}")
     if until not in (None, "round", "end"):
@@ -169,6 +175,8 @@ def _advance(run_dir: Path, settings: Settings, *, max_stages: int | None, until
             if due is None:
                 log(f"{run.dir}: all {settings.run.rounds} rounds done; nothing to do")
                 return AdvanceReport(ran, None, settings.run.rounds)
+            if 0 < settings.run.max_failures <= due.failures and not retry:
+                raise GaveUp(gave_up_message(run, due))
             if due.status == "redo":
                 log(f"{due.name}: redoing: {due.reason}")
             elif due.status == "failed" and due.reason:
@@ -331,6 +339,22 @@ class AdvanceReport:
     rounds: int
 
 
+def gave_up_message(run: Run, st: StageState) -> str:
+    """One line: the stage, how often and how it failed, its log, and what the user does next."""
+    log = runstate.stage_log_path(run.round_dir(st.round), st.stage)
+    return (f"{st.name} failed {st.failures} times in a row ([run].max_failures = {run.settings.run.max_failures}; "
+            f"the last: {st.reason}); its log: {log}. Not tried again: fix the cause, then run it once more with "
+            f"`modpo-pipe run --workdir {run.dir} --retry`")
+
+
+def _count(value: Any) -> int:
+    """A count from the manifest, which a person may have edited: what does not read as one counts as 1."""
+    try:
+        return max(1, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return 1
+
+
 def config_change_message(states: list[StageState]) -> str:
     changed = [s for s in states if s.changed]
     first = min(states.index(s) for s in changed)
@@ -371,6 +395,8 @@ def check_run_settings(settings: Settings) -> None:
         raise ModpoError(f"[run].reference must be one of {', '.join(REFERENCES)}; got {r.reference!r}")
     if r.shards < 1:
         raise ModpoError(f"[run].shards must be >= 1; got {r.shards}")
+    if r.max_failures < 0:
+        raise ModpoError(f"[run].max_failures must be >= 0 (0: retry forever); got {r.max_failures}")
     if r.replay < -1:
         raise ModpoError(f"[run].replay must be -1 (all), 0 (none) or N > 0; got {r.replay}")
     if r.replay and r.reference == "previous":
@@ -554,6 +580,8 @@ class Run:
                 else:
                     problem = self.output_problem(k, record)
                     st.status, st.reason = ("redo", problem) if problem else ("done", "")
+                if st.status == "failed":  # each attempt of a stage not done counts on from the last (execute)
+                    st.failures = _count(record.get("attempt", 1))
                 chain_ok = chain_ok and st.valid
                 states.append(st)
         return states
@@ -578,13 +606,17 @@ class Run:
         record: dict[str, Any] = {"status": "running", "settings": st.settings, "inputs": st.inputs,
                                   "resume_key": key, "started": now(), "pid": os.getpid(), "host": socket.gethostname(),
                                   "attempt": attempt}
-        earlier_seconds = float(previous.get("seconds", 0.0)) if resume and previous else 0.0
+        earlier_seconds = (runstate.recorded_seconds(previous.get("seconds")) or 0.0) if resume and previous else 0.0
         manifest.put(k, stage, record)
         manifest.save()
-        log(f"{st.name}: {'resuming' if resume else 'starting'}" + (f" (attempt {attempt})" if attempt > 1 else ""))
         started = time.time()
+        log_path = runstate.stage_log_path(round_dir, stage)
         try:
-            outputs, summary = getattr(self, f"_run_{stage}")(k, resume, key)
+            with runstate.stage_log(log_path, f"== {now()} {st.name}: attempt {attempt}, pid {os.getpid()} on "
+                                              f"{socket.gethostname()}"):
+                log(f"{st.name}: {'resuming' if resume else 'starting'}"
+                    + (f" (attempt {attempt})" if attempt > 1 else ""))
+                outputs, summary = getattr(self, f"_run_{stage}")(k, resume, key)
         except ShardsPending as e:
             record.update(status="waiting", waiting=str(e), seconds=earlier_seconds + time.time() - started)
             manifest.save()
@@ -594,6 +626,9 @@ class Run:
             record.update(status="failed", error=error_text(e),
                           finished=now(), seconds=earlier_seconds + time.time() - started)
             manifest.save()
+            # (a note in the log that cannot be written must not hide the error itself)
+            with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as file:
+                file.write(f"{now()} {st.name} failed: {record['error']}\n")
             if isinstance(e, SystemExit):  # sys.exit(0) somewhere in a stage must not make `run` exit 0
                 raise ModpoError(f"{st.name} failed: {record['error']}") from e
             raise

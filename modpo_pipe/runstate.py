@@ -16,8 +16,12 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,6 +86,57 @@ def lock_is_held(run_dir: Path) -> bool:
     finally:
         os.close(fd)  # also releases the probe's lock
     return False
+
+
+# ------------------------------------------------------------------------------------------ stage logs
+
+
+def stage_log_path(round_dir: Path, stage: str) -> Path:
+    return round_dir / f"{stage}.log"
+
+
+@contextlib.contextmanager
+def stage_log(path: Path, header: str) -> Iterator[None]:
+    """While the block runs, what this process (and any process it starts) writes to its stdout and stderr goes
+    to them as before and is also appended to `path`, after `header`: a stage's own words up to the moment it
+    died, for the line that reports its failures to point at. `tee` processes do the copying: one that dies
+    mid-stage (os._exit, SIGKILL) leaves them reading to the end of what it wrote. Without `tee`, or with a
+    standard stream closed, only the header is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(f"{header}\n")
+    tee = shutil.which("tee")
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # a closed stdout or stderr: nothing to copy
+        saved = []
+    if tee is None or not saved:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    copiers = []
+    try:
+        for fd, original in zip((1, 2), saved):
+            # -i: a Ctrl-C ends the stage, which still has its last words to write, not the copier
+            copier = subprocess.Popen([tee, "-a", "-i", str(path)], stdin=subprocess.PIPE, stdout=original)
+            assert copier.stdin is not None
+            os.dup2(copier.stdin.fileno(), fd)
+            copier.stdin.close()
+            copiers.append(copier)
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):  # a stream the stage closed
+            sys.stdout.flush()
+            sys.stderr.flush()
+        for fd, original in zip((1, 2), saved):
+            os.dup2(original, fd)
+            os.close(original)
+        for copier in copiers:
+            # The copier ends once every writer is gone; a process the stage left running (a compile worker)
+            # may hold the pipe a while longer, and its output still reaches the log, later.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                copier.wait(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------ identities
@@ -205,6 +260,7 @@ class StageState:
     inputs: dict[str, Any] | None = None  # None: an earlier stage is not done yet
     changed: list[str] = field(default_factory=list)  # settings that differ from a finished record
     change_accepted: bool = False  # `changed`, and an earlier `run --allow-config-change` accepted these settings
+    failures: int = 0  # its attempts that failed or died, in a row, up to the last one
 
     @property
     def change_refused(self) -> bool:
@@ -218,6 +274,18 @@ class StageState:
     @property
     def valid(self) -> bool:
         return self.status == "done"
+
+
+def recorded_seconds(value: Any) -> float | None:
+    """A record's `seconds` as a number: the manifest is JSON a person may have edited, so a number written as a
+    string counts and anything else is None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def round_name(k: int) -> str:

@@ -83,9 +83,17 @@ def reward_column(name: str) -> str:
     return f"reward_{name}"
 
 
+# Files are named after rewards (score's OUT.parts/reward-NAME-00012.parquet, and its temporary name beside it),
+# and a file name holds at most 255 bytes.
+MAX_REWARD_NAME = 100
+
+
 def check_reward_name(name: str) -> str:
     if not REWARD_NAME.match(name):
         raise ModpoError(f"reward name {name!r} must start with a letter and hold only letters, digits and _")
+    if len(name) > MAX_REWARD_NAME:
+        raise ModpoError(f"reward name {name[:20]!r}... is {len(name)} characters long; a reward name is at most "
+                         f"{MAX_REWARD_NAME} characters (files are named after it)")
     return name
 
 
@@ -423,6 +431,37 @@ def check_token_ids(table: pa.Table, vocab_size: int, where: str) -> None:
             i = pc.list_parent_indices(column)[at].as_py()
             row = rows[i].as_py() if rows is not None else i
             raise ModpoError(f"{where}: row {row}: {col} holds id {flat[at].as_py()} >= vocab size {vocab_size}")
+
+
+def sequence_lengths(table: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """Per response, in file order: its prompt's tokens + its own (what one forward pass reads), and the row of
+    its group. Batch by batch, so the token ids are never copied."""
+    lengths, rows, offset = [], [], 0
+    for batch in table.select(["prompt_ids", "response_ids"]).to_batches():
+        responses = batch.column(1)
+        parents = pc.list_parent_indices(responses)
+        prompts = pc.take(pc.list_value_length(batch.column(0)), parents)
+        lengths.append(pc.add(prompts, pc.list_value_length(pc.list_flatten(responses))).cast(pa.int64()))
+        rows.append(pc.add(parents, offset).cast(pa.int64()))
+        offset += batch.num_rows
+    return pa.concat_arrays(lengths or [pa.array([], pa.int64())]), pa.concat_arrays(rows or [pa.array([], pa.int64())])
+
+
+def check_context(table: pa.Table, context: int | None, where: str, model: str) -> None:
+    """Refuse a prompt + response longer than `model`'s context window: its log-probs past the window would be
+    computed without a word, and trained on. Names the first group and response that does not fit."""
+    if context is None or table.num_rows == 0:
+        return
+    lengths, rows = sequence_lengths(table)
+    if (pc.max(lengths).as_py() or 0) <= context:
+        return
+    at = _first_row(pc.greater(lengths, context))
+    row = rows[at].as_py()
+    first = pc.index(rows, row).as_py()  # the group's first response
+    response = at - first
+    raise ModpoError(f"{where}: group {table.column('group_id')[row].as_py()!r} response {response + 1}: prompt + "
+                     f"response are {lengths[at].as_py()} tokens, beyond the {context} of {model}'s context window "
+                     "(max_position_embeddings): its log-probs there would mean nothing")
 
 
 def parse_messages(text: str, where: str) -> list[dict[str, str]]:

@@ -32,6 +32,7 @@ class ScoreReport:
     resumed_parts: int = 0  # (component, chunk) parts found finished in OUT.parts/ from a killed run
     truncated_by_reward: dict[str, int] = field(default_factory=dict)  # name -> inputs cut to its max length
     dropped_invalid_responses: int = 0  # responses with a NaN/inf/None reward, dropped (on_invalid_reward = "drop")
+    up_to_date: bool = False  # OUT was already scored from these pairs, rewards, reference and settings
 
 
 @out_of_memory("score", "[score].batch_tokens (the reference's forward batches) or reward_batch_size")
@@ -71,6 +72,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         raise ModpoError(f"{pairs_path}: was tokenised with another tokenizer than the reference {ref_path}'s; "
                          "its stored ids would mean other tokens")
     schema.check_token_ids(table, len(tokenizer), str(pairs_path))
+    schema.check_context(table, models.context_length(ref_path, m.trust_remote_code), str(pairs_path),
+                         f"the reference {ref_path}")
 
     # Callables load (import) here, so a broken one fails before any work; models load when they have work.
     callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}
@@ -87,7 +90,12 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     chunks = parts.chunk_ranges(n, s.shard_size)
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
-                                  "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size}).open()
+                                  "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size})
+    # What decides the rows: the parts, and which responses the merge drops.
+    run_key = storage.json_fingerprint({"parts": work.key, "on_invalid_reward": s.on_invalid_reward})
+    if not shard and (found := parts.finished_output(out, "scored", run_key)):  # a rerun: nothing to do
+        return finished_report(out, *found, time.time() - started)
+    work.open()
     if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
         counts = meta["score_counts"]
         return ScoreReport(str(out_file), counts["groups_out"], {}, time.time() - started,
@@ -232,9 +240,20 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         kept_by_chunk = [sum(kept_rows[starts[c]: starts[c] + len(chunks[c])]) for c in selected]
         metadata[shards.SHARD_KEY] = shards.shard_info(shard, work.key, work.manifest, selected, kept_by_chunk,
                                                        len(chunks), time.time() - started)
+    else:
+        metadata[parts.RUN_KEY] = run_key
     work.write_output(scored, metadata)
     return ScoreReport(str(out_file), scored.num_rows, stats, time.time() - started, n - kept, invalid_by_reward,
                        len(chunks), work.reused, truncated_by_reward, dropped_responses)
+
+
+def finished_report(out: Path, meta: dict, rows: int, seconds: float) -> ScoreReport:
+    """The report of a scored file already written by this very run, from its metadata."""
+    counts = meta["score_counts"]
+    return ScoreReport(str(out), rows, {n: {"mean": r["mean"], "std": r["std"]} for n, r in meta["rewards"].items()},
+                       seconds, counts["dropped_invalid_reward"], counts["invalid_by_reward"], counts["chunks"], 0,
+                       counts.get("truncated_by_reward", {}), counts.get("dropped_invalid_responses", 0),
+                       up_to_date=True)
 
 
 def check_part(part: pa.Table, group_ids: list[str], what: str, allow_nan: bool) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.rounds import Run, headline, shards_note
-from modpo_pipe.runstate import MANIFEST_NAME, Manifest, lock_is_held, round_name
+from modpo_pipe.runstate import MANIFEST_NAME, Manifest, lock_is_held, recorded_seconds, round_name
 
 
 def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
         record = s.record or {}
         summary = record.get("summary", {}) if record.get("status") == "done" else {}
         rows.append({"round": s.round, "stage": s.stage, "status": s.status, "reason": s.reason,
-                     "rows": summary.get("rows"), "seconds": record.get("seconds"),
+                     "failures": s.failures, "rows": summary.get("rows"), "seconds": record.get("seconds"),
                      "started": record.get("started"), "finished": record.get("finished"),
                      "summary": summary, "settings_changed": s.changed})
     due = next((s for s in states if not s.valid), None)
@@ -34,6 +34,7 @@ def status(run_dir: Path, settings: Settings) -> dict[str, Any]:
         if s.stage == "score" and s.valid:  # a score due again describes samples that are being replaced
             rewards[s.round] = s.record["summary"]["reward_mean"]
     return {"run_dir": str(run.dir), "rounds": settings.run.rounds, "running": held,
+            "max_failures": settings.run.max_failures,
             "done": sum(s.valid for s in states), "stages": len(states),
             "next": due.name if due else None, "config_changed": any(s.change_refused for s in states),
             "table": rows, "reward_mean_by_round": rewards}
@@ -45,10 +46,11 @@ def format_status(report: dict[str, Any]) -> str:
              + (f"; next: {report['next']}" if report["next"] else "; finished")]
     lines.append(f"{'round':<10} {'stage':<9} {'status':<8} {'rows':>6} {'wall':>8}  headline")
     for row in report["table"]:
-        wall = f"{row['seconds']:.1f}s" if row["seconds"] is not None else "-"
+        seconds = recorded_seconds(row["seconds"])
+        wall = f"{seconds:.1f}s" if seconds is not None else "-"
         rows = str(row["rows"]) if row["rows"] is not None else "-"
         if row["status"] != "done":
-            text = row["reason"]
+            text = row["reason"] + _failures_note(row, report["max_failures"])
         elif row["stage"] == "generate":  # the rows column counts its groups already
             text = f"{row['summary'].get('prompts')} prompts" + shards_note(row["summary"])
         else:
@@ -68,3 +70,15 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append("the settings differ from those finished stages ran with (see 'redo' rows); "
                      "`run` refuses unless --allow-config-change")
     return "\n".join(lines)
+
+
+def _failures_note(row: dict[str, Any], limit: int) -> str:
+    """How often a stage failed in a row, against [run].max_failures, and where its log is."""
+    failures = row["failures"]
+    if not failures:
+        return ""
+    log = f"{round_name(row['round'])}/{row['stage']}.log"
+    if 0 < limit <= failures:
+        return f" [failed {failures} times in a row: not tried again until `run --retry`; its log: {log}]"
+    of = f" of the {limit} that stop `run` retrying it" if limit else ""
+    return f" [failed {failures} time{'s' if failures > 1 else ''} in a row{of}; its log: {log}]"

@@ -40,7 +40,8 @@ _BLOCK = 1 << 20
 def refuse_overwriting_input(out: Path, source: Path) -> None:
     """An output that is the command's own input would replace it (the user's prompts gone for good): refused
     before any work."""
-    if Path(out).resolve() == Path(source).resolve():
+    # realpath, not resolve: a symbolic link loop is left as it is (resolve raised RuntimeError on one)
+    if os.path.realpath(out) == os.path.realpath(source):
         raise ModpoError(f"--out {out} is the input file {source}: writing it would replace the input; choose "
                          "another output path")
 

@@ -117,6 +117,7 @@ class TrainingGroups:
     stats: reward_stats.RewardStats | None = None  # the z-score statistics of every file (None: normalize = "none")
     max_token_ids: list[int] = dataclasses.field(default_factory=list)  # per input file
     pairing: str = "all"
+    longest: list[int] = dataclasses.field(default_factory=list)  # per input file: most prompt + response tokens
 
     def __len__(self) -> int:
         """Groups: the unit steps and micro-batches are made of."""
@@ -191,7 +192,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
     prompts: list[pa.ChunkedArray] = []
     responses: list[pa.ChunkedArray] = []
     sizes: list[torch.Tensor] = []
-    refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids = [], [], [], [], [], [], []
+    refs, scores, firsts, seconds, pair_counts, fingerprints, max_ids, longest = [], [], [], [], [], [], [], []
     names: list[str] | None = None
     first_meta: dict[str, Any] = {}
     stats: reward_stats.RewardStats | None = None
@@ -226,6 +227,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         check_finite(table, numbers, path)
         max_ids.append(max(pc.max(pc.list_flatten(table.column("prompt_ids"))).as_py() or 0,
                            pc.max(pc.list_flatten(flat(table.column("response_ids")))).as_py() or 0))
+        longest.append(pc.max(schema.sequence_lengths(table)[0]).as_py() or 0)
         rewards = torch.tensor(np.stack([flat(table.column(schema.reward_column(n))).to_numpy() for n in names])).T
         if stats is not None:
             mean = torch.tensor([stats.mean[n] for n in names])
@@ -284,6 +286,7 @@ def load_training_groups(paths: list[Path], weights: dict[str, float], normalize
         torch.cat(firsts).long(), torch.cat(seconds).long(),
         torch.cumsum(torch.cat([zero, torch.tensor(pair_counts, dtype=torch.int64)]), 0), names,
         {n: float(x) for n, x in zip(names, w)}, dropped, first_meta, fingerprints, stats, max_ids, pairing,
+        longest,
     )
 
 
@@ -314,6 +317,15 @@ def check_vocabulary(paths: list[Path], data: TrainingGroups, vocab_size: int) -
             table, _ = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS])
             schema.check_token_ids(table, vocab_size, str(path))
             raise ModpoError(f"{path}: holds token id {top} >= vocab size {vocab_size}")
+
+
+def check_context(paths: list[Path], data: TrainingGroups, policy: str, context: int | None) -> None:
+    """Refuse a prompt + response longer than the policy's context window (its log-probs there mean nothing, and
+    the gap to the cached reference's would be trained on); the offending file is read again to name the group."""
+    for path, longest in zip(paths, data.longest):
+        if context is not None and longest > context:
+            table, _ = schema.read_columns(path, "scored", ["group_id", *TOKEN_COLUMNS])
+            schema.check_context(table, context, str(path), f"the policy {policy}")
 
 
 def target_record(data: TrainingGroups, t: TrainSettings) -> dict[str, Any]:
@@ -383,21 +395,43 @@ def pair_orientation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 == 0 else -first
 
 
-def optimizer_step_groups(n_groups: int, t: TrainSettings, processes: int = 1) -> list[tuple[int, list[int]]]:
+class StepPlan(Sequence):
+    """Every optimizer step as (epoch, its group indices), in training order, each made when asked for: an
+    epoch's order is drawn when the plan reaches it, so a plan of 10^9 epochs costs what a plan of one does.
+    A step takes the global batch of `per_step` groups; the remainder of an epoch is folded into its last step
+    (optimizer_step_groups says why)."""
+
+    def __init__(self, n_groups: int, per_step: int, epochs: int, seed: int):
+        self.n_groups, self.per_step, self.epochs, self.seed = n_groups, per_step, epochs, seed
+        self.per_epoch = max(1, n_groups // per_step)
+        self._epoch, self._order = -1, []  # the last epoch's order drawn
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def __getitem__(self, step):  # type: ignore[override]
+        if isinstance(step, slice):
+            return [self[i] for i in range(*step.indices(len(self)))]
+        if not -len(self) <= step < len(self):
+            raise IndexError(step)
+        epoch, i = divmod(step % len(self), self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_order(self.n_groups, self.seed, epoch)
+        end = (i + 1) * self.per_step if i < self.per_epoch - 1 else self.n_groups
+        return epoch, self._order[i * self.per_step : end]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (StepPlan, list)) and len(self) == len(other) and list(self) == list(other)
+
+
+def optimizer_step_groups(n_groups: int, t: TrainSettings, processes: int = 1) -> StepPlan:
     """Every optimizer step as (epoch, its group indices), in training order (`n_groups`: the number of groups;
     with N = 2 each group is one pair). A step takes the global batch, batch_size * grad_accum * processes
     groups. The remainder of an epoch is folded into its last step (which
     then holds up to twice the global batch), never a step of its own: a step of one group would move the
     weights as far as a full one, since Adam's update does not shrink with the gradient's scale (so scaling
     the loss down would not help). An epoch shorter than one global batch is one step."""
-    per_step = t.batch_size * t.grad_accum * processes
-    full = max(1, n_groups // per_step)
-    steps = []
-    for epoch in range(t.epochs):
-        order = epoch_order(n_groups, t.seed, epoch)
-        steps += [(epoch, order[i * per_step : (i + 1) * per_step if i < full - 1 else n_groups])
-                  for i in range(full)]
-    return steps
+    return StepPlan(n_groups, t.batch_size * t.grad_accum * processes, t.epochs, t.seed)
 
 
 
@@ -471,6 +505,7 @@ class TrainReport:
     main_process: bool = True  # False on the other processes of a multi-process run: they print nothing
     target: dict[str, Any] | None = None  # beta, weights and reward statistics the policy was trained toward
     groups: int = 0  # the prompts the pairs come from
+    up_to_date: bool = False  # OUT already held the policy trained from these files, this policy and settings
 
 
 @out_of_memory("train", "[train].batch_size (groups per micro-batch; raise grad_accum to keep the global "
@@ -504,12 +539,17 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     if models.tokenizer_fingerprint(tokenizer) != data.meta["tokenizer_fingerprint"]:
         raise ModpoError(f"{scored_paths[0]}: tokenised with another tokenizer than the policy {policy_path}'s")
     check_vocabulary(scored_paths, data, len(tokenizer))
+    check_context(scored_paths, data, policy_path, models.context_length(policy_path, m.trust_remote_code))
     if accelerator.is_main_process:
         warn_unusable_stats(data.stats)
     policy_fingerprint = models.fingerprint(policy_path)
     policy_is_ref = policy_fingerprint == ref_identity.get("fingerprint")
     steps = optimizer_step_groups(len(data), t, processes)
     fingerprint = run_fingerprint(data, t, policy_fingerprint, processes)
+    if trained_already(out, fingerprint, merged=t.lora_r > 0 and t.merge):  # a rerun: nothing to do
+        return TrainReport(str(out), data.pairs, data.dropped_identical, len(steps), len(steps), None, None, None,
+                           time.time() - started, processes, accelerator.is_main_process, target, len(data),
+                           up_to_date=True)
 
     # --- model ---
     # Alone: [model].device. Under a launcher: the device it gave this process (FSDP and DeepSpeed place the
@@ -687,6 +727,7 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         "weights": data.weights, "beta": t.beta, "loss": t.loss, "normalize": t.normalize,
         "scored_files": [str(p) for p in scored_paths],
         "policy": {"path": policy_path, "fingerprint": policy_fingerprint},
+        "run_fingerprint": fingerprint,  # what a rerun compares (trained_already)
         "ref": ref_identity, "pairs": data.pairs, "groups": len(data), "pairing": data.pairing,
         "dropped_identical": data.dropped_identical,
         "steps": len(steps), "lora_r": t.lora_r, "target": target, "dtype": str(dtype).removeprefix("torch."),
@@ -710,6 +751,20 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     return TrainReport(str(out), data.pairs, data.dropped_identical, len(steps), start_step, first_loss,
                        last_loss, ref_gap, time.time() - started, processes, accelerator.is_main_process, target,
                        len(data))
+
+
+def trained_already(out: Path, fingerprint: str, merged: bool) -> bool:
+    """Whether OUT/final (and OUT/merged when asked for) hold the policy a run of this very `fingerprint` (the
+    one a saved state must match: data, policy, settings) wrote. Each is renamed into place whole, its
+    modpo_pipe.json in it."""
+    for directory in [out / "final", *([out / "merged"] if merged else [])]:
+        try:
+            info = json.loads((directory / "modpo_pipe.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(info, dict) or info.get("run_fingerprint") != fingerprint:
+            return False
+    return True
 
 
 def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:

@@ -189,6 +189,28 @@ save_every = 2
     return generate_and_score(work, tiny.prompts)
 
 
+def one_round_run(run_dir: Path, tiny, reward: str, spec: str, **run: object) -> Path:
+    """A run directory whose modpo.toml asks for one round of the tiny policy with one reward (and these [run]
+    settings besides)."""
+    run_dir.mkdir()
+    extra = "".join(f"{key} = {value}\n" for key, value in run.items())
+    (run_dir / "modpo.toml").write_text(f"""
+[model]
+device = "cpu"
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = 4
+samples_per_prompt = 2
+[score.rewards]
+{reward} = "{spec}"
+[run]
+rounds = 1
+prompts = "{tiny.prompts}"
+{extra}""")
+    return run_dir
+
+
 def config(env: Path) -> list:
     return ["--config", env / "modpo.toml"]
 

@@ -17,7 +17,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cli, config, fails, ok, scored_env, write_unchecked
+from conftest import cli, config, fails, ok, one_round_run, scored_env, write_unchecked
 
 from modpo_pipe import parts, schema
 from modpo_pipe.errors import ModpoError
@@ -63,26 +63,6 @@ def env(tiny, tmp_path_factory):
     responses, one group a step)."""
     work = tmp_path_factory.mktemp("failures")
     return scored_env(work, tiny, REWARD_FNS, MAX_NEW_TOKENS, epochs=1)
-
-
-def one_round_run(run_dir: Path, tiny, reward: str, spec: str) -> Path:
-    """A run directory whose modpo.toml asks for one round of the tiny policy with one reward."""
-    run_dir.mkdir()
-    (run_dir / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 4
-samples_per_prompt = 2
-[score.rewards]
-{reward} = "{spec}"
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-""")
-    return run_dir
 
 
 def _score(env: Path, out: Path, fn: str, *flags) -> list:

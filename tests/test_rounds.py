@@ -206,9 +206,15 @@ def _running(run_dir: Path, k: int, stage: str):
     return lambda: (record(run_dir, k, stage) or {}).get("status") == "running"
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, run_dir: Path) -> None:
+    """SIGKILL the `run` started; the process doing its work dies with it (the kernel's parent-death signal, a
+    moment later: until then it holds the lock)."""
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
+    deadline = time.time() + 60
+    while runstate.lock_is_held(run_dir):
+        assert time.time() < deadline, "the work outlived its watcher"
+        time.sleep(0.005)
 
 
 def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, reference, tmp_path):
@@ -219,22 +225,25 @@ def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, refe
     # generate: killed once it is marked running; meanwhile a second invocation finds the lock held.
     first = _start(run_dir, log)
     _wait_for(first, _running(run_dir, 0, "generate"), "round-000 generate starts")
-    os.kill(first.pid, signal.SIGSTOP)  # hold it still (and the lock held) while the second one tries
+    # Hold it still (and the lock held) while the second one tries: the process doing the work, a child of the one
+    # started, which watches it (modpo_pipe/supervise.py).
+    worker = record(run_dir, 0, "generate")["pid"]
+    os.kill(worker, signal.SIGSTOP)
     before = snapshot(run_dir)
     started = time.time()
     second = subprocess.run([sys.executable, "-m", "modpo_pipe", "run", "-w", str(run_dir)],
                             capture_output=True, text=True, timeout=120)
     assert second.returncode == rounds.EXIT_LOCKED, second.stderr
-    assert "another invocation holds the lock" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert "another invocation holds the lock" in second.stderr and f"pid {worker}" in second.stderr
     assert snapshot(run_dir) == before  # touched nothing
     assert time.time() - started < 60  # exits at once: no model is loaded before the lock
-    _kill(first)
+    _kill(first, run_dir)  # the work dies with its watcher, stopped or not
     assert record(run_dir, 0, "generate")["status"] == "running"
 
     # score: killed as soon as it is marked running (the dead process's lock does not block the rerun).
     proc = _start(run_dir, log)
     _wait_for(proc, _running(run_dir, 0, "score"), "round-000 score starts")
-    _kill(proc)
+    _kill(proc, run_dir)
     assert record(run_dir, 0, "generate")["status"] == "done"
     assert record(run_dir, 0, "score")["status"] == "running"
 
@@ -242,7 +251,7 @@ def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, refe
     state = run_dir / "round-000" / "train" / "state" / "state.json"
     proc = _start(run_dir, log)
     _wait_for(proc, state.is_file, "round-000 train saves a state")
-    _kill(proc)
+    _kill(proc, run_dir)
     assert record(run_dir, 0, "train")["status"] == "running", "train finished before the kill"
     if not state.is_file():  # killed between the two renames that swap a new state in
         state = state.parent.with_name("state.old") / "state.json"

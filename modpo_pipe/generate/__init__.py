@@ -181,24 +181,11 @@ def raw_messages(record) -> list[dict[str, str]]:
 
 
 def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
-    """The policy's context window in tokens, from its config; None when the config does not say."""
-    from transformers import AutoConfig
+    """models.context_length, imported when asked for (eval reaches it through generate; generate imports no
+    torch at import time)."""
+    from modpo_pipe import models
 
-    source = policy
-    adapter = Path(policy) / "adapter_config.json"
-    if adapter.is_file():  # a LoRA adapter directory: the base model's config
-        source = json.loads(adapter.read_text()).get("base_model_name_or_path") or policy
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception:  # loading the model itself reports what is wrong
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return models.context_length(policy, trust_remote_code)
 
 
 def prompt_token_limit(settings: Settings, context: int | None, backend: str = "transformers") -> int:
@@ -252,7 +239,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
     backend = choose_backend(g.backend)
-    context = context_length(g.policy, m.trust_remote_code)
+    context = models.context_length(g.policy, m.trust_remote_code)
     limit = prompt_token_limit(settings, context, backend)
     records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit,
                                                                            prompt_stats)
@@ -279,8 +266,8 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
         return GenerateReport(str(out_file), len(records), sum(meta[shards.SHARD_KEY]["chunk_rows"]),
                               prompt_stats.skipped_invalid, dropped, truncated, backend, time.time() - started, 0,
                               len(selected), len(selected))
-    if not shard and (rows := finished_rows(out, work.key, len(records))) is not None:
-        return GenerateReport(str(out), len(records), rows, prompt_stats.skipped_invalid, dropped, truncated,
+    if not shard and (found := parts.finished_output(out, "pairs", work.key)) and found[1] == len(records):
+        return GenerateReport(str(out), len(records), found[1], prompt_stats.skipped_invalid, dropped, truncated,
                               backend, time.time() - started, 0, len(chunks), 0, up_to_date=True)
     names = [f"part-{c:05d}" for c in range(len(chunks))]
     tables: dict[int, pa.Table] = {}
@@ -332,29 +319,11 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                                                        [tables[c].num_rows for c in selected], len(chunks),
                                                        time.time() - started)
     else:
-        metadata[RUN_KEY] = work.key
+        metadata[parts.RUN_KEY] = work.key
     work.write_output(table, metadata)
     return GenerateReport(str(out_file), len(records), table.num_rows, prompt_stats.skipped_invalid, dropped,
                           truncated, backend, time.time() - started, response_tokens, len(selected),
                           len(selected) - len(todo))
-
-
-RUN_KEY = "run_key"  # pairs metadata: the fingerprint of what decided the rows (parts.Parts' manifest)
-
-
-def finished_rows(out: Path, key: str, rows: int) -> int | None:
-    """The rows of `out` when it is a whole pairs file this very run wrote (same prompts, policy, tokenizer,
-    sampling settings, seed, round and chunking: `key`), so a rerun has nothing to sample; else None."""
-    import pyarrow.parquet as pq
-
-    if not out.is_file():
-        return None
-    try:
-        meta = schema.validate_schema(pq.read_schema(out), "pairs", str(out))
-        found = pq.read_metadata(out).num_rows
-    except (ModpoError, pa.ArrowException, OSError):
-        return None  # not whole, or not ours: sampled again and replaced
-    return found if meta.get(RUN_KEY) == key and found == rows else None
 
 
 def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:
