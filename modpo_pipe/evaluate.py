@@ -127,8 +127,8 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
     for name, spec in s.rewards.items():
         reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
         for label, rows in samples.items():
-            inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True))
-                      for i, smp in rows]
+            inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True),
+                                  records[i].messages is not None, records[i].columns, smp.ids) for i, smp in rows]
             scores = reward.score(inputs, s.reward_batch_size)
             summaries[label].rewards[name] = Estimate.of(scores)
             by_prompt: dict[int, list[float]] = {}

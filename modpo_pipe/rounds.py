@@ -463,7 +463,9 @@ class Run:
             for f in dataclasses.fields(s.generate):
                 if f.name not in _GENERATE_IGNORED:
                     out[f"generate.{f.name}"] = getattr(s.generate, f.name)
-            prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages} for r in self.prompt_slice(k)]
+            # (the other columns only where there are some: runs of prompts without them keep their fingerprints)
+            prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages,
+                        **({"columns": r.columns} if r.columns else {})} for r in self.prompt_slice(k)]
             out["run.prompts (this round's prompts)"] = storage.json_fingerprint(prompts)
             if k == 0:
                 out["generate.policy (initial policy)"] = self._identity("model", s.generate.policy)
@@ -721,7 +723,7 @@ class Run:
             g, source, out = self.settings.generate, round_dir / "prompts.jsonl", round_dir / "pairs.parquet"
             out = self.shard_output(k, stage, key) if key else out
             # Each round draws other samples: the seed is offset by the round. The round's prompts.jsonl holds
-            # modpo-pipe's own fields, whatever columns [run].prompts had.
+            # modpo-pipe's own field names, whatever [run].prompts called them, and the other columns.
             return dataclasses.replace(self.settings, generate=dataclasses.replace(
                 g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out), split="", prompt_field="prompt",
                 messages_field="messages", id_field="id")), source, out
@@ -737,7 +739,7 @@ class Run:
         prompts_path = round_dir / "prompts.jsonl"
         lines = []
         for r in self.prompt_slice(k):
-            row: dict[str, Any] = {"id": r.id}
+            row: dict[str, Any] = {"id": r.id, **r.columns}  # (no column is named id, prompt or messages)
             row.update({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt})
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         storage.write_atomic(prompts_path, "".join(lines))

@@ -74,6 +74,12 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
 
     # Callables load (import) here, so a broken one fails before any work; models load when they have work.
     callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}
+    prompt_format = pairs_meta.get("prompt_format")  # (files written before it was recorded lack it)
+    for name, reward in callables.items():
+        if reward.trl and prompt_format == "mixed":
+            raise ModpoError(f"{pairs_path}: its prompts mix plain text and chats, and reward {name!r} "
+                             f"({reward.spec}) is a TRL reward function, which takes one or the other; generate "
+                             "from prompts of one kind")
     specs = {name: {"spec": spec, "fingerprint": callables[name].fingerprint() if name in callables
                     else models.fingerprint(spec)} for name, spec in s.rewards.items()}
     ref_identity = {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")}
@@ -84,6 +90,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         raise ModpoError(f"{pairs_path}: the policy that sampled it, {ref_path}, has changed since (other contents); "
                          "give the reference explicitly ([score].ref / --ref) to score against what is there now")
     n = table.num_rows
+    has_columns = schema.has_prompt_columns(table.schema)
     chunks = parts.chunk_ranges(n, s.shard_size)
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
@@ -152,7 +159,14 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
             messages = [schema.parse_messages(m, f"{pairs_path}: group {gid!r}")
                         for m, gid in zip(column("prompt_messages", c), column("group_id", c))]
             messages = [m for m, k in zip(messages, counts) for _ in range(k)]
-            inputs = reward_inputs(messages, per_response("responses", c))
+            fields = None
+            if has_columns:  # the prompt's other fields, for TRL-style callables
+                fields = [schema.parse_prompt_columns(text, f"{pairs_path}: group {gid!r}")
+                          for text, gid in zip(column(schema.PROMPT_COLUMNS[0], c), column("group_id", c))]
+                fields = [x for x, k in zip(fields, counts) for _ in range(k)]
+            inputs = reward_inputs(messages, per_response("responses", c), columns=fields,
+                                   chat={"chat": True, "text": False}.get(prompt_format),
+                                   response_ids=per_response("response_ids", c))
             labels = [f"group {gid!r} response {j + 1}" for gid, k in zip(column("group_id", c), counts)
                       for j in range(k)]
             scores = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid,
@@ -209,10 +223,10 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                          f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)} responses); "
                          "nothing to write")
 
-    scored = table.select(schema.pairs_schema().names)
+    scored = table.select(schema.pairs_schema(has_columns).names)
     for col, values in columns.items():
         scored = scored.append_column(col, values)
-    scored = scored.cast(schema.scored_schema(s.rewards))
+    scored = scored.cast(schema.scored_schema(s.rewards, has_columns))
     if dropped_responses:
         scored = schema.select_responses(scored, valid)
     stats = reward_stats.measure(scored, list(s.rewards))
