@@ -1,9 +1,12 @@
-"""Reward specs: a sequence-classification model (its single logit is the reward) or a Python callable.
+"""Reward specs: a sequence-classification model (its single logit is the reward), a Python callable, or a
+served reward model.
 
     helpful  = "path/or/hub-id"                      a model, reading prompt + response through ITS OWN
                                                       tokenizer and chat template
     concise  = "py:package.module:function"          a callable (prompts, responses) -> list[float], or a
     positive = "py:path/to/file.py:function"         TRL reward function (prompts, completions, **kwargs)
+    judge    = "http://host:8000/score#revision=v3"  a served model (reward_http.py), also vLLM's
+                                                      "vllm+http://host:8000/classify"
 
 A `py:` spec runs code the user chose: it is imported and called like any other Python they run.
 """
@@ -18,7 +21,7 @@ import importlib.util
 import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
-from modpo_pipe import storage
+from modpo_pipe import reward_http, storage
 from modpo_pipe.errors import ModpoError
 
 
@@ -71,19 +74,23 @@ class Reward:
         allow_invalid comes back as NaN for the caller to drop and count. A callable
         that raises, returns something other than a list, the wrong count or a non-number always raises."""
         order = self.batch_order(inputs)
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         scores: list[float] = [math.nan] * len(inputs)
-        for start in tqdm(range(0, len(order), batch_size), desc=f"reward {self.name}", unit="batch",
-                          disable=not progress):
-            chunk = order[start : start + batch_size]
-            values = self._check(self._score_batch([inputs[i] for i in chunk]), chunk, labels=labels,
-                                 allow_invalid=allow_invalid, invalid_hint=invalid_hint)
-            for i, value in zip(chunk, values):
+        for chunk, values in zip(chunks, self._score_batches([[inputs[i] for i in c] for c in chunks], progress)):
+            checked = self._check(values, chunk, labels=labels, allow_invalid=allow_invalid,
+                                  invalid_hint=invalid_hint)
+            for i, value in zip(chunk, checked):
                 scores[i] = value
         return scores
 
     def batch_order(self, inputs: Sequence[RewardInput]) -> list[int]:
         """The order inputs are batched in (scores come back in input order whatever it is)."""
         return list(range(len(inputs)))
+
+    def _score_batches(self, batches: list[list[RewardInput]], progress: bool) -> Iterable[Any]:
+        """Each batch's raw scores, in order: one batch after the other (a served reward asks several at once)."""
+        for batch in tqdm(batches, desc=f"reward {self.name}", unit="batch", disable=not progress):
+            yield self._score_batch(batch)
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
         raise NotImplementedError
@@ -316,6 +323,22 @@ class ModelReward(Reward):
         return logits[:, 0].float().cpu().tolist()
 
 
+class ServedReward(Reward):
+    """A reward model behind an HTTP endpoint (see reward_http.py for the specs and the JSON)."""
+
+    def __init__(self, name: str, spec: str, options: reward_http.HttpOptions | None = None):
+        super().__init__(name, spec)
+        self.endpoint = reward_http.parse_spec(spec, f"reward {name!r}")
+        self.client = reward_http.Client(self.endpoint, options or reward_http.HttpOptions(),
+                                         f"reward {name!r} (served at {self.endpoint.url})")
+
+    def fingerprint(self) -> str:
+        return self.endpoint.fingerprint()
+
+    def _score_batches(self, batches: list[list[RewardInput]], progress: bool) -> Iterable[Any]:
+        return self.client.score([[(x.messages, x.response, x.prompt) for x in batch] for batch in batches])
+
+
 def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
     """`package.module:function` or `path/to/file.py:function` -> (function, its source file)."""
     module_name, sep, function_name = target.rpartition(":")
@@ -357,10 +380,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device,
-                trust_remote_code: bool) -> Reward:
+def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool,
+                http: reward_http.HttpOptions | None = None) -> Reward:
+    """The reward a spec names; `http`: how a served one is asked ([score].http_*; defaults without)."""
     if spec.startswith("py:"):
         return CallableReward(name, spec)
+    if reward_http.is_served(spec):
+        return ServedReward(name, spec, http)
     return ModelReward(name, spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 

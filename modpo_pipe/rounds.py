@@ -93,7 +93,8 @@ REFERENCES = ("fixed", "previous")
 _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                      "vllm_enforce_eager", "vllm_max_model_len",
                      "split", "prompt_field", "messages_field", "id_field"}  # these act through the prompts' hash
-_SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
+_SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size", "http_timeout",
+                  "http_retries", "http_concurrency"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # Settings a finished stage is compared on that a killed one may still resume under: generate's parts are

@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from modpo_pipe import models, parts, reward_stats, schema, shards, storage
+from modpo_pipe import models, parts, reward_http, reward_stats, schema, shards, storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError, out_of_memory
 from modpo_pipe.logprobs import batched_sequence_logps
-from modpo_pipe.rewards import CallableReward, load_reward, reward_inputs
+from modpo_pipe.rewards import CallableReward, ServedReward, load_reward, reward_inputs
 
 
 @dataclass
@@ -72,15 +72,19 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                          "its stored ids would mean other tokens")
     schema.check_token_ids(table, len(tokenizer), str(pairs_path))
 
-    # Callables load (import) here, so a broken one fails before any work; models load when they have work.
+    # Callables load (import) here, and served rewards are set up, so a broken one fails before any work; models
+    # load when they have work.
     callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}
+    served = {name: ServedReward(name, spec, reward_http.options(s)) for name, spec in s.rewards.items()
+              if reward_http.is_served(spec)}
+    early = {**callables, **served}
     prompt_format = pairs_meta.get("prompt_format")  # (files written before it was recorded lack it)
     for name, reward in callables.items():
         if reward.trl and prompt_format == "mixed":
             raise ModpoError(f"{pairs_path}: its prompts mix plain text and chats, and reward {name!r} "
                              f"({reward.spec}) is a TRL reward function, which takes one or the other; generate "
                              "from prompts of one kind")
-    specs = {name: {"spec": spec, "fingerprint": callables[name].fingerprint() if name in callables
+    specs = {name: {"spec": spec, "fingerprint": early[name].fingerprint() if name in early
                     else models.fingerprint(spec)} for name, spec in s.rewards.items()}
     ref_identity = {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")}
     sampled_with = pairs_meta["policy"].get("fingerprint")
@@ -150,8 +154,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     truncated_by_reward: dict[str, int] = {}
     for name, spec in s.rewards.items():
         def load_this(name=name, spec=spec):
-            return callables.get(name) or load_reward(name, spec, dtype=dtype, device=device,
-                                                      trust_remote_code=m.trust_remote_code)
+            return early.get(name) or load_reward(name, spec, dtype=dtype, device=device,
+                                                  trust_remote_code=m.trust_remote_code)
 
         def score_rows(reward, c):
             counts = sizes(c)
@@ -182,7 +186,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         done = compute_parts(f"reward-{name}", col, load_this, score_rows, f"reward {name!r} ({spec})",
                              allow_nan=drop_invalid)
         columns[col] = pa.chunked_array([t.column(col) for t in done], pa.list_(pa.float32()))
-        if name not in callables:
+        if name not in early:  # (a served model cuts what is too long, or refuses it, on its side)
             truncated_by_reward[name] = sum(pc.sum(t.column("truncated")).as_py() or 0 for t in done
                                             if "truncated" in t.column_names)
 

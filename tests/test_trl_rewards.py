@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import PROMPTS, fails, ok, write_unchecked
+from conftest import PROMPTS, fails, generate_settings, ok, write_unchecked
 
 from modpo_pipe import schema
 from modpo_pipe.errors import ModpoError
@@ -197,13 +197,7 @@ def test_columns_that_are_no_json_are_left_out_with_a_note(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def work(tiny, docs_dir, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("trl_work")
-    (work / "modpo.toml").write_text(f"""
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 6
-samples_per_prompt = 2
-""")
+    (work / "modpo.toml").write_text(generate_settings(tiny, 2))
     plain = [{"id": f"p{i}", "prompt": p, "ground_truth": str(i)} for i, p in enumerate(PROMPTS)]
     (work / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plain))
     chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": p}], "solution": f"s{i}"}
