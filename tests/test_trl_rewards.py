@@ -300,3 +300,16 @@ prompts_per_round = 2
                      {"id": "p1", "ground_truth": "1", "prompt": PROMPTS[1]}]
     scored = schema.read_table(run / "round-000" / "scored.parquet", "scored")[0]
     assert all(math.isfinite(v) for row in scored.column("reward_exact").to_pylist() for v in row)
+
+
+def test_eval_calls_trl_rewards_with_the_prompt_columns(work, docs_dir, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MODPO_TEST_RECORD", str(tmp_path / "calls.jsonl"))
+    ok(["eval", "plain.jsonl", "--policies", f"p={tiny.policy}", "--out", tmp_path / "eval.json",
+        "--reward", f"exact=py:{docs_dir / 'reference.py'}:reward_func",
+        "--reward", f"ids=py:{docs_dir / 'recorder.py'}:record"], work)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    truths = {(p, t) for call in calls for p, t in zip(call["prompts"], call["kwargs"]["ground_truth"])}
+    assert truths == {(p, str(i)) for i, p in enumerate(PROMPTS)}
+    summaries = json.loads((tmp_path / "eval.json").read_text())
+    for summary in summaries:  # `ids` scores each response by its number of completion_ids
+        assert summary["rewards"]["ids"]["mean"] == pytest.approx(summary["response_tokens"]["mean"])
