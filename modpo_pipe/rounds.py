@@ -95,6 +95,8 @@ _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tenso
                      "split", "prompt_field", "messages_field", "id_field"}  # these act through the prompts' hash
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size", "http_timeout",
                   "http_retries", "http_concurrency"}
+# Settings added after the legacy resume key: left out of its blob, which must stay the one that release wrote.
+_AFTER_LEGACY_KEY = {"http_timeout", "http_retries", "http_concurrency"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
@@ -631,7 +633,8 @@ class Run:
         """The key of modpo-pipe before 2026-12-04 (every setting of the section and [model])."""
         section = {"generate": self.settings.generate, "score": self.settings.score,
                    "train": self.settings.train}[stage]
-        return storage.json_fingerprint({"stage": stage, "round": k, "section": dataclasses.asdict(section),
+        fields = {k: v for k, v in dataclasses.asdict(section).items() if k not in _AFTER_LEGACY_KEY}
+        return storage.json_fingerprint({"stage": stage, "round": k, "section": fields,
                                          "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
                                          "settings": self.stage_settings(k, stage)})
 
