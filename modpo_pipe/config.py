@@ -22,6 +22,7 @@ from typing import Any
 
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.prompts import PromptFields, is_hub_id
+from modpo_pipe.reward_http import is_served, parse_spec
 from modpo_pipe.tracking import CHOICES as TRACKER_CHOICES
 
 if sys.version_info >= (3, 11):
@@ -89,8 +90,10 @@ class GenerateSettings:
 class ScoreSettings:
     rewards: dict[str, str] = setting(
         {},
-        "Named reward models: NAME = a sequence-classification model (dir or hub id) or "
-        "py:package.module:function / py:path/to/file.py:function. A py: callable is code you chose to run: "
+        "Named reward models: NAME = a sequence-classification model (dir or hub id), "
+        "py:package.module:function / py:path/to/file.py:function (modpo-pipe's (prompts, responses) or a TRL reward "
+        "function), or a served model: http://HOST:PORT/PATH#revision=R (modpo-pipe's JSON) or "
+        "vllm+http://HOST:PORT/classify#revision=R (vllm serve). A py: callable is code you chose to run: "
         "modpo-pipe imports and calls it like any script of yours.",
         flag="reward",
     )
@@ -105,6 +108,15 @@ class ScoreSettings:
         "error", "A reward that is NaN, inf or None: error (stop, naming the group and response) or drop (drop the "
         "response, counted; a group left with fewer than 2 responses is dropped whole). A reward that raises or "
         "returns the wrong number of scores is always an error."
+    )
+    http_timeout: float = setting(60.0, "Served rewards (http:// specs): seconds to wait for one answer.")
+    http_retries: int = setting(
+        4, "Served rewards: retries of a request answered with a 5xx, timed out or whose connection failed, after "
+        "0.5 s, 1 s, 2 s ... (at most 30 s); then score stops, naming the endpoint."
+    )
+    http_concurrency: int = setting(
+        4, "Served rewards: requests in flight at once (each of reward_batch_size responses; of one conversation for "
+        "vllm+ chat endpoints)."
     )
     out: str = setting("scored.parquet", "Output file.", path="output")
 
@@ -307,6 +319,8 @@ def _resolve_path(value: str, kind: str | None, base: Path) -> str:
 
 
 def _resolve_reward_spec(spec: str, base: Path) -> str:
+    if is_served(spec):  # a URL: no path to resolve
+        return spec
     if not spec.startswith("py:"):
         return _resolve_path(spec, "model", base)
     module, sep, function = spec[len("py:"):].rpartition(":")
@@ -445,6 +459,7 @@ def validate(s: Settings) -> None:
         # 0 would train an adapter that is exactly nothing (its update is scaled by alpha / r), and say so nowhere.
         ("train", "lora_alpha", t.lora_alpha),
         ("generate", "vllm_tensor_parallel_size", g.vllm_tensor_parallel_size),
+        ("score", "http_timeout", s.score.http_timeout), ("score", "http_concurrency", s.score.http_concurrency),
     ]
     for section, key, value in positive:
         if value <= 0:
@@ -453,13 +468,15 @@ def validate(s: Settings) -> None:
         if not spec.strip():  # it was looked for as a model directory named "" (the working directory)
             raise ModpoError(f"[score.rewards].{name} is empty: give a model directory, a Hub id or "
                              "py:FILE:FUNCTION")
+        if is_served(spec):  # a malformed URL or option: said before any work
+            parse_spec(spec, f"[score.rewards].{name}")
     if not FLOAT32_TINY <= t.beta <= FLOAT32_MAX:  # the loss runs in float32: 1e-300 became 0 and trained nothing
         raise ModpoError(f"[train].beta must be a float32 number, {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}; "
                          f"got {t.beta}")
     non_negative = [
         ("train", "lora_r", t.lora_r), ("train", "lora_layers", t.lora_layers), ("train", "save_every", t.save_every),
         ("train", "max_grad_norm", t.max_grad_norm), ("train", "weight_decay", t.weight_decay),
-        ("generate", "vllm_max_model_len", g.vllm_max_model_len),
+        ("generate", "vllm_max_model_len", g.vllm_max_model_len), ("score", "http_retries", s.score.http_retries),
     ]
     for section, key, value in non_negative:
         if value < 0:
@@ -544,6 +561,7 @@ def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> 
                 if not rewards:
                     lines.append('# helpful = "path/to/reward-model"')
                     lines.append('# concise = "py:modpo_pipe.builtin_rewards:concision"')
+                    lines.append('# judge = "vllm+http://localhost:8000/classify#revision=v1"')
             else:
                 lines.append("# helpful = 0.7")
                 lines.append("# harmless = 0.3")

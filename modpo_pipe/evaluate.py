@@ -84,6 +84,7 @@ def policy_family(policy: str) -> str:
 def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], ref: str,
              samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
     """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""
+    from modpo_pipe import reward_http
     from modpo_pipe.generate import (
         choose_backend,
         context_length,
@@ -140,10 +141,11 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
                                       setup=setup)
                  for label, path in all_policies.items()}
     for name, spec in s.rewards.items():
-        reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code)
+        reward = load_reward(name, spec, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
+                             http=reward_http.options(s))
         for label, rows in samples.items():
-            inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True))
-                      for i, smp in rows]
+            inputs = [RewardInput(_messages(records[i]), tokenizer.decode(smp.ids, skip_special_tokens=True),
+                                  records[i].messages is not None, records[i].columns, smp.ids) for i, smp in rows]
             scores = reward.score(inputs, s.reward_batch_size)
             _check_bounds(reward.bounds, scores, f"reward {name!r} ({spec})")
             summaries[label].reward_bounds[name] = reward.bounds

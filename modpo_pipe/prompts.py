@@ -6,7 +6,7 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,9 @@ class PromptRecord:
     id: str
     prompt: str | None = None  # plain text ...
     messages: list[dict[str, str]] | None = None  # ... or a chat
+    # The row's other fields (a reference answer, a task label ...): TRL-style reward functions get them as
+    # keyword arguments, as TRL passes a dataset's columns. JSON values; the prompt, messages and id are not here.
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -31,11 +34,19 @@ class PromptFields:
     id: str = "id"
 
     def remap(self, obj: Any) -> Any:
-        """A row with its fields under modpo-pipe's names (a row that is no object is left for _record)."""
-        if self == PromptFields() or not isinstance(obj, dict):
+        """A row with its fields under modpo-pipe's names (a row that is no object is left for _record); its other
+        fields under `columns`."""
+        if not isinstance(obj, dict):
             return obj
-        return {ours: obj[theirs] for ours, theirs in (("id", self.id), ("prompt", self.prompt),
-                                                      ("messages", self.messages)) if theirs in obj}
+        ours = {mine: obj[theirs] for mine, theirs in (("id", self.id), ("prompt", self.prompt),
+                                                       ("messages", self.messages)) if theirs in obj}
+        return {**ours, "columns": self.others(obj)}
+
+    def others(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a row that are not its prompt, chat or id (nor named prompt, messages or id, which a round's
+        prompts.jsonl spells with modpo-pipe's own names)."""
+        taken = {self.id, self.prompt, self.messages, "id", "prompt", "messages"}
+        return {key: value for key, value in obj.items() if key not in taken}
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -89,9 +100,14 @@ def dataset_rows(source: str, fields: PromptFields) -> list[tuple[str, Any]]:
     if not wanted:
         raise ModpoError(f"{source} [{fields.split}]: no column {fields.prompt!r} or {fields.messages!r}; it has "
                          f"{sorted(columns)} (choose with --prompt-field or --messages-field)")
-    keep = [c for c in (fields.id, *wanted) if c in columns]
+    # Every column is read (the others go to reward functions), but images, audio and video (features that decode)
+    # hold no JSON: they are left out rather than decoded for nothing.
+    media = [c for c, feature in ds.features.items() if hasattr(feature, "decode") and c not in wanted]
+    if media:
+        _note_left_out(source, media, "images, audio or video")
+        ds = ds.remove_columns(media)
     return [(f"{source} [{fields.split}]: row {i}", _without_trailing_reply(row, fields.messages))
-            for i, row in enumerate(ds.select_columns(keep))]
+            for i, row in enumerate(ds)]
 
 
 def _refuse_mixed_formats(folder: Path) -> None:
@@ -150,7 +166,8 @@ def _record(obj: Any, where: str, index: int, fields: PromptFields | None = None
     f = fields or PromptFields()
     if not isinstance(obj, dict):
         raise ModpoError(f"{where}: expected an object with {f.prompt!r} or {f.messages!r}")
-    _check_unicode([obj.get("id"), obj.get("prompt"), obj.get("messages")], where)  # what a record keeps
+    columns = obj.get("columns") or {}
+    _check_unicode([obj.get("id"), obj.get("prompt"), obj.get("messages"), columns], where)  # what a record keeps
     pid = obj.get("id")
     pid = f"row-{index:06d}" if pid is None else str(pid)
     if not pid.strip():  # an empty id names nothing in the Parquet files and their errors
@@ -170,7 +187,8 @@ def _record(obj: Any, where: str, index: int, fields: PromptFields | None = None
         if not any(m["content"].strip() for m in messages if m["role"] != "system"):
             # The policy would answer a system message alone: not a prompt anyone wrote.
             raise ModpoError(f"{where}: {f.messages!r} has no text besides a system message")
-        return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return PromptRecord(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages],
+                            columns=columns)
     if "prompt" not in obj:
         raise ModpoError(f"{where}: missing field {f.prompt!r} (or {f.messages!r})")
     prompt = obj["prompt"]
@@ -178,7 +196,7 @@ def _record(obj: Any, where: str, index: int, fields: PromptFields | None = None
         raise ModpoError(f"{where}: field {f.prompt!r} must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ModpoError(f"{where}: field {f.prompt!r} is empty")
-    return PromptRecord(pid, prompt=prompt)
+    return PromptRecord(pid, prompt=prompt, columns=columns)
 
 
 def _split_does_not_apply(path: Path, what: str, split: str) -> None:
@@ -284,8 +302,31 @@ def read_prompts(path: Path, skip_invalid: bool = False,
     if not records:
         raise ModpoError(f"{path}: no prompts" + (f" ({stats.skipped_invalid} invalid rows skipped)"
                                                   if stats.skipped_invalid else ""))
+    _keep_json_columns(records, str(path))
     stats.read = len(records)
     return records, stats
+
+
+def _keep_json_columns(records: list[PromptRecord], source: str) -> None:
+    """Leave out (in place, with a note) the other columns whose values are no JSON (a Parquet timestamp, bytes):
+    the pairs file stores the columns as JSON."""
+    bad: set[str] = set()
+    for record in records:
+        for name, value in record.columns.items():
+            if name not in bad:
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError, RecursionError):
+                    bad.add(name)
+    if bad:
+        _note_left_out(source, sorted(bad), "values that are no JSON")
+        for record in records:
+            record.columns = {k: v for k, v in record.columns.items() if k not in bad}
+
+
+def _note_left_out(source: str, names: list[str], why: str) -> None:
+    print(f"note: {source}: left out of the columns passed to reward functions, as they hold {why}: "
+          f"{', '.join(map(repr, names))}", file=sys.stderr)
 
 
 def render(record: PromptRecord, tokenizer: Any, use_chat_template: bool,

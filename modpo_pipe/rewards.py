@@ -1,9 +1,12 @@
-"""Reward specs: a sequence-classification model (its single logit is the reward) or a Python callable.
+"""Reward specs: a sequence-classification model (its single logit is the reward), a Python callable, or a
+served reward model.
 
     helpful  = "path/or/hub-id"                      a model, reading prompt + response through ITS OWN
                                                       tokenizer and chat template
-    concise  = "py:package.module:function"          a callable (prompts, responses) -> list[float]
-    positive = "py:path/to/file.py:function"
+    concise  = "py:package.module:function"          a callable (prompts, responses) -> list[float], or a
+    positive = "py:path/to/file.py:function"         TRL reward function (prompts, completions, **kwargs)
+    judge    = "http://host:8000/score#revision=v3"  a served model (reward_http.py), also vLLM's
+                                                      "vllm+http://host:8000/classify"
 
 A callable may declare the range its scores lie in as an attribute, `function.bounds = (low, high)`: `eval`
 records it, and `front` measures hypervolume from the low bounds (a fixed point, the same for every front).
@@ -13,14 +16,17 @@ A `py:` spec runs code the user chose: it is imported and called like any other 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +35,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from tqdm.auto import tqdm
 
-from modpo_pipe import storage
+from modpo_pipe import reward_http, storage
 from modpo_pipe.errors import ModpoError
 
 
@@ -37,12 +43,23 @@ from modpo_pipe.errors import ModpoError
 class RewardInput:
     messages: list[dict[str, str]]  # the conversation before the response, un-rendered
     response: str
+    # Whether the prompt was a chat (a TRL-style callable then gets message lists); None: judged from `messages`
+    # (files written before prompt_format was recorded): a single user turn was plain text.
+    chat: bool | None = None
+    columns: dict[str, Any] = field(default_factory=dict)  # the prompt row's other fields
+    response_ids: list[int] | None = None  # the sampled ids of the response
 
     @property
     def prompt(self) -> str:
         """What a callable sees as the prompt: the last user turn (for plain prompts, the prompt itself)."""
         users = [m["content"] for m in self.messages if m["role"] == "user"]
         return users[-1] if users else self.messages[-1]["content"]
+
+    @property
+    def is_chat(self) -> bool:
+        if self.chat is not None:
+            return self.chat
+        return not (len(self.messages) == 1 and self.messages[0]["role"] == "user")
 
 
 class Reward:
@@ -62,19 +79,23 @@ class Reward:
         allow_invalid comes back as NaN for the caller to drop and count. A callable
         that raises, returns something other than a list, the wrong count or a non-number always raises."""
         order = self.batch_order(inputs)
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
         scores: list[float] = [math.nan] * len(inputs)
-        for start in tqdm(range(0, len(order), batch_size), desc=f"reward {self.name}", unit="batch",
-                          disable=not progress):
-            chunk = order[start : start + batch_size]
-            values = self._check(self._score_batch([inputs[i] for i in chunk]), chunk, labels=labels,
-                                 allow_invalid=allow_invalid, invalid_hint=invalid_hint)
-            for i, value in zip(chunk, values):
+        for chunk, values in zip(chunks, self._score_batches([[inputs[i] for i in c] for c in chunks], progress)):
+            checked = self._check(values, chunk, labels=labels, allow_invalid=allow_invalid,
+                                  invalid_hint=invalid_hint)
+            for i, value in zip(chunk, checked):
                 scores[i] = value
         return scores
 
     def batch_order(self, inputs: Sequence[RewardInput]) -> list[int]:
         """The order inputs are batched in (scores come back in input order whatever it is)."""
         return list(range(len(inputs)))
+
+    def _score_batches(self, batches: list[list[RewardInput]], progress: bool) -> Iterable[Any]:
+        """Each batch's raw scores, in order: one batch after the other (a served reward asks several at once)."""
+        for batch in tqdm(batches, desc=f"reward {self.name}", unit="batch", disable=not progress):
+            yield self._score_batch(batch)
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
         raise NotImplementedError
@@ -135,10 +156,23 @@ def _short(value: Any) -> str:
 
 
 class CallableReward(Reward):
+    """A `py:` callable, called by its signature: `(prompts, responses)` (modpo-pipe's: the last user turn and the
+    response, as strings), or TRL's reward-function form (a `completions` parameter or **kwargs), called as TRL's
+    GRPOTrainer calls it (see call_trl)."""
+
     def __init__(self, name: str, spec: str):
         super().__init__(name, spec)
         self.fn, self.source = load_callable(spec[len("py:"):], f"reward {name!r}")
         self.bounds = declared_bounds(self.fn, f"reward {name!r} ({spec})")
+
+    @functools.cached_property
+    def convention(self) -> tuple[bool, set[str] | None]:
+        """(whether fn is a TRL reward function, the keyword names it accepts: None for any); trl_convention."""
+        return trl_convention(self.fn)
+
+    @property
+    def trl(self) -> bool:
+        return self.convention[0]
 
     def fingerprint(self) -> str:
         if self.source and Path(self.source).is_file():
@@ -146,8 +180,14 @@ class CallableReward(Reward):
         return "callable:" + self.spec
 
     def _score_batch(self, inputs: Sequence[RewardInput]) -> list[float]:
+        kwargs = self.trl_arguments(inputs) if self.trl else None
         try:
-            values = self.fn([x.prompt for x in inputs], [x.response for x in inputs])
+            if kwargs is None:
+                values = self.fn([x.prompt for x in inputs], [x.response for x in inputs])
+            else:
+                values = self.fn(**kwargs)
+            if inspect.isawaitable(values):  # an `async def` reward, as TRL allows
+                values = asyncio.run(_awaited(values))
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # SystemExit too: sys.exit(0) in a reward must not end the stage with 0
@@ -157,6 +197,58 @@ class CallableReward(Reward):
             raise ModpoError(f"reward {self.name!r} ({self.spec}) closed sys.{closed}, which the rest of the process "
                              "writes to: a reward must leave the process's streams open")
         return values
+
+    def trl_arguments(self, inputs: Sequence[RewardInput]) -> dict[str, Any]:
+        """The keyword arguments TRL's GRPOTrainer passes a reward function, from what a pairs file holds:
+        `prompts` and `completions` (strings for plain prompts; for chats the conversation and
+        [{"role": "assistant", "content": response}]), `completion_ids` (the sampled ids), and every other column
+        of the prompt row, one value per completion. TRL's trainer_state, log_extra and log_metric have no
+        counterpart here and are not passed. A function without **kwargs gets only the ones it names."""
+        where = f"reward {self.name!r} ({self.spec})"
+        chats = {x.is_chat for x in inputs}
+        if len(chats) > 1:  # (score refuses a mixed file first; this guards other callers)
+            raise ModpoError(f"{where}: a batch mixes plain prompts and chats; a TRL reward function takes one or "
+                             "the other")
+        if chats == {True}:
+            prompts: list[Any] = [x.messages for x in inputs]
+            completions: list[Any] = [[{"role": "assistant", "content": x.response}] for x in inputs]
+        else:
+            prompts, completions = [x.prompt for x in inputs], [x.response for x in inputs]
+        kwargs: dict[str, Any] = {"prompts": prompts, "completions": completions}
+        if all(x.response_ids is not None for x in inputs):
+            kwargs["completion_ids"] = [x.response_ids for x in inputs]
+        for name in dict.fromkeys(k for x in inputs for k in x.columns):
+            if name in TRL_OWN_COLUMNS:  # TRL leaves these dataset columns out too
+                continue
+            if name in kwargs:
+                raise ModpoError(f"{where}: the prompts have a column {name!r}, the name of an argument a TRL reward "
+                                 "function gets for itself; rename the column")
+            kwargs[name] = [x.columns.get(name) for x in inputs]
+        accepts = self.convention[1]
+        if accepts is not None:
+            kwargs = {k: v for k, v in kwargs.items() if k in accepts}
+        return kwargs
+
+
+# Dataset columns TRL's GRPOTrainer does not pass to reward functions (it passes its own completions instead).
+TRL_OWN_COLUMNS = ("completion", "completion_ids")
+
+
+def trl_convention(fn: Callable) -> tuple[bool, set[str] | None]:
+    """Whether `fn` is a TRL reward function (it names `completions`, or takes **kwargs and no `responses`), and
+    the keyword names it accepts (None: any, it has **kwargs). Without a readable signature: modpo-pipe's form."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False, None
+    names = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    trl = "completions" in names or (var_keyword and "responses" not in names)
+    return trl, None if var_keyword else names
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
 
 
 class ModelReward(Reward):
@@ -246,6 +338,22 @@ class ModelReward(Reward):
         return logits[:, 0].float().cpu().tolist()
 
 
+class ServedReward(Reward):
+    """A reward model behind an HTTP endpoint (see reward_http.py for the specs and the JSON)."""
+
+    def __init__(self, name: str, spec: str, options: reward_http.HttpOptions | None = None):
+        super().__init__(name, spec)
+        self.endpoint = reward_http.parse_spec(spec, f"reward {name!r}")
+        self.client = reward_http.Client(self.endpoint, options or reward_http.HttpOptions(),
+                                         f"reward {name!r} (served at {self.endpoint.url})")
+
+    def fingerprint(self) -> str:
+        return self.endpoint.fingerprint()
+
+    def _score_batches(self, batches: list[list[RewardInput]], progress: bool) -> Iterable[Any]:
+        return self.client.score([[(x.messages, x.response, x.prompt) for x in batch] for batch in batches])
+
+
 def load_callable(target: str, what: str) -> tuple[Callable, str | None]:
     """`package.module:function` or `path/to/file.py:function` -> (function, its source file)."""
     module_name, sep, function_name = target.rpartition(":")
@@ -313,12 +421,20 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device,
-                trust_remote_code: bool) -> Reward:
+def load_reward(name: str, spec: str, *, dtype: torch.dtype, device: torch.device, trust_remote_code: bool,
+                http: reward_http.HttpOptions | None = None) -> Reward:
+    """The reward a spec names; `http`: how a served one is asked ([score].http_*; defaults without)."""
     if spec.startswith("py:"):
         return CallableReward(name, spec)
+    if reward_http.is_served(spec):
+        return ServedReward(name, spec, http)
     return ModelReward(name, spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
-def reward_inputs(prompt_messages: Sequence[list[dict[str, str]]], responses: Sequence[str]) -> list[RewardInput]:
-    return [RewardInput(m, r) for m, r in zip(prompt_messages, responses)]
+def reward_inputs(prompt_messages: Sequence[list[dict[str, str]]], responses: Sequence[str], *,
+                  chat: bool | None = None, columns: Sequence[dict[str, Any]] | None = None,
+                  response_ids: Sequence[list[int]] | None = None) -> list[RewardInput]:
+    """One input per response; `columns` and `response_ids` run alongside (one entry per response)."""
+    return [RewardInput(m, r, chat, columns[i] if columns is not None else {},
+                        list(response_ids[i]) if response_ids is not None else None)
+            for i, (m, r) in enumerate(zip(prompt_messages, responses, strict=True))]

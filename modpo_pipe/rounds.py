@@ -93,7 +93,10 @@ REFERENCES = ("fixed", "previous")
 _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
                      "vllm_enforce_eager", "vllm_max_model_len",
                      "split", "prompt_field", "messages_field", "id_field"}  # these act through the prompts' hash
-_SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size"}
+_SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size", "http_timeout",
+                  "http_retries", "http_concurrency"}
+# Settings added after the legacy resume key: left out of its blob, which must stay the one that release wrote.
+_AFTER_LEGACY_KEY = {"http_timeout", "http_retries", "http_concurrency"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
@@ -489,7 +492,9 @@ class Run:
             for f in dataclasses.fields(s.generate):
                 if f.name not in _GENERATE_IGNORED:
                     out[f"generate.{f.name}"] = getattr(s.generate, f.name)
-            prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages} for r in self.prompt_slice(k)]
+            # (the other columns only where there are some: runs of prompts without them keep their fingerprints)
+            prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages,
+                        **({"columns": r.columns} if r.columns else {})} for r in self.prompt_slice(k)]
             out["run.prompts (this round's prompts)"] = storage.json_fingerprint(prompts)
             if k == 0:
                 out["generate.policy (initial policy)"] = self._identity("model", s.generate.policy)
@@ -663,7 +668,8 @@ class Run:
         """The key of modpo-pipe before 2026-12-04 (every setting of the section and [model])."""
         section = {"generate": self.settings.generate, "score": self.settings.score,
                    "train": self.settings.train}[stage]
-        return storage.json_fingerprint({"stage": stage, "round": k, "section": dataclasses.asdict(section),
+        fields = {k: v for k, v in dataclasses.asdict(section).items() if k not in _AFTER_LEGACY_KEY}
+        return storage.json_fingerprint({"stage": stage, "round": k, "section": fields,
                                          "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
                                          "settings": self.stage_settings(k, stage)})
 
@@ -756,7 +762,7 @@ class Run:
             g, source, out = self.settings.generate, round_dir / "prompts.jsonl", round_dir / "pairs.parquet"
             out = self.shard_output(k, stage, key) if key else out
             # Each round draws other samples: the seed is offset by the round. The round's prompts.jsonl holds
-            # modpo-pipe's own fields, whatever columns [run].prompts had.
+            # modpo-pipe's own field names, whatever [run].prompts called them, and the other columns.
             return dataclasses.replace(self.settings, generate=dataclasses.replace(
                 g, policy=self.sampling_policy(k), seed=g.seed + k, out=str(out), split="", prompt_field="prompt",
                 messages_field="messages", id_field="id")), source, out
@@ -772,7 +778,7 @@ class Run:
         prompts_path = round_dir / "prompts.jsonl"
         lines = []
         for r in self.prompt_slice(k):
-            row: dict[str, Any] = {"id": r.id}
+            row: dict[str, Any] = {"id": r.id, **r.columns}  # (no column is named id, prompt or messages)
             row.update({"messages": r.messages} if r.messages is not None else {"prompt": r.prompt})
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         storage.write_atomic(prompts_path, "".join(lines))

@@ -155,7 +155,12 @@ def model_identity(path_or_id: str, fetch: bool = True) -> str:
 
 
 def reward_identity(spec: str, fetch: bool = True) -> str:
-    """Fingerprint of a reward spec without loading it: the model's files, or the callable's source file."""
+    """Fingerprint of a reward spec without loading it: the model's files, the callable's source file, or a served
+    model's endpoint and revision."""
+    from modpo_pipe import reward_http
+
+    if reward_http.is_served(spec):
+        return reward_http.parse_spec(spec, "reward").fingerprint()
     if not spec.startswith("py:"):
         return model_identity(spec, fetch)
     module, _, _ = spec[len("py:"):].rpartition(":")

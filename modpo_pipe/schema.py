@@ -8,6 +8,7 @@ datasets and DuckDB read them as they are.
 scored.parquet (stage "scored"): the group columns, then `reward_<name>` (list<float32>, one score per
 response) for every reward model, then `ref_logps` (list<float32>). Every response is scored once, whatever
 the number of pairs train forms from it (train pairs the responses of a group; see [train].pairs).
+Both may hold `prompt_columns` after the group columns (PROMPT_COLUMNS below: optional, in the same version).
 
 Version 1 (one row per disjoint pair: `response_1`, `response_2`, `reward_<name>_1` ...) is still read:
 read_table and read_columns convert it on read, each pair row becoming a group of 2 whose group_id is the
@@ -62,6 +63,11 @@ GROUP_COLUMNS: list[tuple[str, pa.DataType]] = [
     # The sampler's own summed log-prob of each response (items null when the sampler does not report it).
     ("gen_logps", pa.list_(pa.float32())),
 ]
+# Optional, after the group columns: the prompt row's other fields (a reference answer, a task label ...) as one
+# JSON object per row, with every key any row has (null where a row lacks it), for TRL-style reward functions.
+# Written only when the prompts have other fields, so files of prompts without them are what they were, and files
+# without it read as before.
+PROMPT_COLUMNS = ("prompt_columns", pa.string())
 REF_COLUMN = ("ref_logps", pa.list_(pa.float32()))
 # Per-response list columns: each holds N entries in every row. Items may be null only in these:
 NULLABLE_ITEMS = {"gen_logps"}
@@ -97,13 +103,19 @@ def check_reward_name(name: str) -> str:
     return name
 
 
-def pairs_schema() -> pa.Schema:
-    """The schema of a "pairs" stage file: one group of responses per prompt."""
-    return pa.schema([pa.field(n, t, nullable=False) for n, t in GROUP_COLUMNS])
+def pairs_schema(prompt_columns: bool = False) -> pa.Schema:
+    """The schema of a "pairs" stage file: one group of responses per prompt (and with `prompt_columns`, the
+    prompts' other fields)."""
+    columns = GROUP_COLUMNS + ([PROMPT_COLUMNS] if prompt_columns else [])
+    return pa.schema([pa.field(n, t, nullable=False) for n, t in columns])
 
 
-def scored_schema(reward_names: Iterable[str]) -> pa.Schema:
-    fields = list(pairs_schema())
+def has_prompt_columns(schema: pa.Schema) -> bool:
+    return PROMPT_COLUMNS[0] in schema.names
+
+
+def scored_schema(reward_names: Iterable[str], prompt_columns: bool = False) -> pa.Schema:
+    fields = list(pairs_schema(prompt_columns))
     fields += [pa.field(reward_column(name), pa.list_(pa.float32()), nullable=False) for name in reward_names]
     fields += [pa.field(REF_COLUMN[0], REF_COLUMN[1], nullable=False)]
     return pa.schema(fields)
@@ -187,11 +199,11 @@ def write_table(table: pa.Table, path: Path, metadata: dict[str, Any], row_group
 
 
 def expected_schema(stage: str, schema: pa.Schema, version: int = SCHEMA_VERSION) -> pa.Schema:
-    names = reward_names_of(schema)
+    names, extra = reward_names_of(schema), has_prompt_columns(schema)
     if stage == "pairs":
-        return pairs_schema() if version == 2 else v1_pairs_schema()
+        return pairs_schema(extra) if version == 2 else v1_pairs_schema()
     if stage == "scored":
-        return scored_schema(names) if version == 2 else v1_scored_schema(names)
+        return scored_schema(names, extra) if version == 2 else v1_scored_schema(names)
     raise ModpoError(f"unknown stage {stage!r}")
 
 
@@ -476,6 +488,17 @@ def parse_messages(text: str, where: str) -> list[dict[str, str]]:
         raise ModpoError(f"{where}: prompt_messages must be a JSON list of {{role, content}} strings; got "
                          f"{str(text)[:80]!r}")
     return messages
+
+
+def parse_prompt_columns(text: str, where: str) -> dict[str, Any]:
+    """A row's prompt_columns: the JSON object of the prompt's other fields."""
+    try:
+        columns = json.loads(text)
+    except (TypeError, ValueError):
+        columns = None
+    if not isinstance(columns, dict):
+        raise ModpoError(f"{where}: prompt_columns must be a JSON object; got {str(text)[:80]!r}")
+    return columns
 
 
 def metadata_key(meta: dict[str, Any], key: str, path: Path) -> Any:

@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from modpo_pipe import models, parts, reward_stats, schema, shards, storage
+from modpo_pipe import models, parts, reward_http, reward_stats, schema, shards, storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError, out_of_memory
 from modpo_pipe.logprobs import batched_sequence_logps
-from modpo_pipe.rewards import CallableReward, load_reward, reward_inputs
+from modpo_pipe.rewards import CallableReward, ServedReward, load_reward, reward_inputs
 
 
 @dataclass
@@ -75,9 +75,19 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     schema.check_context(table, models.context_length(ref_path, m.trust_remote_code), str(pairs_path),
                          f"the reference {ref_path}")
 
-    # Callables load (import) here, so a broken one fails before any work; models load when they have work.
+    # Callables load (import) here, and served rewards are set up, so a broken one fails before any work; models
+    # load when they have work.
     callables = {name: CallableReward(name, spec) for name, spec in s.rewards.items() if spec.startswith("py:")}
-    specs = {name: {"spec": spec, "fingerprint": callables[name].fingerprint() if name in callables
+    served = {name: ServedReward(name, spec, reward_http.options(s)) for name, spec in s.rewards.items()
+              if reward_http.is_served(spec)}
+    early = {**callables, **served}
+    prompt_format = pairs_meta.get("prompt_format")  # (files written before it was recorded lack it)
+    for name, reward in callables.items():
+        if reward.trl and prompt_format == "mixed":
+            raise ModpoError(f"{pairs_path}: its prompts mix plain text and chats, and reward {name!r} "
+                             f"({reward.spec}) is a TRL reward function, which takes one or the other; generate "
+                             "from prompts of one kind")
+    specs = {name: {"spec": spec, "fingerprint": early[name].fingerprint() if name in early
                     else models.fingerprint(spec)} for name, spec in s.rewards.items()}
     ref_identity = {**models.identity(ref_path), "dtype": str(dtype).removeprefix("torch.")}
     sampled_with = pairs_meta["policy"].get("fingerprint")
@@ -87,6 +97,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         raise ModpoError(f"{pairs_path}: the policy that sampled it, {ref_path}, has changed since (other contents); "
                          "give the reference explicitly ([score].ref / --ref) to score against what is there now")
     n = table.num_rows
+    has_columns = schema.has_prompt_columns(table.schema)
     chunks = parts.chunk_ranges(n, s.shard_size)
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
@@ -151,8 +162,8 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     truncated_by_reward: dict[str, int] = {}
     for name, spec in s.rewards.items():
         def load_this(name=name, spec=spec):
-            return callables.get(name) or load_reward(name, spec, dtype=dtype, device=device,
-                                                      trust_remote_code=m.trust_remote_code)
+            return early.get(name) or load_reward(name, spec, dtype=dtype, device=device,
+                                                  trust_remote_code=m.trust_remote_code)
 
         def score_rows(reward, c):
             counts = sizes(c)
@@ -160,7 +171,14 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
             messages = [schema.parse_messages(m, f"{pairs_path}: group {gid!r}")
                         for m, gid in zip(column("prompt_messages", c), column("group_id", c))]
             messages = [m for m, k in zip(messages, counts) for _ in range(k)]
-            inputs = reward_inputs(messages, per_response("responses", c))
+            fields = None
+            if has_columns:  # the prompt's other fields, for TRL-style callables
+                fields = [schema.parse_prompt_columns(text, f"{pairs_path}: group {gid!r}")
+                          for text, gid in zip(column(schema.PROMPT_COLUMNS[0], c), column("group_id", c))]
+                fields = [x for x, k in zip(fields, counts) for _ in range(k)]
+            inputs = reward_inputs(messages, per_response("responses", c), columns=fields,
+                                   chat={"chat": True, "text": False}.get(prompt_format),
+                                   response_ids=per_response("response_ids", c))
             labels = [f"group {gid!r} response {j + 1}" for gid, k in zip(column("group_id", c), counts)
                       for j in range(k)]
             scores = reward.score(inputs, s.reward_batch_size, labels=labels, allow_invalid=drop_invalid,
@@ -176,7 +194,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
         done = compute_parts(f"reward-{name}", col, load_this, score_rows, f"reward {name!r} ({spec})",
                              allow_nan=drop_invalid)
         columns[col] = pa.chunked_array([t.column(col) for t in done], pa.list_(pa.float32()))
-        if name not in callables:
+        if name not in early:  # (a served model cuts what is too long, or refuses it, on its side)
             truncated_by_reward[name] = sum(pc.sum(t.column("truncated")).as_py() or 0 for t in done
                                             if "truncated" in t.column_names)
 
@@ -217,10 +235,10 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                          f"({', '.join(f'{k}: {v}' for k, v in invalid_by_reward.items() if v)} responses); "
                          "nothing to write")
 
-    scored = table.select(schema.pairs_schema().names)
+    scored = table.select(schema.pairs_schema(has_columns).names)
     for col, values in columns.items():
         scored = scored.append_column(col, values)
-    scored = scored.cast(schema.scored_schema(s.rewards))
+    scored = scored.cast(schema.scored_schema(s.rewards, has_columns))
     if dropped_responses:
         scored = schema.select_responses(scored, valid)
     stats = reward_stats.measure(scored, list(s.rewards))

@@ -417,3 +417,14 @@ def kill_when(pid: int, ready: Callable[[], bool], delay: float, timeout: float 
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     raise AssertionError("child did not reach the kill point")
+
+
+def generate_settings(tiny, samples_per_prompt: int, extra: str = "") -> str:
+    """A modpo.toml for short samples from the tiny policy on the transformers backend; `extra` appended."""
+    return f"""
+[generate]
+policy = "{tiny.policy}"
+backend = "transformers"
+max_new_tokens = 6
+samples_per_prompt = {samples_per_prompt}
+{extra}"""

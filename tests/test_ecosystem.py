@@ -165,10 +165,13 @@ def datasets_cache(tmp_path, monkeypatch):
 def test_dataset_folder_with_split_and_fields(tmp_path, datasets_cache):
     source = hub_layout(tmp_path / "prefs")
     records, stats = read_prompts(source, fields=PromptFields("train_prefs", prompt="text", id="prompt_id"))
-    assert records == [PromptRecord("a", prompt="First"), PromptRecord("b", prompt="Second")]
+    chat = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    # The other columns come along, for TRL-style reward functions.
+    assert records == [PromptRecord("a", prompt="First", columns={"chat": chat}),
+                       PromptRecord("b", prompt="Second", columns={"chat": chat[:1]})]
     chats, _ = read_prompts(source, fields=PromptFields("test_prefs", messages="chat", id="prompt_id"))
     # The reference reply (the trailing assistant turn) is dropped: the policy writes its own.
-    assert chats == [PromptRecord("c", messages=[{"role": "user", "content": "Say hi"}])]
+    assert chats == [PromptRecord("c", messages=chat[:1], columns={"text": "Third"})]
 
 
 def test_dataset_split_must_be_chosen_and_exist(tmp_path, datasets_cache):

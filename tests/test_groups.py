@@ -77,9 +77,9 @@ def test_score_computes_each_response_once(groups_work, monkeypatch):
         calls["ref_rows"] += len(responses)
         return real_logps(model, prompts, responses, *args, **kwargs)
 
-    def counting_inputs(messages, responses):
+    def counting_inputs(messages, responses, **kwargs):
         calls["reward_inputs"] += len(responses)
-        return real_inputs(messages, responses)
+        return real_inputs(messages, responses, **kwargs)
 
     monkeypatch.setattr(score_module, "batched_sequence_logps", counting_logps)
     monkeypatch.setattr(score_module, "reward_inputs", counting_inputs)

@@ -5,6 +5,7 @@ Token ids are stored as sampled; every later stage scores exactly those ids, nev
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -116,12 +117,12 @@ def shorten_prompt(record, tokenizer, use_chat_template: bool, limit: int):
     (None if the template alone is longer). The conversation is cut, not the rendered ids: the BOS, the
     template's headers and the generation prompt stay, and the reward models, which read the stored
     `prompt_messages`, see the same shortened prompt as the policy and the reference."""
-    from modpo_pipe.prompts import PromptRecord, fit_messages, max_token_chars, render
+    from modpo_pipe.prompts import fit_messages, max_token_chars, render
 
     def record_of(messages):
         if record.messages is not None:
-            return PromptRecord(record.id, messages=messages)
-        return PromptRecord(record.id, prompt=messages[0]["content"])
+            return dataclasses.replace(record, messages=messages)
+        return dataclasses.replace(record, prompt=messages[0]["content"])
 
     # A message longer than 2 * limit tokens can hold keeps at most its last `limit` tokens anyway: cut it to that
     # many characters first, so that a 50 MB prompt is never tokenised whole, here as in render.
@@ -209,8 +210,22 @@ def prompts_fingerprint(records, prompt_ids: list[list[int]]) -> str:
     """What the prompts of a run are, as the policy sees them: ids, texts and token ids, in order."""
     h = hashlib.sha256()
     for record, ids in zip(records, prompt_ids):
-        h.update(json.dumps([record.id, record.prompt, record.messages, ids]).encode())
+        # The other columns only where there are some: prompts without them keep the fingerprint they had.
+        h.update(json.dumps([record.id, record.prompt, record.messages, ids, *([record.columns] if record.columns
+                                                                               else [])]).encode())
     return h.hexdigest()[:32]
+
+
+def prompt_format(records) -> str:
+    """Whether the prompts were plain text, chats, or both: TRL-style reward functions are called with strings
+    or with message lists accordingly (score reads it from the pairs file's metadata)."""
+    chats = {record.messages is not None for record in records}
+    return "mixed" if len(chats) > 1 else "chat" if chats == {True} else "text"
+
+
+def column_names(records) -> list[str]:
+    """Every other column any prompt has, in order of first appearance: the keys of every row's prompt_columns."""
+    return list(dict.fromkeys(name for record in records for name in record.columns))
 
 
 @out_of_memory("generate", "[generate].batch_size (prompts per batch, each sampled samples_per_prompt "
@@ -245,6 +260,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                                                                            prompt_stats)
     require_prompts(records, prompts_path, settings, limit, context)
     n = g.samples_per_prompt
+    columns = column_names(records)
     sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
                 "max_new_tokens": g.max_new_tokens, "samples_per_prompt": n,
                 "chat_template": g.chat_template, "max_prompt_tokens": g.max_prompt_tokens,
@@ -292,7 +308,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                 samples = sample(settings, g.policy, tokenizer, prompt_ids[rows], n, backend, progress=False,
                                  seed=batch_seed(g.seed, c), model=model, engine_len=engine_len)
                 table = groups_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
-                                    round_index)
+                                     round_index, columns)
                 tables[c] = work.write(names[c], table)
                 response_tokens += sum(len(s.ids) for per_prompt in samples for s in per_prompt)
                 bar.update(len(chunks[c]))
@@ -301,7 +317,8 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
 
             shutdown_vllm()  # free the engine (and its GPU memory) before this process scores or trains
     # Every chunk of this invocation is here (a shard's: `modpo-pipe merge` joins the shards).
-    table = pa.concat_tables([tables[c] for c in selected]) if selected else schema.pairs_schema().empty_table()
+    table = pa.concat_tables([tables[c] for c in selected]) if selected \
+        else schema.pairs_schema(bool(columns)).empty_table()
     metadata = schema.make_metadata(
         "pairs",
         policy=policy,
@@ -310,6 +327,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
         seed=g.seed,
         round=round_index,
         prompts_file=str(prompts_path),
+        prompt_format=prompt_format(records),
         counts={"prompts": len(records), "skipped_invalid": prompt_stats.skipped_invalid,
                 "long_prompts_dropped": dropped, "long_prompts_truncated": truncated,
                 "chunks": len(chunks), "resumed_chunks": len(selected) - len(todo)},
@@ -326,9 +344,12 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                           len(selected) - len(todo))
 
 
-def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int) -> pa.Table:
-    """Rows of the pairs contract: one row per prompt, holding every response sampled for it, in order."""
-    rows: dict[str, list] = {name: [] for name, _ in schema.GROUP_COLUMNS}
+def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int,
+                 columns: list[str] | None = None) -> pa.Table:
+    """Rows of the pairs contract: one row per prompt, holding every response sampled for it, in order; with
+    `columns` (the names of the prompts' other fields), their values in prompt_columns."""
+    target = schema.pairs_schema(bool(columns))
+    rows: dict[str, list] = {name: [] for name in target.names}
     for record, text, ids, per_prompt in zip(records, prompt_texts, prompt_ids, samples):
         rows["group_id"].append(f"r{round_index}/{record.id}")
         rows["prompt_id"].append(record.id)
@@ -340,4 +361,7 @@ def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_in
         rows["finish_reasons"].append([smp.finish_reason for smp in per_prompt])
         rows["gen_logps"].append([smp.logp for smp in per_prompt])
         rows["round"].append(round_index)
-    return pa.Table.from_pydict(rows, schema=schema.pairs_schema())
+        if columns:
+            rows[schema.PROMPT_COLUMNS[0]].append(json.dumps({name: record.columns.get(name) for name in columns},
+                                                             ensure_ascii=False))
+    return pa.Table.from_pydict(rows, schema=target)
