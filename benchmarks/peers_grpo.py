@@ -3,6 +3,7 @@
     python -m benchmarks.peers_grpo --out DIR [--pipeline-out DEMO_DIR] [--seed 0] [--eval-prompts 67]
                                     [--eval-samples 2] [--budget-factors 1,2] [--train-prompts N]
                                     [--grpo-beta 0]
+    python -m benchmarks.peers_grpo --frontier --out DIR [--seed 0] ...   # issue 34: see peers/frontier_run.py
     ./dev.sh peers --out DIR ...      # the same, in the venv with the `peers` extra (TRL) installed
 
 What it does, in order (each step skips work whose output already exists, so a killed run continues):
@@ -25,22 +26,14 @@ training prompts with its system message (as many as the demo trains on, cycled 
 reply cap (max_new_tokens); LoRA r 16, alpha 32, dropout 0 on every linear layer (demo.LORA_TARGETS);
 sampling at temperature 1, top_p 1; the demo's peak learning rate; the seed.
 
-GRPO's settings (TRL 1.16.0): its defaults, except
-- num_generations 4 (the issue's setting; TRL's default 8 would halve the prompts per step), with the default
-  per_device_train_batch_size 8: 2 prompts x 4 replies per optimizer step;
-- max_completion_length = the demo's reply cap, temperature 1.0, top_p 1.0, learning_rate = the demo's: shared
-  settings above (TRL's default lr 1e-6 is for full fine-tuning; LoRA wants ~1e-4, and the demo uses 1.5e-3);
-- bf16 off (TRL turns it on by default): the demo runs float32, and on this CPU bf16 matmuls are slower;
-- gradient_checkpointing off (TRL turns it on by default to save GPU memory, at ~20% more time): the demo does
-  not checkpoint, and in a wall-clock race it would slow GRPO alone;
-- lr_scheduler_type constant (TRL: linear decay to 0 over max_steps): the run is cut by the clock, so there is
-  no known last step for a decay to aim at. (The demo warms up over 10% of its steps and decays by a cosine.)
-- use_cpu, save_strategy "no" (the callback saves), report_to "none", logging every step (records only).
-Everything else is TRL's default: beta 0 (no KL term, no reference model; --grpo-beta sets one, and a rerun
-reuses a finished GRPO policy only when it was trained with the same beta), loss_type "dapo", scale_rewards
-"group", multi_objective_aggregation "sum_then_normalize", epsilon 0.2, num_iterations 1, top_k 0, warmup 0,
-AdamW. Nothing was tuned against the other side: the demo runs with its own defaults (its lr was chosen for the
-demo's own criteria, issue 15's third outcome), and GRPO shares that lr.
+GRPO's settings (TRL 1.16.0, listed with their reasons in benchmarks/peers/grpo.py): its defaults,
+except num_generations 4, the shared settings above, bf16 and gradient checkpointing off, a constant lr; beta 0
+(TRL's) unless --grpo-beta gives one (a rerun reuses a finished GRPO policy only when it was trained with the
+same beta). Nothing was tuned against the other side: the demo runs with its own defaults (its lr was chosen
+for the demo's own criteria, issue 15's third outcome), and GRPO shares that lr.
+
+`--frontier` runs issue 34's measurement instead (benchmarks/peers/frontier_run.py): reward against KL to the
+reference, curves for both methods.
 
 TRL is imported only inside the functions that train (install with `pip install -e '.[peers]'`); the tests
 (tests/test_peers_grpo.py) run the rest without it.
@@ -49,27 +42,19 @@ TRL is imported only inside the functions that train (install with `pip install 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.peers import REWARD_NAMES, WEIGHTS, report_or_error
+from benchmarks.peers.grpo import GRPO_BETA, NUM_GENERATIONS, chats, train_grpo
 from modpo_pipe.errors import ModpoError
-
-WEIGHTS = (0.0, 0.5, 1.0)  # w_positivity of the three policies on each side; w_concision = 1 - w
-REWARD_NAMES = ("positivity", "concision")
-NUM_GENERATIONS = 4
-GRPO_BETA = 0.0  # TRL's default: no KL term, no reference model; --grpo-beta gives GRPO one, as the pipeline has
-NOT_COPIED = {"modpo_pipe_embedded.json", "modpo_pipe.json", "README.md"}  # the reference's own records
-
 
 # --- pure helpers: labels, budgets, contract files --------------------------------------------------------
 
@@ -98,13 +83,6 @@ def budget_seconds(front_seconds: float, factors: Sequence[float], policies: int
     """GRPO's training seconds per policy at each factor: factor 1 gives its `policies` policies together the
     pipeline's wall-clock for its whole front (`front_seconds`)."""
     return [factor * front_seconds / policies for factor in factors]
-
-
-def budget_due(elapsed: float, last_step_seconds: float, budget: float) -> bool:
-    """Save now when this step end is the one nearest the budget: the next one (if it takes as long as the last
-    step did) would land further past it than this one falls short. Over many budgets this neither favours nor
-    handicaps GRPO by half a step on average, as stopping at the first step past the budget would."""
-    return elapsed + last_step_seconds / 2 >= budget
 
 
 def read_pipeline(demo_dir: Path) -> tuple[float, dict[str, str]]:
@@ -285,132 +263,12 @@ def run_pipeline(demo_dir: Path, seed: int) -> None:
         raise ModpoError(f"the pipeline's demo failed (see above); its files are in {demo_dir}")
 
 
-def chats(path: Path) -> list[list[dict[str, str]]]:
-    return [json.loads(line)["messages"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _texts(items: list[Any]) -> list[str]:
-    """TRL passes conversational prompts and completions as lists of messages; the rewards read the text (of the
-    last message: the user's turn of a prompt, the assistant's reply of a completion)."""
-    return [item[-1]["content"] if isinstance(item, list) else item for item in items]
-
-
-def positivity_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-    from modpo_pipe.builtin_rewards import positivity
-
-    return positivity(_texts(prompts), _texts(completions))
-
-
-def concision_reward(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-    from modpo_pipe.builtin_rewards import concision
-
-    return concision(_texts(prompts), _texts(completions))
-
-
-def save_merged(model: Any, ref_dir: Path, target: Path, info: dict[str, Any]) -> None:
-    """The LoRA-merged policy as a full model directory (safetensors + the reference's tokenizer files),
-    written to a temporary sibling and renamed into place; training continues on the unmerged original."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(tmp, safe_serialization=True)
-    del merged
-    for f in ref_dir.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in NOT_COPIED and not (tmp / f.name).exists():
-            shutil.copy2(f, tmp / f.name)
-    (tmp / "modpo_pipe.json").write_text(json.dumps(info, indent=2) + "\n")  # family and weights: eval, front
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
-class BudgetClock:
-    """Training seconds since start, saves excluded: calls on_budget(index, model, seconds, steps) at the step end
-    nearest each budget; step_end() says when the last budget is met (training should stop)."""
-
-    def __init__(self, budgets: list[float], on_budget: Callable[[int, Any, float, int], None]) -> None:
-        self.budgets, self.on_budget = budgets, on_budget
-
-    def start(self) -> None:
-        self.started = self.step_started = time.perf_counter()
-        self.not_counted = 0.0
-        self.next = 0
-
-    def step_end(self, model: Any, steps: int) -> bool:
-        now = time.perf_counter()
-        elapsed, step_seconds = now - self.started - self.not_counted, now - self.step_started
-        while self.next < len(self.budgets) and budget_due(elapsed, step_seconds, self.budgets[self.next]):
-            self.on_budget(self.next, model, elapsed, steps)
-            self.next += 1
-        self.step_started = time.perf_counter()
-        self.not_counted += self.step_started - now  # the saves
-        return self.next == len(self.budgets)
-
-
-def budget_callback(clock: BudgetClock) -> Any:
-    """The clock as a TrainerCallback: started with training, told of every optimizer step's end."""
-    from transformers import TrainerCallback
-
-    class WallClockBudget(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.start()
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if clock.step_end(model, state.global_step):
-                control.should_training_stop = True
-            return control
-
-    return WallClockBudget()
-
-
 def grpo_done(runs: dict[str, Any], w: float, factors: Sequence[float], beta: float, out: Path) -> bool:
     """Whether a killed run's GRPO policy for w is finished at every budget, with this beta (a run made with
     another beta is trained again, not reused)."""
     done = runs.get(f"{w:.1f}", {})
     return all(f"{f:g}" in done and done[f"{f:g}"].get("beta", GRPO_BETA) == beta
                and (out / "grpo" / f"w_positivity-{w:.1f}" / f"x{f:g}").is_dir() for f in factors)
-
-
-def train_grpo(w: float, factors: list[float], budgets: list[float], prompts: list[list[dict[str, str]]],
-               ref_dir: Path, out: Path, seed: int, beta: float = GRPO_BETA) -> dict[str, Any]:
-    """One GRPO policy with reward weights [w, 1 - w], saved at every budget; returns what it did per factor."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
-
-    from modpo_pipe.demo import LORA_TARGETS, DemoSize, demo_settings
-
-    demo = demo_settings(str(ref_dir), DemoSize(seed=seed))
-    config = GRPOConfig(
-        output_dir=str(out / "trainer"), seed=seed, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        learning_rate=demo.train.lr, lr_scheduler_type="constant", max_steps=1_000_000, beta=beta,
-        num_generations=NUM_GENERATIONS, max_completion_length=demo.generate.max_new_tokens,
-        temperature=demo.generate.temperature, top_p=demo.generate.top_p, reward_weights=[w, 1.0 - w],
-        save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
-    )
-    lora = LoraConfig(r=demo.train.lora_r, lora_alpha=demo.train.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-    tokenizer = AutoTokenizer.from_pretrained(ref_dir)
-    model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-    done: dict[str, Any] = {}
-
-    def on_budget(index: int, policy: Any, seconds: float, steps: int) -> None:
-        factor = factors[index]
-        info = {"family": f"GRPO x{factor:g}", "weights": {"positivity": w, "concision": 1.0 - w},
-                "grpo": {"budget_factor": factor, "budget_seconds": budgets[index], "seconds": seconds,
-                         "steps": steps}}
-        save_merged(policy, ref_dir, out / f"x{factor:g}", info)
-        done[f"{factor:g}"] = {"seconds": round(seconds, 1), "steps": steps, "beta": beta,
-                               "replies": steps * config.per_device_train_batch_size}
-        print(f"GRPO w_positivity={w:g}: saved x{factor:g} after {seconds:.0f} s, {steps} steps", flush=True)
-
-    trainer = GRPOTrainer(model=model, reward_funcs=[positivity_reward, concision_reward], args=config,
-                          train_dataset=Dataset.from_list([{"prompt": chat} for chat in prompts]),
-                          processing_class=tokenizer, peft_config=lora,
-                          callbacks=[budget_callback(BudgetClock(budgets, on_budget))])
-    trainer.train()
-    return done
 
 
 def write_eval_settings(path: Path, ref_dir: Path, seed: int) -> Path:
@@ -438,12 +296,17 @@ def settings_note(factors: Sequence[float], train_prompts: int, seed: int, beta:
     kl = ("beta 0 (no KL term), " if beta == 0 else f"beta {beta:g} (a KL term to the reference; TRL's default is 0), ")
     return (f"GRPO (TRL GRPOTrainer): {NUM_GENERATIONS} generations per prompt, batch 8 replies, the demo's lr, "
             f"reply cap, LoRA, float32, temperature 1; {kl}loss dapo, group-scaled rewards (TRL's defaults); "
-            "constant lr, no gradient checkpointing, no bf16 (see benchmarks/peers_grpo.py). "
+            "constant lr, no gradient checkpointing, no bf16 (see benchmarks/peers/grpo.py). "
             f"Training prompts: the demo's first {train_prompts}, cycled. Seed {seed}. "
             f"Budget factors: {', '.join(f'{f:g}' for f in factors)}.")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--frontier" in argv:  # issue 34's curves: a mode of its own, with its own flags
+        from benchmarks.peers import frontier_run
+
+        return frontier_run.main([arg for arg in argv if arg != "--frontier"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="Directory for everything the benchmark writes.")
@@ -456,14 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpo-beta", type=float, default=GRPO_BETA,
                         help="GRPO's KL coefficient (default 0, TRL's: no KL term; the issue's first run used 0.04).")
     args = parser.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # TRL's per-step logs, live in a log file too
-    try:
-        report = run(args)
-    except ModpoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0
+    return report_or_error(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> str:

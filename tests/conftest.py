@@ -227,6 +227,29 @@ def tiny_tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny.policy)
 
 
+@pytest.fixture
+def demo_on_tiny(monkeypatch, tiny) -> None:
+    """The demo's code with the tiny policy standing in for SmolLM2 (embedded_policy_dir), and its rewards'
+    packages present. The random tiny stand-in is not SmolLM2: at the demo's lr (1.5e-3, chosen on SmolLM2) its
+    concision-only policy collapses to one reply per prompt by round 1, leaving no pair to train on (SmolLM2's
+    --quick demo trains all rounds at that lr). The tests using this are about plumbing, so the stand-in gets
+    1e-3."""
+    import dataclasses
+
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("matplotlib")
+    from modpo_pipe import demo, embedded
+
+    monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
+    demo_settings = demo.demo_settings
+
+    def stand_in_settings(*args, **kwargs):
+        settings = demo_settings(*args, **kwargs)
+        return dataclasses.replace(settings, train=dataclasses.replace(settings.train, lr=1e-3))
+
+    monkeypatch.setattr(demo, "demo_settings", stand_in_settings)
+
+
 # ------------------------------------------------------------------------ the fault suites (test_faults_*.py)
 # Bad input, faults and resumption end to end through the commands, one file a stage: every case costs a clear
 # one-line message and at most the unfinished chunk, never a half file, a silently wrong result or lost work.

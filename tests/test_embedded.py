@@ -280,26 +280,13 @@ def test_verify_reload_names_a_differing_weight_and_refuses_far_logits():
 # ---------------------------------------------------------------- the demo itself
 
 
-def test_demo_runs_every_step_in_rounds_and_resumes(monkeypatch, tmp_path, tiny, capsys):
-    """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2: a run directory per
-    weight vector advanced in rounds, round 0 sampled and scored once and shared, three trained policies plus
-    the reference evaluated, the per-round rewards and the table printed, the front drawn; a rerun redoes
-    nothing."""
-    pytest.importorskip("vaderSentiment")
-    pytest.importorskip("matplotlib")
+def test_demo_runs_every_step_in_rounds_and_resumes(demo_on_tiny, tmp_path, capsys):
+    """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2 (conftest's
+    demo_on_tiny): a run directory per weight vector advanced in rounds, round 0 sampled and scored once and
+    shared, three trained policies plus the reference evaluated, the per-round rewards and the table printed,
+    the front drawn; a rerun redoes nothing."""
     from modpo_pipe import demo, status
 
-    monkeypatch.setattr(embedded, "embedded_policy_dir", lambda *a, **k: tiny.policy)
-    # The random tiny stand-in is not SmolLM2: at the demo's lr (1.5e-3, chosen on SmolLM2) its concision-only
-    # policy collapses to one reply per prompt by round 1, leaving no pair to train on (SmolLM2's --quick demo
-    # trains all rounds at that lr). This test is about the demo's plumbing, so the stand-in gets 1e-3.
-    demo_settings = demo.demo_settings
-
-    def stand_in_settings(*args, **kwargs):
-        settings = demo_settings(*args, **kwargs)
-        return dataclasses.replace(settings, train=dataclasses.replace(settings.train, lr=1e-3))
-
-    monkeypatch.setattr(demo, "demo_settings", stand_in_settings)
     out = tmp_path / "demo"
     size = dataclasses.replace(demo.QUICK, eval_samples=2)
     demo.run_demo(out, size)

@@ -1,6 +1,7 @@
-"""The peer benchmark against TRL's GRPOTrainer (benchmarks/peers_grpo.py), without TRL: its budget arithmetic,
-its reading of the demo's timing.json / policies.json, and its report and outcome checks from fake eval
-summaries. Training GRPO needs TRL and the real model: that path is smoke-run by hand (docs/peers-grpo.md)."""
+"""The equal-time peer benchmark against TRL's GRPOTrainer (benchmarks/peers_grpo.py, benchmarks/peers/grpo.py),
+without TRL: its budget arithmetic, its reading of the demo's timing.json / policies.json, and its report and
+outcome checks from fake eval summaries. Training GRPO needs TRL and the real model: that path is smoke-run by
+hand (docs/peers-grpo.md); a tiny GRPO run with TRL is in tests/test_peers_frontier.py."""
 
 import json
 import math
@@ -14,6 +15,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import peers_grpo as peers  # noqa: E402
+from benchmarks.peers import grpo  # noqa: E402
 from modpo_pipe.errors import ModpoError  # noqa: E402
 
 
@@ -28,10 +30,10 @@ def test_budgets_split_the_pipelines_front_over_three_policies():
 
 def test_budget_is_met_at_the_step_end_nearest_it():
     # Steps of 8 s, budget 100 s: ends at 96 and 104 are equally near; 94 is nearer than 102 would be.
-    assert not peers.budget_due(91.0, 8.0, 100.0)  # the next end, about 99, is nearer
-    assert peers.budget_due(96.0, 8.0, 100.0)
-    assert peers.budget_due(97.0, 8.0, 100.0)  # 3 s short beats 5 s over
-    assert peers.budget_due(130.0, 8.0, 100.0)  # past it: always
+    assert not grpo.budget_due(91.0, 8.0, 100.0)  # the next end, about 99, is nearer
+    assert grpo.budget_due(96.0, 8.0, 100.0)
+    assert grpo.budget_due(97.0, 8.0, 100.0)  # 3 s short beats 5 s over
+    assert grpo.budget_due(130.0, 8.0, 100.0)  # past it: always
 
 
 def test_budget_clock_saves_at_each_budget_and_stops_after_the_last(monkeypatch):
@@ -40,9 +42,9 @@ def test_budget_clock_saves_at_each_budget_and_stops_after_the_last(monkeypatch)
                   20.0, 25.0,     # step 2 ends at 20: budget 18 due; the save takes 5 s, not counted
                   35.0, 35.0,     # step 3 ends at 30 (counted): budget 36 is nearer the next end (40)
                   45.0, 45.0])    # step 4 ends at 40: budget 36 due; the last budget: stop
-    monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(grpo.time, "perf_counter", lambda: next(clock))
     saved = []
-    budget = peers.BudgetClock([18.0, 36.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
+    budget = grpo.TrainingClock([18.0, 36.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
     budget.start()
     assert [budget.step_end(object(), step) for step in range(1, 5)] == [False, False, False, True]
     assert saved == [(0, 20.0, 2), (1, 40.0, 4)]
@@ -50,9 +52,9 @@ def test_budget_clock_saves_at_each_budget_and_stops_after_the_last(monkeypatch)
 
 def test_a_slow_first_step_meets_every_budget_it_passes(monkeypatch):
     clock = iter([0.0, 200.0, 201.0, 202.0])  # one step past both budgets: two saves at that step, then stop
-    monkeypatch.setattr(peers.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(grpo.time, "perf_counter", lambda: next(clock))
     saved = []
-    budget = peers.BudgetClock([20.0, 40.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
+    budget = grpo.TrainingClock([20.0, 40.0], lambda i, model, secs, steps: saved.append((i, secs, steps)))
     budget.start()
     assert budget.step_end(None, 1)
     assert saved == [(0, 200.0, 1), (1, 200.0, 1)]
@@ -182,10 +184,10 @@ def test_rewards_read_trls_conversational_completions():
     completions = [[{"role": "assistant", "content": "I love this wonderful day!"}],
                    [{"role": "assistant", "content": ""}]]
     pytest.importorskip("vaderSentiment")
-    positivity = peers.positivity_reward(prompts=prompts, completions=completions, completion_ids=[[1], [2]],
+    positivity = grpo.positivity_reward(prompts=prompts, completions=completions, completion_ids=[[1], [2]],
                                          trainer_state=None)
     assert positivity[0] > 0.5 and positivity[1] == 0.0
-    assert peers.concision_reward(prompts=prompts, completions=completions) == [
+    assert grpo.concision_reward(prompts=prompts, completions=completions) == [
         pytest.approx(1 - 2 * math.tanh(5 / 100)), -1.0]
 
 
