@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -145,13 +146,53 @@ def _wrapped_sequence_logps(model: torch.nn.Module, batch: SequenceBatch) -> tor
     return _sum_per_row(per_token, pred_mask)
 
 
+# Logits (tokens x vocabulary) above which training recomputes the head rather than keep them for the backward
+# pass: 2^27 float32 logits are 512 MiB (4,096 response tokens at a 32k vocabulary, 1,024 at 128k). Below it the
+# extra head forward would cost time for little memory; above it the kept logits are the largest activation.
+RECOMPUTE_HEAD_ELEMENTS = 2**27
+# Logits one chunk of `chunked_head_logps` holds at a time: 2^25 float32 logits, 128 MiB (256 rows at 128k).
+HEAD_CHUNK_ELEMENTS = 2**25
+
+
 def _head_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """token_logps of lm_head(states), a chunk of rows at a time so the (rows, vocab) logits stay small."""
+    """token_logps of lm_head(states), a chunk of rows at a time so the (rows, vocab) logits stay small. With
+    gradients on and more than RECOMPUTE_HEAD_ELEMENTS logits, `chunked_head_logps` (nothing vocabulary-sized kept
+    for the backward pass); below that, keeping the logits is cheaper than computing them twice."""
     if states.shape[0] == 0:
         return torch.zeros(0, device=states.device)
+    if torch.is_grad_enabled() and states.shape[0] * _vocab_size(head) > RECOMPUTE_HEAD_ELEMENTS:
+        return chunked_head_logps(head, states, targets)
     return torch.cat([
         token_logps(head(states[i : i + chunk_rows]), targets[i : i + chunk_rows])
         for i in range(0, states.shape[0], chunk_rows)
+    ])
+
+
+def _vocab_size(head: torch.nn.Module) -> int:
+    out_features = getattr(head, "out_features", None)  # nn.Linear and peft's LoRA layers
+    return int(out_features) if out_features else int(head.weight.shape[0])
+
+
+def chunked_head_logps(head: torch.nn.Module, states: torch.Tensor, targets: torch.Tensor,
+                       chunk_elements: int = HEAD_CHUNK_ELEMENTS) -> torch.Tensor:
+    """token_logps of head(states) that never holds the (tokens, vocab) logits: each chunk of rows is
+    checkpointed, so its logits are freed after the forward and recomputed in the backward pass. What the
+    backward keeps is the states (which the decoder's graph holds anyway); the peak is a few chunks' logits,
+    whatever the vocabulary and token count, for one extra head forward. Values and gradients (to the states and
+    to the head's weights, LoRA ones included) are those of the plain head."""
+    from torch.utils.checkpoint import checkpoint
+
+    if states.shape[0] == 0:
+        return torch.zeros(0, device=states.device)
+    rows = max(1, chunk_elements // _vocab_size(head))
+
+    def chunk(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
+        return token_logps(head(part), part_targets)
+
+    return torch.cat([
+        checkpoint(chunk, states[i : i + rows], targets[i : i + rows], use_reentrant=False,
+                   preserve_rng_state=False)  # the head draws no random numbers
+        for i in range(0, states.shape[0], rows)
     ])
 
 
@@ -177,12 +218,12 @@ MAX_GROUP_TOKENS = 1024
 
 
 def can_pack(model: torch.nn.Module, longest_sequence: int = 0) -> bool:
-    """Whether `model` runs packed rows exactly: a packable family, SDPA or eager attention, and no sliding
+    """Whether `model` runs packed rows exactly: a packable family, SDPA, eager or flex attention, and no sliding
     window shorter than the longest sequence (a 4D mask replaces the sliding-window mask)."""
     config = getattr(_unwrap(model), "config", None)
     if getattr(config, "model_type", None) not in _PACKABLE_FAMILIES:
         return False
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", "flex_attention"):
         return False
     window = getattr(config, "sliding_window", None)
     uses_window = window is not None and (
@@ -225,6 +266,21 @@ class PackedBatch:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)
+
+    def block_mask(self) -> Any:
+        """`attention_mask` as a FlexAttention BlockMask, for models loaded with attn_implementation =
+        "flex_attention": the same rule given as a function, evaluated per 128 x 128 block, so no (R, W, W) mask
+        is held and the kernel skips the blocks nothing may attend (other groups, padding)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        group, segment = self.group, self.segment
+
+        def allowed(row: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            same_group = group[row, q] == group[row, k]
+            return same_group & (k <= q) & ((segment[row, k] == 0) | (segment[row, k] == segment[row, q]))
+
+        rows, width = self.input_ids.shape
+        return create_block_mask(allowed, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=self.group.device)
 
 
 def group_by_prompt(
@@ -358,9 +414,11 @@ def packed_sequence_logps(model: torch.nn.Module, packed: PackedBatch, chunk_row
     """Summed response log-probs per sequence of a packed batch, (num_sequences,) float32; differentiable."""
     inner = _unwrap(model)
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
-    eager = getattr(inner.config, "_attn_implementation", None) == "eager"
-    dtype = next(decoder.parameters()).dtype
-    mask = packed.attention_mask(dtype if eager else torch.bool)
+    implementation = getattr(inner.config, "_attn_implementation", None)
+    if implementation == "flex_attention":
+        mask = packed.block_mask()
+    else:  # eager adds the mask to the scores: a float one; SDPA takes booleans
+        mask = packed.attention_mask(next(decoder.parameters()).dtype if implementation == "eager" else torch.bool)
     hidden = decoder(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                      use_cache=False).last_hidden_state
     states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.pred_index)
