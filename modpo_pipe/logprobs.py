@@ -500,3 +500,52 @@ def batched_sequence_logps(
     if stats is not None:
         stats.update(counts)
     return out
+
+
+# --- Micro-batches of a training step, by a token budget ---
+
+def token_budget_micro_batches(group_tokens: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Cut a step's groups, in order, into micro-batches of at most `token_budget` tokens (indices into
+    `group_tokens`, each group's tokens as its packed forward computes them: prompt once, every response). Whole
+    groups only: a group's pairs need all its responses in one forward, so a group above the budget is a
+    micro-batch of its own. Order is kept, so the step and its loss are the same however it is cut."""
+    if token_budget <= 0:
+        raise ValueError(f"token_budget must be positive, got {token_budget}")
+    batches: list[list[int]] = []
+    used = 0
+    for i, tokens in enumerate(group_tokens):
+        if batches and used + tokens <= token_budget:
+            batches[-1].append(i)
+            used += tokens
+        else:
+            batches.append([i])
+            used = tokens
+    return batches
+
+
+# Bytes of activations a token keeps for the backward pass, per transformer layer, in units of (hidden, MLP
+# width): a Llama-style layer saves about 10 hidden-sized and 4 MLP-sized vectors a token (norms, q/k/v and
+# rotary outputs, attention output, gate/up/product), 2 bytes each in bfloat16; doubled for the backward pass's
+# temporaries and the allocator's slack. An estimate, not a bound: [train].micro_batch_tokens overrides it.
+ACTIVATION_BYTES_PER_TOKEN = (40, 16)
+FREE_MEMORY_SHARE = 0.8  # of the memory left after weights, gradients and optimizer moments
+MIN_AUTO_TOKENS = 512
+
+
+def auto_micro_batch_tokens(free_bytes: int, config: Any, trainable_params: int, frozen_copies_bytes: int = 0,
+                            trainable_layers: int | None = None, checkpointing: bool = False) -> int:
+    """A token budget for one micro-batch from the device memory free now (`free_bytes`, before the first step).
+    Set aside first: what the first optimizer step will still allocate (float32 gradients and AdamW's two moments
+    of each trainable weight, 12 bytes; `frozen_copies_bytes`, e.g. autocast's bfloat16 copies of float32
+    weights) and the LM head's logits and their gradient (at most RECOMPUTE_HEAD_ELEMENTS each: above that the
+    head is recomputed). FREE_MEMORY_SHARE of the rest, divided by the activation bytes a token keeps in the
+    layers that backpropagate (`trainable_layers`, default all; with `checkpointing`, a layer keeps its input
+    only and one layer at a time holds the rest). At least MIN_AUTO_TOKENS."""
+    hidden = int(config.hidden_size)
+    width = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    layers = max(1, int(trainable_layers if trainable_layers is not None else config.num_hidden_layers))
+    per_layer = ACTIVATION_BYTES_PER_TOKEN[0] * hidden + ACTIVATION_BYTES_PER_TOKEN[1] * width
+    per_token = layers * 2 * hidden + per_layer if checkpointing else layers * per_layer
+    head = 2 * 4 * RECOMPUTE_HEAD_ELEMENTS
+    spare = (free_bytes - 12 * trainable_params - frozen_copies_bytes - head) * FREE_MEMORY_SHARE
+    return max(MIN_AUTO_TOKENS, int(spare // per_token))
