@@ -18,6 +18,10 @@ no `datasets`), and runs from a checkout (`PYTHONPATH=.`). What it runs, all thr
   score     reference log-prob tokens/s (logprobs.batched_sequence_logps), both shapes.
   sample    the transformers backend (generate.hf.sample_transformers) against `model.generate` on the same
             prompts, batches and token limit, generated tokens/s.
+  flex, sweep, score budgets, trl: the throughput section, benchmarks/gpu_throughput.py (its docstring says what).
+
+`--sections` runs some of them (numerics = update and optimum; speed = train, score and sample at both shapes;
+throughput = the rest), so a GPU lease can split the check across commands of at most 10 minutes.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import synthetic
+from benchmarks import gpu_throughput, synthetic
 from benchmarks.synthetic import EOS_ID, FIRST_WORD, PAD_ID, SMOLLM2_135M, TINY, llama, words
 
 SHAPES = {
@@ -112,12 +116,14 @@ def write_scored(root: Path, policy: Path, pairs, rewards, device: Any, ref_dtyp
     return path
 
 
-def train_run(policy: Path, scored: Path, out: Path, device: str, dtype: str, **train: Any) -> dict[str, Any]:
+def train_run(policy: Path, scored: Path, out: Path, device: str, dtype: str, attention: str = "auto",
+              **train: Any) -> dict[str, Any]:
     """modpo_pipe.train.train; returns its metrics lines, each with the time it was written."""
     import modpo_pipe.train as train_module
     from modpo_pipe.config import GenerateSettings, ModelSettings, ScoreSettings, Settings, TrainSettings
 
-    settings = Settings(model=ModelSettings(device=device, dtype=dtype), generate=GenerateSettings(),
+    settings = Settings(model=ModelSettings(device=device, dtype=dtype, attention=attention),
+                        generate=GenerateSettings(),
                         score=ScoreSettings(),
                         train=TrainSettings(policy=str(policy), log_every=1, save_every=0, warmup_ratio=0.0,
                                             **train))
@@ -258,8 +264,9 @@ def _bench_modes(root: Path, device: str, name: str, policy: Path, scored: Path,
     rows = []
     for mode, extra, flops_per_token in (("full", {"lr": 1e-5}, 6), ("LoRA r16", {"lr": 1e-4, "lora_r": 16,
                                                                                   "lora_alpha": 32}, 4)):
+        # As before issue 33: SDPA with the dense packed mask, one forward per step of bench_batch groups.
         run = train_run(policy, scored, root / f"bench-{name}" / mode.split()[0], device, "bfloat16",
-                        batch_size=size["bench_batch"], epochs=1, **extra)
+                        attention="sdpa", batch_size=size["bench_batch"], epochs=1, micro_batch_tokens=10**9, **extra)
         steps = optimizer_step_groups(len(pairs), TrainSettings(batch_size=size["bench_batch"], epochs=1))
         # Tokens the packed forward computes: each pair's prompt once, both responses.
         tokens = [sum(len(pairs[i][0]) + len(pairs[i][1]) + len(pairs[i][2]) for i in idx) for _, idx in steps]
@@ -373,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS-gpu.md")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and runs here (default: a temp dir)")
+    parser.add_argument("--sections", default="numerics,speed,throughput",
+                        help="comma-separated: numerics, speed, throughput (default: all)")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -387,13 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple] = []
     with tempfile.TemporaryDirectory(prefix="modpo-gpu-check-") as tmp:
         root = args.workdir or Path(tmp)
-        steps = [("update", lambda: check_update(root, args.device, shapes["135m"], size)),
-                 ("optimum", lambda: check_optimum(root, args.device, shapes["135m"], size))]
-        for name in shapes:
+        steps = []
+        if "numerics" in sections:
+            steps += [("update", lambda: check_update(root, args.device, shapes["135m"], size)),
+                      ("optimum", lambda: check_optimum(root, args.device, shapes["135m"], size))]
+        for name in shapes if "speed" in sections else []:
             steps += [(f"train {name}", lambda name=name: bench_train(root, args.device, name, shapes[name], size,
                                                                         peak)),
                       (f"score {name}", lambda name=name: bench_score(root, args.device, name)),
                       (f"sample {name}", lambda name=name: bench_sample(root, args.device, name, size))]
+        if "throughput" in sections:
+            steps += gpu_throughput.steps(root, args.device, peak)
         for label, step in steps:
             log(f"{label} ...")
             t0 = time.time()

@@ -50,6 +50,9 @@ class ModelSettings:
     trust_remote_code: bool = setting(
         False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load."
     )
+    attention: str = setting(
+        "auto", "Attention kernel of score and train: auto (flex attention on CUDA, whose block masks skip what the "
+        "packed rows' mask hides; SDPA elsewhere), flex (CUDA only), sdpa or eager.")
 
 
 @dataclass
@@ -146,6 +149,10 @@ class TrainSettings:
         "target away from pi*: the pair kept is selected by its reward gap, so its teacher margins are larger than "
         "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.")
     batch_size: int = setting(8, "Groups (prompts) per micro-batch; every response of a group is forwarded once.")
+    micro_batch_tokens: int = setting(
+        0, "Token budget of one forward (prompt once, every response): a step's groups, in order, are cut into "
+        "micro-batches of whole groups within it. The step (batch_size * grad_accum groups) and its gradient stay "
+        "the same. 0: on a GPU, sized from free memory; on a CPU, batch_size groups per micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
     warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.")
     lr_schedule: str = setting(
@@ -418,7 +425,8 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
 
 # Settings added after runs and checkpoints were recorded, with the value that behaves as before they existed.
 # Recorded settings and fingerprints leave a setting out at that value, so what was recorded before still matches.
-ADDED_LATER: dict[tuple[str, str], Any] = {("train", "lr_schedule"): "cosine", ("train", "compile"): False}
+ADDED_LATER: dict[tuple[str, str], Any] = {("train", "lr_schedule"): "cosine", ("train", "compile"): False,
+                                           ("train", "micro_batch_tokens"): 0}
 
 
 def as_before(section: str, key: str, value: Any) -> bool:
@@ -428,6 +436,7 @@ def as_before(section: str, key: str, value: Any) -> bool:
 
 _CHOICES = {
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("model", "attention"): ("auto", "flex", "sdpa", "eager"),
     ("generate", "backend"): ("auto", "transformers", "vllm"),
     ("generate", "long_prompts"): ("drop", "truncate"),
     ("score", "on_invalid_reward"): ("error", "drop"),
@@ -478,6 +487,7 @@ def validate(s: Settings) -> None:
                          f"got {t.beta}")
     non_negative = [
         ("train", "lora_r", t.lora_r), ("train", "lora_layers", t.lora_layers), ("train", "save_every", t.save_every),
+        ("train", "micro_batch_tokens", t.micro_batch_tokens),
         ("train", "max_grad_norm", t.max_grad_norm), ("train", "weight_decay", t.weight_decay),
         ("generate", "vllm_max_model_len", g.vllm_max_model_len), ("score", "http_retries", s.score.http_retries),
     ]

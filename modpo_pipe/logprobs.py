@@ -549,3 +549,15 @@ def auto_micro_batch_tokens(free_bytes: int, config: Any, trainable_params: int,
     head = 2 * 4 * RECOMPUTE_HEAD_ELEMENTS
     spare = (free_bytes - 12 * trainable_params - frozen_copies_bytes - head) * FREE_MEMORY_SHARE
     return max(MIN_AUTO_TOKENS, int(spare // per_token))
+
+
+def rank_micro_batches(step_groups: Sequence[int], group_tokens: Sequence[int], token_budget: int, rank: int = 0,
+                       processes: int = 1) -> list[list[int]]:
+    """Process `rank`'s share of a step (every processes-th group from the rank-th; `group_tokens` aligned with
+    `step_groups`) cut by `token_budget`, then padded with empty micro-batches to the busiest process's count: the
+    gradient reductions of DDP, FSDP and DeepSpeed need every process to run as many backward passes. Every
+    process computes every share's cut, so they agree without talking."""
+    shares = [list(range(r, len(step_groups), processes)) for r in range(processes)]
+    cuts = [token_budget_micro_batches([group_tokens[i] for i in share], token_budget) for share in shares]
+    mine = [[step_groups[shares[rank][i]] for i in batch] for batch in cuts[rank]]
+    return mine + [[] for _ in range(max(map(len, cuts)) - len(mine))]

@@ -210,9 +210,11 @@ def load_causal_lm(
     device: torch.device | None,
     trust_remote_code: bool = False,
     what: str = "policy",
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """A causal LM in eval mode; an adapter directory comes back merged into its base. `device` None: where
-    the loader put it (FSDP's memory-efficient loading leaves all but one process's weights on `meta`)."""
+    the loader put it (FSDP's memory-efficient loading leaves all but one process's weights on `meta`).
+    `attn_implementation`: transformers' (see `attention_implementation`); None, the library's default."""
     from transformers import AutoModelForCausalLM
 
     _check_loadable(path_or_id, what)
@@ -224,6 +226,7 @@ def load_causal_lm(
             model, loading = AutoModelForCausalLM.from_pretrained(
                 base or path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
                 output_loading_info=True,
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}),
             )
             _check_head(model, loading.get("missing_keys", []), base or path_or_id, what)
         if base is not None:
@@ -293,6 +296,33 @@ def merge_lora(model: Any) -> torch.nn.Module:
         module.merge()
         base.weight.data = base.weight.data.to(dtype)
     return model.unload()  # the base model, whose weights now hold the merged values
+
+
+def attention_implementation(setting: str, device: torch.device) -> str | None:
+    """[model].attention as transformers' attn_implementation. auto: flex attention on CUDA, where packed rows
+    then skip the blocks their mask hides (logprobs.PackedBatch.block_mask), and the library's default (SDPA)
+    elsewhere. flex is refused off CUDA: torch 2.13 has no backward for it on a CPU."""
+    if setting == "auto":
+        return "flex_attention" if device.type == "cuda" else None
+    if setting == "flex":
+        if device.type != "cuda":
+            raise ModpoError(f"[model].attention = flex needs a CUDA device (torch runs flex attention's backward "
+                             f"on CUDA only), not {device.type}; use auto or sdpa")
+        return "flex_attention"
+    return setting  # sdpa, eager
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile every transformer layer in place (as torchtitan does), returning how many: the module tree,
+    parameter names and state dict stay as they were, so saving, LoRA and the direct calls of the decoder and
+    head in logprobs are unchanged. Layers are found as the decoder's `layers` list."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    layers = getattr(inner.get_decoder(), "layers", None)
+    if layers is None:
+        raise ModpoError(f"[train].compile: {type(inner).__name__} has no decoder layer list to compile")
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype) -> Any:

@@ -66,6 +66,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     ref_what = "[score].ref" if s.ref else f"the policy that sampled {pairs_path} (its default reference)"
     device = models.resolve_device(m.device)
     dtype = models.resolve_dtype(m.dtype, device)
+    attention = models.attention_implementation(m.attention, device)  # flex off CUDA: refused before any work
 
     tokenizer = models.load_tokenizer(ref_path, m.trust_remote_code, what=ref_what)
     if models.tokenizer_fingerprint(tokenizer) != pairs_meta["tokenizer_fingerprint"]:
@@ -200,7 +201,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
 
     def load_ref():
         return models.load_causal_lm(ref_path, dtype=dtype, device=device, trust_remote_code=m.trust_remote_code,
-                                     what=ref_what)
+                                     what=ref_what, attn_implementation=attention)
 
     def ref_rows(ref, c):
         prompts = [ids for ids, k in zip(column("prompt_ids", c), sizes(c)) for _ in range(k)]

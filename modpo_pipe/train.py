@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
 from modpo_pipe.config import Settings, TrainSettings, as_before
 from modpo_pipe.errors import ModpoError, out_of_memory
-from modpo_pipe.logprobs import build_batch, sequence_logps
+from modpo_pipe.logprobs import auto_micro_batch_tokens, build_batch, rank_micro_batches, sequence_logps
 from modpo_pipe.losses import (
     kl_k2,
     margin_stats,
@@ -477,6 +477,26 @@ def micro_batch_groups(step_groups: list[int], batch_size: int, rank: int = 0, p
     return batches + [[] for _ in range(busiest - len(batches))]
 
 
+def group_tokens(data: TrainingGroups, g: int) -> int:
+    """Tokens of group g's packed forward: its prompt once, every response."""
+    a, b = int(data.response_start[g]), int(data.response_start[g + 1])
+    return len(data.prompt_ids[g]) + sum(len(r) for r in data.response_ids[a:b])
+
+
+def micro_batch_budget(t: TrainSettings, model: torch.nn.Module, params: list[torch.nn.Parameter],
+                       device: torch.device, dtype: torch.dtype) -> int:
+    """[train].micro_batch_tokens, or when 0: on CUDA a budget sized from the memory free now (see
+    logprobs.auto_micro_batch_tokens), elsewhere 0 (batch_size groups per micro-batch)."""
+    if t.micro_batch_tokens or device.type != "cuda":
+        return t.micro_batch_tokens
+    free, _ = torch.cuda.mem_get_info(device)
+    trainable = sum(p.numel() for p in params)
+    # autocast keeps a compute-dtype copy of each float32 weight it casts, for the whole forward and backward
+    copies = trainable * torch.finfo(dtype).bits // 8 if dtype != torch.float32 and not t.lora_r else 0
+    layers = t.lora_layers if t.lora_r and t.lora_layers else None
+    return auto_micro_batch_tokens(free, model.config, trainable, copies, layers, t.gradient_checkpointing)
+
+
 def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
@@ -508,8 +528,9 @@ class TrainReport:
     up_to_date: bool = False  # OUT already held the policy trained from these files, this policy and settings
 
 
-@out_of_memory("train", "[train].batch_size (groups per micro-batch; raise grad_accum to keep the global "
-               "batch, and the saved state resumes) or, below one group, samples_per_prompt or max_new_tokens")
+@out_of_memory("train", "[train].micro_batch_tokens (or batch_size, groups per micro-batch, raising grad_accum to "
+               "keep the global batch: the saved state resumes) or, below one group, samples_per_prompt or "
+               "max_new_tokens")
 def train(settings: Settings, scored_paths: list[Path], out: Path, progress: bool = True) -> TrainReport:
     t, m = settings.train, settings.model
     started = time.time()
@@ -569,7 +590,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     torch.manual_seed(torch_seed(t.seed))
     model = models.load_causal_lm(policy_path, dtype=dtype if t.lora_r > 0 else torch.float32,
                                   device=None if sharded else device, trust_remote_code=m.trust_remote_code,
-                                  what="[train].policy")
+                                  what="[train].policy",
+                                  attn_implementation=models.attention_implementation(m.attention, device))
     if t.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -588,9 +610,12 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         if t.lora_r > 0:
             model.enable_input_require_grads()
     model.train()
+    if t.compile:
+        models.compile_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # float32 master weights (a no-op for what already is)
+    token_budget = micro_batch_budget(t, model, params, device, dtype)
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     # --- resume: the state loads into the plain model and optimizer, before the engine wraps them ---
@@ -642,7 +667,9 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
         torch.manual_seed(torch_seed(t.seed * 1_000_003 + step + rank * 1_000_000_007))
         step_started = time.time()
         groups_in_step = len(step_groups)
-        batches = micro_batch_groups(step_groups, t.batch_size, rank, processes)
+        batches = (rank_micro_batches(step_groups, [group_tokens(data, g) for g in step_groups], token_budget, rank,
+                                      processes)
+                   if token_budget else micro_batch_groups(step_groups, t.batch_size, rank, processes))
         pairs_in_step = int(sum(data.pair_start[g + 1] - data.pair_start[g] for g in step_groups))
         loss_sum, tokens, students, teachers, log_ratios = 0.0, 0, [], [], []
         for j, idx in enumerate(batches):

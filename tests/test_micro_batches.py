@@ -48,3 +48,16 @@ def test_auto_budget_grows_with_free_memory_and_shrinks_with_what_training_will_
     # 1.1B full fine-tuning with ~60 GiB free (an 80 GiB GPU after weights): thousands of tokens, not millions
     assert 4_000 < full < 100_000
     assert auto_micro_batch_tokens(gib, LLAMA_1B, 1_100_000_000) == MIN_AUTO_TOKENS  # never below the floor
+
+
+def test_every_process_runs_as_many_micro_batches_and_the_shares_cover_the_step():
+    from modpo_pipe.logprobs import rank_micro_batches
+
+    step = [7, 3, 9, 1, 4, 8, 2]
+    tokens = [50, 50, 10, 10, 10, 10, 90]  # aligned with step
+    plans = [rank_micro_batches(step, tokens, 60, rank, 2) for rank in range(2)]
+    assert plans[0] == [[7, 9], [4], [2]]  # groups 7, 9, 4, 2 of 50, 10, 10, 90 tokens: 60 | 10 (+90 > 60) | 90
+    assert plans[1] == [[3, 1], [8], []]  # groups 3, 1, 8 of 50, 10, 10: 60 | 10, then an empty pass
+    assert all(len(p) == 3 for p in plans)
+    assert sorted(g for p in plans for b in p for g in b) == sorted(step)
+    assert rank_micro_batches(step, tokens, 60) == [[7], [3, 9], [1, 4, 8], [2]]

@@ -1,0 +1,85 @@
+"""Training's speed settings change how a step is computed, never what it computes: the gradient of an optimizer
+step is the same however [train].micro_batch_tokens cuts it into forwards, and [train].compile gives the same
+losses. [model].attention = flex is refused off CUDA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import config, fails, ok, scored_env
+
+from modpo_pipe import logprobs
+
+
+@pytest.fixture(scope="module")
+def env(tiny, tmp_path_factory) -> Path:
+    """6 prompts x 4 responses from the tiny policy, scored by it (float32 on the CPU), one reward."""
+    return scored_env(tmp_path_factory.mktemp("throughput"), tiny, "def length(prompts, responses):\n"
+                      "    return [len(r) / 10.0 for r in responses]\n", max_new_tokens=12, epochs=1)
+
+
+def first_step(env: Path, out: Path, monkeypatch, *flags) -> tuple[list[torch.Tensor], int, float]:
+    """Train one step of all 6 groups; the gradients the optimizer got, the forwards run, the step's loss."""
+    grads: list[list[torch.Tensor]] = []
+    forwards = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+            return super().step(*args, **kwargs)
+
+    real = logprobs.packed_sequence_logps
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(logprobs, "packed_sequence_logps", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    ok(["train", env / "scored.parquet", *config(env), "--epochs", 1, "--batch-size", 6, "--out", out, *flags])
+    monkeypatch.undo()
+    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    return grads[0], len(forwards), loss
+
+
+def test_a_steps_gradient_is_the_same_however_it_is_cut(env, tmp_path, monkeypatch):
+    whole, one_forward, loss = first_step(env, tmp_path / "whole", monkeypatch, "--micro-batch-tokens", 10**6)
+    assert one_forward == 1
+    for budget in (1, 150):  # a group a forward; a few groups a forward
+        cut, forwards, cut_loss = first_step(env, tmp_path / f"cut-{budget}", monkeypatch,
+                                             "--micro-batch-tokens", budget)
+        assert forwards == 6 if budget == 1 else 1 < forwards < 6
+        assert cut_loss == pytest.approx(loss, rel=1e-5)
+        for a, b in zip(cut, whole):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    default, forwards, _ = first_step(env, tmp_path / "default", monkeypatch)  # CPU: batch_size groups a forward
+    assert forwards == 1 and all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(default, whole))
+
+
+@pytest.mark.slow  # torch.compile of two decoder layers on the CPU: about a minute
+def test_compiled_training_has_the_same_losses(env, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from modpo_pipe import models
+
+    def losses(out: Path, *flags) -> list[float]:
+        ok(["train", env / "scored.parquet", *config(env), "--epochs", 2, "--batch-size", 3, "--out", out, *flags])
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager = losses(tmp_path / "eager")
+    compiled_layers = []
+    real = models.compile_layers
+    monkeypatch.setattr(models, "compile_layers", lambda model: compiled_layers.append(real(model)))
+    frames_before = counters["stats"]["unique_graphs"]
+    compiled = losses(tmp_path / "compiled", "--compile")
+    assert compiled_layers == [2] and counters["stats"]["unique_graphs"] > frames_before  # dynamo traced them
+    assert len(eager) == 4 and compiled == pytest.approx(eager, rel=1e-4, abs=1e-6)
+
+
+def test_flex_attention_is_refused_on_a_cpu(env, tmp_path):
+    fails(["train", env / "scored.parquet", *config(env), "--attention", "flex", "--out", tmp_path / "x"],
+          "[model].attention = flex needs a CUDA device")
+
+
+def test_score_refuses_flex_attention_on_a_cpu_before_any_work(env, tmp_path):
+    fails(["score", env / "pairs.parquet", *config(env), "--attention", "flex", "--out", tmp_path / "s.parquet"],
+          "[model].attention = flex needs a CUDA device")
+    assert not (tmp_path / "s.parquet").exists() and not (tmp_path / "s.parquet.parts").exists()
