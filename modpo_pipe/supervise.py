@@ -28,8 +28,19 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def supervised() -> bool:
-    """Whether `main` should fork: on Linux (the parent-death signal), outside a launcher's workers."""
-    return sys.platform.startswith("linux") and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ
+    """Whether `main` should fork: on Linux (the parent-death signal), outside a launcher's workers, and only while
+    this process has one thread. A fork copies the calling thread alone: a lock another thread held (gloo's,
+    OpenMP's, a tokenizer's) stays held in the child forever, so a process that already started threads (main()
+    called from Python after `import torch` or a process group) runs the command itself, unwatched."""
+    return (sys.platform.startswith("linux") and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ
+            and _threads() == 1)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no /proc: assume the worst
+        return 2
 
 
 def fork() -> None:
