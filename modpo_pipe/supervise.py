@@ -11,8 +11,8 @@ The child has a session of its own, as `train --num-processes`' launcher has: a 
 reaches it once, passed on by the parent whether it was sent to the parent alone or to the terminal's process
 group; a Ctrl-Z stops both and a `fg` continues both. The child dies with the parent (Linux's parent-death
 signal): a `kill -9` of the pid the user sees stops the work as it did before there were two processes.
-Elsewhere, and under a launcher (whose workers it starts and signals itself), the command runs in the one
-process as before.
+Elsewhere, under a launcher (whose workers it starts and signals itself), and in a process that already runs
+threads (a fork would copy their locks held), the command runs in the one process as before.
 """
 
 from __future__ import annotations
