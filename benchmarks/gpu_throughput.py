@@ -102,7 +102,8 @@ def bench_sweep(root: Path, device: str, peak: float | None) -> list[tuple]:
                                       compile=device == "cuda", **extra)
             rate = second_epoch_rate(run["lines"], steps_per_epoch, pair_tokens(pairs))
             mfu = f"{flops_per_token * params * rate / peak:.1%}" if peak else "n/a"
-            label = "auto" if budget == 0 else f"{budget:,}"
+            chosen = run["lines"][0].get("micro_batch_tokens")
+            label = f"auto ({chosen:,})" if budget == 0 and chosen else "auto" if budget == 0 else f"{budget:,}"
             rows.append(("sweep", f"{name} ({params / 1e6:,.1f}M) {mode}, micro_batch_tokens {label}, "
                                   f"{size['step_groups']} groups a step: tokens/s; MFU; peak memory",
                          f"{rate:,.0f}; {mfu}; {peak_memory(device)}", None))

@@ -732,6 +732,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
                 "step_seconds": time.time() - step_started,
                 "pairs": pairs_in_step, "groups": groups_in_step,
             }
+            if step == start_step:  # the forward's token budget (0: batch_size groups), sized or set
+                record["micro_batch_tokens"] = token_budget
             if ref_gap is not None and step == 0:
                 record["first_batch_ref_gap"] = ref_gap
                 record["first_batch_ref_gap_scaled"] = ref_gap_scaled

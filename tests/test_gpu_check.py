@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -23,8 +24,15 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "CPU dry run" in table and "FAILED" not in table and "| NO |" not in table
     rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines()
             if line.startswith("| ") and "---" not in line]
-    assert {"update", "optimum", "train", "score", "sample"} <= set(rows)
-    assert table.count("| yes |") == 4  # cosine, norm ratio, first-batch gap, optimum
+    assert {"update", "optimum", "train", "score", "sample", "flex", "sweep", "trl"} <= set(rows)
+    assert table.count("| yes |") == 5  # cosine, norm ratio, first-batch gap, optimum, flex attention's values
+    # the throughput section: a token-budget sweep at both shapes, full and LoRA, and TRL's DPOTrainer beside it
+    sweep = [line for line in table.splitlines() if line.startswith("| sweep |")]
+    assert any("1b" in s and "full" in s for s in sweep) and any("3b" in s and "LoRA" in s for s in sweep)
+    trl = next(line for line in table.splitlines() if line.startswith("| trl |"))
+    # TRL comes with the `peers` extra; without it the row says it was not run and why
+    has_trl = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
+    assert "DPOTrainer" in trl if has_trl else "not run: No module named" in trl
 
 
 def test_weight_delta_agreement_holds_over_a_models_worth_of_weights():

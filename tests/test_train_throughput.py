@@ -36,8 +36,10 @@ def first_step(env: Path, out: Path, monkeypatch, *flags) -> tuple[list[torch.Te
     monkeypatch.setattr(logprobs, "packed_sequence_logps", lambda *a, **k: forwards.append(1) or real(*a, **k))
     ok(["train", env / "scored.parquet", *config(env), "--epochs", 1, "--batch-size", 6, "--out", out, *flags])
     monkeypatch.undo()
-    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    return grads[0], len(forwards), loss
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    budget = int(flags[flags.index("--micro-batch-tokens") + 1]) if "--micro-batch-tokens" in flags else 0
+    assert record["micro_batch_tokens"] == budget  # (0 on a CPU: batch_size groups a forward)
+    return grads[0], len(forwards), record["loss"]
 
 
 def test_a_steps_gradient_is_the_same_however_it_is_cut(env, tmp_path, monkeypatch):
