@@ -616,6 +616,8 @@ def train(settings: Settings, scored_paths: list[Path], out: Path, progress: boo
     for p in params:
         p.data = p.data.float()  # float32 master weights (a no-op for what already is)
     token_budget = micro_batch_budget(t, model, params, device, dtype)
+    if processes > 1 and not t.micro_batch_tokens and device.type == "cuda":  # sized per GPU: all cut alike
+        token_budget = int(accelerator.gather(torch.tensor([token_budget], device=accelerator.device)).min())
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
     # --- resume: the state loads into the plain model and optimizer, before the engine wraps them ---

@@ -85,3 +85,25 @@ def test_score_refuses_flex_attention_on_a_cpu_before_any_work(env, tmp_path):
     fails(["score", env / "pairs.parquet", *config(env), "--attention", "flex", "--out", tmp_path / "s.parquet"],
           "[model].attention = flex needs a CUDA device")
     assert not (tmp_path / "s.parquet").exists() and not (tmp_path / "s.parquet.parts").exists()
+
+
+@pytest.mark.slow  # two processes under accelerate launch (gloo on the CPU): about a minute
+def test_two_processes_cut_by_tokens_train_like_one(env, tmp_path):
+    """Each process cuts its share of a step by the budget and runs as many forwards as the busiest (empty ones
+    are zero-weight passes): the same losses and gradient norms as one process with the same global batch."""
+    import subprocess
+    import sys
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--epochs", "2", "--micro-batch-tokens", "90"]
+    ok(["train", env / "scored.parquet", *config(env), "--batch-size", 6, *common, "--out", one])
+    result = subprocess.run(
+        [sys.executable, "-m", "modpo_pipe", "train", str(env / "scored.parquet"), *map(str, config(env)),
+         "--batch-size", "3", *common, "--num-processes", "2", "--out", str(two)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [[json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] for out in (one, two)]
+    assert len(lines[0]) == len(lines[1]) == 2
+    for a, b in zip(*lines):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
