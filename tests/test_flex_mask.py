@@ -35,6 +35,7 @@ def models(tiny):
     return loaded
 
 
+@pytest.mark.slow  # flex attention compiles on first use: 20 to 50 s on a CPU
 @torch.inference_mode()
 def test_flex_attention_log_probs_equal_sdpa(models, monkeypatch):
     """One packed layout (the one train's forward lays out), so that flex attention compiles once: on CPU,
