@@ -148,7 +148,10 @@ class TrainSettings:
         "one pair), max-min (the highest vs the lowest weighted reward, as RLHFlow builds DPO data; it biases the "
         "target away from pi*: the pair kept is selected by its reward gap, so its teacher margins are larger than "
         "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.")
-    batch_size: int = setting(8, "Groups (prompts) per micro-batch; every response of a group is forwarded once.")
+    batch_size: int = setting(
+        8, "Groups (prompts) per micro-batch, unless micro_batch_tokens cuts by tokens (on a GPU by default); times "
+        "grad_accum (and the processes), the groups of one optimizer step. Each response of a group is forwarded "
+        "once.")
     micro_batch_tokens: int = setting(
         0, "Token budget of one forward (prompt once, every response): a step's groups, in order, are cut into "
         "micro-batches of whole groups within it. The step (batch_size * grad_accum groups) and its gradient stay "
