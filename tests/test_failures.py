@@ -343,7 +343,7 @@ def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, mon
 @pytest.mark.parametrize(("stage", "module", "function", "setting"), [
     ("generate", "modpo_pipe.generate.hf", "sample_rows", "lower [generate].batch_size"),
     ("score", "modpo_pipe.score", "batched_sequence_logps", "lower [score].batch_tokens"),
-    ("train", "modpo_pipe.train", "sequence_logps", "lower [train].batch_size"),
+    ("train", "modpo_pipe.train", "sequence_logps", "lower [train].micro_batch_tokens"),
     ("eval", "modpo_pipe.generate.hf", "sample_rows", "lower [generate].batch_size"),
 ])
 def test_out_of_device_memory_is_one_line_naming_the_setting_to_lower(env, tmp_path, monkeypatch, stage, module,

@@ -262,7 +262,7 @@ def test_a_failure_of_another_process_than_the_first_is_its_error_line(env, odd_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("error: process 1 of 2: train: out of device memory (CUDA out of memory. Tried to "
-                                "allocate 2.00 GiB.); lower [train].batch_size"), result.stderr
+                                "allocate 2.00 GiB.); lower [train].micro_batch_tokens"), result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "x" / "final").exists()
 
