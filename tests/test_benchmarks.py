@@ -52,8 +52,8 @@ def test_child_process_reports_json(workdir):
 
 
 def test_groups_benchmark_trains_both_arms_on_the_same_responses(tmp_path, capsys):
-    """benchmarks/groups.py (issue 15, outcome 2) on the tiny shape: per step, N = 4 trains 6 pair terms a group
-    and N = 2 one, on the same number of responses. Timings are not asserted."""
+    """benchmarks/groups.py (what groups buy: pair terms per second) on the tiny shape: per step, N = 4 trains 6
+    pair terms a group and N = 2 one, on the same number of responses. Timings are not asserted."""
     from benchmarks import groups
     out = tmp_path / "groups.json"
     assert groups.main(["--size", "tiny", "--batch", "2", "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Groups (issue 15): N responses per prompt in one row, scored once each, paired at train time (all, disjoint,
+"""Groups: N responses per prompt in one row, scored once each, paired at train time (all, disjoint,
 max-min), every response forwarded once per step, a group's loss the mean over its pairs."""
 
 from __future__ import annotations
