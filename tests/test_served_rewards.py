@@ -19,6 +19,7 @@ import torch
 from conftest import cli, fails, fork_cli, generate_settings, kill_when, ok
 
 from modpo_pipe import parts, schema
+from modpo_pipe.config import ScoreSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.reward_http import parse_spec
 from modpo_pipe.rewards import ModelReward, RewardInput
@@ -115,7 +116,7 @@ class RewardServer:
 def env(tiny, tmp_path_factory) -> Path:
     """pairs.parquet of 6 prompts x 4 responses, and a reward model without a chat template beside the tiny one."""
     work = tmp_path_factory.mktemp("served")
-    (work / "modpo.toml").write_text(generate_settings(tiny, 4, "\n[score]\nreward_batch_size = 4\n"))
+    (work / "modpo.toml").write_text(generate_settings(tiny, 4, score=ScoreSettings(reward_batch_size=4)))
     ok(["generate", tiny.prompts, "--out", "pairs.parquet"], work)
     plain = work / "plain-reward"
     shutil.copytree(tiny.reward, plain)
@@ -225,6 +226,7 @@ def test_a_refused_connection_is_one_line_naming_the_endpoint(env, tmp_path):
           f"reward 'rm' (served at {url}): cannot reach it: [Errno 111] Connection refused (2 attempts:", cwd=env)
 
 
+@pytest.mark.slow
 def test_score_resumes_after_a_kill_without_asking_for_finished_chunks(env, local, server, tmp_path):
     out = tmp_path / "scored.parquet"
     args = ["score", "pairs.parquet", "--out", out, "--shard-size", 2, "--reward", f"rm={server.url}/score"]
@@ -243,6 +245,7 @@ def test_score_resumes_after_a_kill_without_asking_for_finished_chunks(env, loca
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_fingerprint_is_the_endpoint_and_revision(env, server, tmp_path):
     def fingerprint(spec: str, *extra) -> str:
         out = tmp_path / "scored.parquet"
