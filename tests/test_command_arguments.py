@@ -114,6 +114,7 @@ def test_a_large_seed_trains(env, tmp_path):
     assert (tmp_path / "ckpt" / "final").is_dir()
 
 
+@pytest.mark.slow
 def test_metrics_keep_the_first_step_whatever_log_every(env, tmp_path):
     """log_every beyond the step count logged the last step alone: run's and status's headline showed its loss as
     both the first and the last, and the first batch's gap to the reference was never recorded."""

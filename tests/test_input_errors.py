@@ -204,6 +204,7 @@ def test_no_reference_part_with_a_non_finite_log_prob_is_kept(env, tmp_path, mon
     assert not list(parts.work_dir(out).glob("ref-*.parquet"))  # the finished reward parts stay, no ref part
 
 
+@pytest.mark.slow
 def test_train_refuses_files_scored_by_other_reward_models_or_another_reference(env, tiny, tmp_path):
     """train compared the files' reward names only: one name could stand for two reward models, and two files
     scored against two references trained as one target, silently (the run itself never mixes them)."""

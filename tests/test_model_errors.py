@@ -153,6 +153,7 @@ def test_a_sequence_classifier_is_refused_as_policy_or_reference(env, classifier
           f"[generate].policy: {fragment}")
 
 
+@pytest.mark.slow
 def test_a_classifier_given_as_the_policy_is_refused_without_the_load_report(faults_env, tiny, tmp_path):
     """The refusal came after transformers' multi-line LOAD REPORT table."""
     done = modpo_pipe(["generate", faults_env / "prompts.jsonl", *config(faults_env), "--policy", tiny.reward,

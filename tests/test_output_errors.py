@@ -23,6 +23,7 @@ def env(failures_env: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ full disk
 
 
+@pytest.mark.slow
 def test_safetensors_disk_full_while_saving_the_state_keeps_the_previous_one(env, tmp_path, monkeypatch):
     """safetensors reports a full disk as SafetensorError, not OSError: the same one-line message, the previous
     state untouched, and a rerun resumes from it to the weights of an uninterrupted run."""

@@ -56,6 +56,7 @@ def test_a_reward_module_that_exits_on_import_fails_with_one_line(env, tmp_path)
            "--reward", f"bad=py:{module}:fn"], f"reward 'bad': cannot import {module}: SystemExit: 0")
 
 
+@pytest.mark.slow
 def test_a_reward_that_closes_stdout_is_named(faults_env, tmp_path):
     """A reward that closed sys.stdout was reported as a failure to load the reference policy."""
     module = tmp_path / "closing.py"

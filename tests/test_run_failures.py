@@ -38,6 +38,7 @@ def rewards(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_score_ended_from_inside_exits_1_naming_how(faults_env, rewards, tmp_path):
     """A py: reward that calls os._exit(0) ended `score` with exit 0 and no output: cron saw success."""
     out = tmp_path / "scored.parquet"

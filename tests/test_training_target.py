@@ -157,6 +157,7 @@ def train_bandit(scored: Path, out: Path, *flags: object) -> Path:
 # ------------------------------------------------------------------------------------- rounds: one target
 
 
+@pytest.mark.slow
 def test_rounds_hold_one_target_with_round_0_statistics(bandit):
     """Three rounds with a fixed reference, each warm-started from the last and sampling 192 fresh pairs: the
     policy stays as close to pi* (under round 0's statistics) after round 3 as after round 1. With each round's
@@ -197,6 +198,7 @@ def test_rounds_hold_one_target_with_round_0_statistics(bandit):
 # ---------------------------------------------------------------------------------------- rpo orientation
 
 
+@pytest.mark.slow
 def test_rpo_on_fixed_pairs_reaches_the_optimum_like_rpo_sym(bandit, bandit_scored, tmp_path):
     """20 epochs over the same 96 cached pairs. Without a fresh orientation per epoch rpo learns which response
     came first (measured on the old code, 48 pairs: TV to pi* 0.875 for rpo against 0.040 for rpo-sym; with
@@ -378,6 +380,7 @@ def test_metadata_without_a_key_is_named_as_corrupt(bandit_scored, tmp_path, key
 # ---------------------------------------------------------------------------- groups against pairs, one target
 
 
+@pytest.mark.slow
 def test_groups_of_8_reach_the_optimum_in_fewer_steps_than_pairs(bandit, tmp_path):
     """Groups against pairs: the same 2400 sampled responses as 1200 groups of 2 (disjoint: one pair each) and as
     300 groups of 8 (all pairs: 28 each). Same lr and batch (16 groups). Measured: N = 8, 4 epochs: 72 steps,
