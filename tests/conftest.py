@@ -176,8 +176,9 @@ def settings_toml(**sections: object) -> str:
 
     lines: list[str] = []
     for name, values in sections.items():
+        defaults = type(values)()
         changed = {f.name: getattr(values, f.name) for f in dataclasses.fields(values)
-                   if getattr(values, f.name) != getattr(type(values)(), f.name)}
+                   if getattr(values, f.name) != getattr(defaults, f.name)}
         tables = {key: value for key, value in changed.items() if isinstance(value, dict)}
         if len(changed) > len(tables) or not tables:
             lines.append(f"[{name}]")

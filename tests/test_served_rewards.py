@@ -1,4 +1,4 @@
-"""Served reward models (issue 36): `http://` specs in modpo-pipe's JSON and `vllm+http://` specs in vLLM's, against
+"""Served reward models: `http://` specs in modpo-pipe's JSON and `vllm+http://` specs in vLLM's, against
 real HTTP servers started here (http.server in a thread; no mock of the HTTP layer). The servers score with the tiny
 reward model in-process, so a served reward must give what the local one gives."""
 
@@ -19,7 +19,7 @@ import torch
 from conftest import cli, fails, fork_cli, generate_settings, kill_when, ok
 
 from modpo_pipe import parts, schema
-from modpo_pipe.config import ScoreSettings
+from modpo_pipe.config import RunSettings, ScoreSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.reward_http import parse_spec
 from modpo_pipe.rewards import ModelReward, RewardInput
@@ -172,6 +172,7 @@ def test_vllm_text_input_is_the_local_model_without_a_chat_template(env, server,
                for _, payload, _ in server.requests)
 
 
+@pytest.mark.slow
 def test_a_server_that_fails_the_first_attempts_is_survived(env, local, server, tmp_path):
     server.fail_first = 2  # 503 twice, then answers
     served = score(env, tmp_path / "scored.parquet", f"{server.url}/score", "--http-concurrency", 1)
@@ -309,16 +310,10 @@ def test_rounds_redo_score_for_another_revision_only(env, server, tiny):
     run.mkdir()
 
     def settings(revision: str, timeout: float = 60.0) -> None:
-        (run / "modpo.toml").write_text((env / "modpo.toml").read_text() + f"""http_timeout = {timeout}
-
-[score.rewards]
-rm = "{server.url}/score#revision={revision}"
-
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-prompts_per_round = 2
-""")
+        score = ScoreSettings(reward_batch_size=4, http_timeout=timeout,
+                              rewards={"rm": f"{server.url}/score#revision={revision}"})
+        (run / "modpo.toml").write_text(generate_settings(
+            tiny, 4, score=score, run=RunSettings(rounds=1, prompts=str(tiny.prompts), prompts_per_round=2)))
 
     settings("a")
     ok(["run", "--workdir", run, "--max-stages", 2])
