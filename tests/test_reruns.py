@@ -66,6 +66,7 @@ def test_rerunning_a_finished_score_has_nothing_to_do(faults_env, tmp_path):
     assert calls.read_text() != called
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_train_has_nothing_to_do(faults_env, tmp_path):
     out = tmp_path / "ckpt"
     args = ["train", faults_env / "scored.parquet", *config(faults_env), "--epochs", 1, "--out", out]

@@ -387,9 +387,10 @@ def test_shard_files_are_not_stage_inputs(env, sharded):
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0"])
-def test_bad_shard_specs_are_refused(env, text, tmp_path):
-    fails(["generate", env / "prompts.jsonl", *config(env), "--shard", text, "--out", tmp_path / "p.parquet"],
-          "--shard must be I/N with 0 <= I < N")
+def test_bad_shard_specs_are_refused(faults_env, text, tmp_path):
+    """A prompts file and settings are all it needs: the fault suites' shared ones serve."""
+    fails(["generate", faults_env / "prompts.jsonl", *config(faults_env), "--shard", text, "--out",
+           tmp_path / "p.parquet"], "--shard must be I/N with 0 <= I < N")
 
 
 def _copy(files: list[Path], where: Path) -> Path:
