@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite, `./dev.sh demo` runs the
-# whole pipeline on the embedded default model, `./dev.sh bench [--quick]` runs the benchmarks. Each creates
+# Set-up and entry points for a fresh machine: `./dev.sh test` runs the test suite (further arguments go to
+# pytest: `./dev.sh test -m "not slow"` is the fast lane), `./dev.sh demo` runs the whole pipeline on the
+# embedded default model, `./dev.sh bench [--quick]` runs the benchmarks. Each creates
 # .venv and installs everything on first use. `./dev.sh gpu-check` runs benchmarks/gpu_check.py with the
 # machine's own Python (for a GPU machine without network). `./dev.sh peers --out DIR [args]` runs the head to
 # head with TRL's GRPOTrainer (benchmarks/peers_grpo.py); it installs the `peers` extra (TRL) into the venv.

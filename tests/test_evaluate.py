@@ -111,6 +111,7 @@ def test_front_refuses_unknown_axis(swept):
     assert result.exit_code == 1 and "nope" in result.output
 
 
+@pytest.mark.slow
 def test_a_policy_trained_for_concision_writes_shorter_replies_in_eval(tiny, tmp_path):
     """The one directional check of the real path, end to end: generate -> score -> train with all weight on a
     reward for short replies -> eval. The trained policy's held-out replies must be shorter than the

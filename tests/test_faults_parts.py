@@ -62,6 +62,7 @@ def _stress(args: list, out: Path, cwd: Path, rng: random.Random, max_runs: int 
     raise AssertionError(f"no run finished in {max_runs} tries")
 
 
+@pytest.mark.slow
 def test_stress_random_kills_lose_and_duplicate_nothing(env, tmp_path):
     """Many small chunks, SIGKILL at seeded random points of generate and score, rerun until done: the
     output equals an uninterrupted run's, every group_id once."""

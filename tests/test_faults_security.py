@@ -38,6 +38,7 @@ def _spy_loaders(monkeypatch) -> list[tuple[str, dict]]:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [None, "--trust-remote-code"])
 def test_trust_remote_code_only_with_the_flag_and_safetensors_only(env, tiny, tmp_path, monkeypatch, flag):
     calls = _spy_loaders(monkeypatch)

@@ -123,6 +123,7 @@ def _poison_pair_loss(monkeypatch, at_call: int, kind: str) -> None:
     monkeypatch.setattr(train_module, "pair_loss", poisoned)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "at_step", "fragment"), [
     ("loss", 5, "non-finite loss at step 5 (epoch 0); the update was not applied and the last good state "
                 "(step 4) is kept in"),
@@ -147,6 +148,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_state(env, tr
     assert max_weight_diff(out / "final", trained / "final") < 1e-6
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_the_state_keeps_the_previous_one(env, trained, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -176,6 +178,7 @@ def test_disk_full_while_saving_the_state_keeps_the_previous_one(env, trained, t
     assert max_weight_diff(out / "final", trained / "final") < 1e-6
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_the_final_policy_leaves_no_half_checkpoint(env, trained, tmp_path, monkeypatch):
     import transformers.modeling_utils
 
@@ -200,6 +203,7 @@ def test_disk_full_while_saving_the_final_policy_leaves_no_half_checkpoint(env, 
 # ------------------------------------------------------------------------------------------ SIGKILL mid-epoch
 
 
+@pytest.mark.slow
 def test_train_resumes_after_sigkill_mid_epoch_with_the_same_result(env, tmp_path):
     """Kill -9 a training run mid-epoch, rerun it: the same steps, logged once, and the same final weights
     (within 1e-6) as an uninterrupted run with the same seed."""
@@ -224,6 +228,7 @@ def test_train_resumes_after_sigkill_mid_epoch_with_the_same_result(env, tmp_pat
     assert max_weight_diff(killed / "final", full / "final") < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damaged", ["state.json", "trainable.safetensors", "optimizer.safetensors"])
 def test_an_unreadable_training_state_is_one_line_naming_it(env, trained, tmp_path, damaged):
     """A state damaged on disk (it is written atomically: a bad disk or a hand edit) used to end in a

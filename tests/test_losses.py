@@ -99,6 +99,7 @@ def test_margin_stats():
     assert "margin_corr" not in margin_stats(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 2.0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["rpo-sym", "rpo", "rebel"])
 def test_training_reaches_the_known_optimum(loss):
     """A categorical policy over 6 responses, trained on pairs sampled from itself (fresh each step, as in

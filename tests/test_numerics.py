@@ -10,34 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import POLICY_TEMPLATE, cli, config, llama_config, make_tokenizer, ok
+from conftest import POLICY_TEMPLATE, cli, config, llama_config, make_tokenizer, ok, settings_toml, tiny_generate
 
 from modpo_pipe import train as train_module
+from modpo_pipe.config import ModelSettings, ScoreSettings, TrainSettings
 
 
 @pytest.fixture(scope="module")
 def env(tiny, tmp_path_factory) -> Path:
     """pairs.parquet from the tiny policy (6 prompts x 4 pairs), scored in float32 by it (scored.parquet)."""
     work = tmp_path_factory.mktemp("numerics")
-    (work / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-dtype = "float32"
-
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 16
-samples_per_prompt = 8
-
-[score.rewards]
-length = "{tiny.reward_fn}"
-
-[train]
-lr = 1e-05
-beta = 0.1
-warmup_ratio = 0.0
-""")
+    (work / "modpo.toml").write_text(settings_toml(
+        model=ModelSettings(device="cpu", dtype="float32"),
+        generate=tiny_generate(tiny, max_new_tokens=16, samples_per_prompt=8),
+        score=ScoreSettings(rewards={"length": tiny.reward_fn}),
+        train=TrainSettings(lr=1e-05, beta=0.1, warmup_ratio=0.0)))
     shutil.copy(tiny.prompts, work / "prompts.jsonl")
     ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
     ok(["score", "pairs.parquet", "--out", "scored.parquet"], work)
@@ -61,6 +48,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_bf16_full_fine_tuning_makes_the_float32_update(env, tiny, tmp_path):
     """24 steps at lr 1e-5: in bfloat16 each AdamW step (~1e-5) is below half the spacing of a bfloat16 weight of
     magnitude 0.02 (6e-5), so updating bf16 weights in place leaves most of them where they were. With float32
@@ -233,6 +221,7 @@ def test_a_distributed_model_runs_its_own_forward(tiny):
     torch.testing.assert_close(through, direct, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_cpu_processes_trains_like_one(env, tmp_path):
     """FSDP2 (gloo, 2 CPU processes, accelerate's launcher): the same steps and weights as one process with the
     same global batch, and the full policy gathered into OUT/final."""

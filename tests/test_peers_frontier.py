@@ -1,4 +1,4 @@
-"""Issue 34's frontier (benchmarks/peers/): the comparisons on hand-computed curves (interpolation, reward at
+"""The KL frontier against GRPO (benchmarks/peers/): the comparisons on hand-computed curves (interpolation, reward at
 matched KL, KL-budgeted hypervolume, the cost of a front, the outcome checks and their report), the reward-hacking
 indicators, and the whole run end to end on the tiny models: the pipeline at two betas sharing one round 0,
 GRPO's checkpoints (a stand-in without TRL, and a real tiny GRPOTrainer run when TRL imports), one evaluation."""

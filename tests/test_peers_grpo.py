@@ -135,7 +135,7 @@ def test_outcome_passes_when_the_pipeline_is_not_worse_and_its_front_is_larger()
 
 
 def test_outcome_fails_when_grpo_beats_an_end_by_more_than_one_combined_se():
-    # The measured case: GRPO's concision policy 0.036 better on concision; our front has no volume.
+    # A measured case: GRPO's concision policy 0.036 better on concision; our front has no volume.
     result = peers.outcome(entries({0.0: (0.024, 0.904), 0.5: (0.235, 0.728), 1.0: (0.374, 0.525)},
                                    {0.0: (0.024, 0.940), 0.5: (0.376, 0.597), 1.0: (0.418, 0.450)}), 1.0)
     worse = [(c.w, c.reward) for c in result.comparisons if not c.ok]

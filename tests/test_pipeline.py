@@ -146,6 +146,7 @@ def test_train_is_idempotent_once_finished(workdir):
     assert (workdir / "checkpoints" / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_same_step_with_the_same_result(workdir, tmp_path, monkeypatch):
     """A run killed mid-way resumes from its last state: same steps logged once, same final weights."""
     from safetensors.torch import load_file

@@ -192,12 +192,11 @@ def test_bad_score_names_its_position_across_batches(bad_rewards_file):
 
 @pytest.fixture(scope="module")
 def reward_model(tiny) -> ModelReward:
-    reward = load("helpful", str(tiny.reward))
-    assert isinstance(reward, ModelReward)
-    return reward
+    return load("helpful", str(tiny.reward))
 
 
 def test_model_reward_renders_through_its_own_template(reward_model):
+    assert isinstance(reward_model, ModelReward)
     text = reward_model.render(RewardInput([{"role": "user", "content": "Hi"}], "Hello there"))
     assert text == "Human: Hi\nBot: Hello there\n"
     assert "<|im_start|>" not in text  # the policy's template is not used

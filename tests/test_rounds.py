@@ -88,20 +88,19 @@ def base(tiny, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(base, tiny) -> Path:
-    """Three rounds advanced by repeated short invocations, as cron would."""
+def reference_invocations(base, tiny) -> tuple[Path, list[list[str]]]:
+    """Three rounds advanced by repeated short invocations, as cron would: the run directory and the stages each
+    invocation ran."""
     run_dir = base / "reference"
     write_config(run_dir, tiny)
     w = str(run_dir)
-    out = invoke(["run", "-w", w, "--max-stages", "1"])
-    assert stages_ran(out) == ["round-000 generate"]
-    out = invoke(["run", "-w", w, "--until", "round"])
-    assert stages_ran(out) == ["round-000 score", "round-000 train"]
-    out = invoke(["run", "-w", w, "--max-stages", "4"])
-    assert stages_ran(out) == ["round-001 generate", "round-001 score", "round-001 train", "round-002 generate"]
-    out = invoke(["run", "-w", w])
-    assert stages_ran(out) == ["round-002 score", "round-002 train"]
-    return run_dir
+    invocations = [["--max-stages", "1"], ["--until", "round"], ["--max-stages", "4"], []]
+    return run_dir, [stages_ran(invoke(["run", "-w", w, *flags])) for flags in invocations]
+
+
+@pytest.fixture(scope="module")
+def reference(reference_invocations) -> Path:
+    return reference_invocations[0]
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -147,7 +146,12 @@ def assert_same_run(a: Path, b: Path) -> None:
 # ------------------------------------------------------------------------------------------------- tests
 
 
-def test_three_rounds_layout_manifest_and_status(reference):
+@pytest.mark.slow
+def test_three_rounds_layout_manifest_and_status(reference_invocations):
+    reference, ran = reference_invocations
+    assert ran == [["round-000 generate"], ["round-000 score", "round-000 train"],
+                   ["round-001 generate", "round-001 score", "round-001 train", "round-002 generate"],
+                   ["round-002 score", "round-002 train"]]
     for k in range(ROUNDS):
         rd = reference / rounds.round_name(k)
         assert (rd / "pairs.parquet").is_file() and (rd / "scored.parquet").is_file()
@@ -217,6 +221,7 @@ def _kill(proc: subprocess.Popen, run_dir: Path) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, reference, tmp_path):
     run_dir = base / "killed"
     write_config(run_dir, tiny)
@@ -269,6 +274,7 @@ def test_sigkill_in_every_stage_then_rerun_equals_uninterrupted(base, tiny, refe
     assert_same_run(reference, run_dir)
 
 
+@pytest.mark.slow
 def test_truncated_or_corrupted_outputs_are_detected_and_redone(base, reference):
     run_dir = base / "corrupted"
     shutil.copytree(reference, run_dir, symlinks=True)
@@ -290,6 +296,7 @@ def test_truncated_or_corrupted_outputs_are_detected_and_redone(base, reference)
     assert_same_run(reference, run_dir)
 
 
+@pytest.mark.slow
 def test_settings_change_is_refused_unless_allowed(base, tiny, reference):
     run_dir = base / "changed"
     shutil.copytree(reference, run_dir, symlinks=True)
@@ -333,6 +340,7 @@ def test_settings_change_is_refused_unless_allowed(base, tiny, reference):
     assert "train.beta: 0.1 -> 0.2" in out
 
 
+@pytest.mark.slow
 def test_a_failing_stage_exits_1_is_recorded_and_retried(base, tiny, tmp_path):
     reward = tmp_path / "flaky.py"
     reward.write_text("def score(prompts, responses):\n    raise RuntimeError('reward server down')\n")
@@ -352,6 +360,7 @@ def test_a_failing_stage_exits_1_is_recorded_and_retried(base, tiny, tmp_path):
     assert record(run_dir, 0, "score")["attempt"] == 2 and "error" not in record(run_dir, 0, "score")
 
 
+@pytest.mark.slow
 def test_lora_rotating_prompts_and_replay(base, tiny):
     run_dir = base / "lora"
     write_config(run_dir, tiny, train={"lora_r": 4, "lr": 1e-3, "batch_size": 2},
@@ -369,6 +378,7 @@ def test_lora_rotating_prompts_and_replay(base, tiny):
     assert meta["policy"]["path"] == str(run_dir / "round-000" / "policy")
 
 
+@pytest.mark.slow
 def test_a_killed_stage_resumes_under_other_batch_sizes_and_intervals(tiny, tmp_path):
     """The resume key once hashed every setting of the stage's section and [model]: a rerun with a smaller batch
     size (after an out-of-memory kill) or another save interval threw away finished parts or training state
@@ -479,6 +489,7 @@ def test_lock_is_exclusive_and_released_with_its_holder(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_round_zero_is_shared_between_runs_that_differ_only_in_train(base, tiny, reference):
     """Two weight vectors sample and score round 0 identically: a run given the reference run's round 0
     (rounds.share_stages) trains at once on the same rows, and its survey verifies the copies. Different

@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import config, fails, generate_and_score, ok
+from conftest import config, fails, generate_and_score, ok, settings_toml, tiny_generate
 from typer.testing import CliRunner
 
 from modpo_pipe import rounds, schema, shards
 from modpo_pipe.cli import app
-from modpo_pipe.config import load_settings
+from modpo_pipe.config import ModelSettings, ScoreSettings, TrainSettings, load_settings
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -37,30 +37,11 @@ def env(tiny, tmp_path_factory) -> Path:
     """A modpo.toml on the CPU; an unsharded pairs.parquet (6 chunks of 1 prompt, a group of 6 responses each) and
     scored.parquet (6 chunks of 1 group) to compare the sharded runs with."""
     work = tmp_path_factory.mktemp("scale")
-    (work / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-dtype = "float32"
-
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 8
-samples_per_prompt = 6
-shard_size = 1
-
-[score]
-shard_size = 1
-
-[score.rewards]
-rm = "{tiny.reward}"
-length = "{tiny.reward_fn}"
-
-[train]
-lr = 0.0005
-epochs = 2
-save_every = 2
-""")
+    (work / "modpo.toml").write_text(settings_toml(
+        model=ModelSettings(device="cpu", dtype="float32"),
+        generate=tiny_generate(tiny, max_new_tokens=8, samples_per_prompt=6, shard_size=1),
+        score=ScoreSettings(shard_size=1, rewards={"rm": str(tiny.reward), "length": tiny.reward_fn}),
+        train=TrainSettings(lr=0.0005, epochs=2, save_every=2)))
     return generate_and_score(work, tiny.prompts)
 
 
@@ -118,6 +99,7 @@ def odd_scored(env) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored, tiny, tmp_path):
     """`--num-processes 2` runs this command under `accelerate launch` (torchrun, gloo on the CPU): 2 processes
     x 2 micro-batches x 2 groups per step against 1 process x 2 x 4. Same steps, losses, final weights."""
@@ -147,6 +129,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(env, odd_scored
     assert not list(two.glob("*.tmp")) and not list(two.glob("*.old"))
 
 
+@pytest.mark.slow
 def test_a_state_resumes_under_another_process_count_with_the_same_global_batch(env, odd_scored, tmp_path,
                                                                               monkeypatch):
     """A one-process run killed in step 3 resumes on two processes at step 2: global batch 8 both times."""
@@ -194,6 +177,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_to_a_multi_process_train_stops_every_process(env, odd_scored, tmp_path, signum):
     """SIGTERM (or Ctrl-C's SIGINT) to `train --num-processes 2` used to end that process alone: the launcher and
@@ -226,6 +210,7 @@ def test_a_signal_to_a_multi_process_train_stops_every_process(env, odd_scored, 
     assert not (out / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_bad_input_to_a_multi_process_train_is_one_error_line(env, tmp_path):
     """Every process met the same bad input, and each printed it: N error lines."""
     result = subprocess.run(
@@ -240,6 +225,7 @@ def test_a_bad_input_to_a_multi_process_train_is_one_error_line(env, tmp_path):
     assert "exitcode" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_failure_of_another_process_than_the_first_is_its_error_line(env, odd_scored, tmp_path):
     """One process out of memory on its own device (its GPU fuller than the others'): only the first process
     printed error lines, so the launcher exited 1 with nothing said at all. A sitecustomize on the workers' path
@@ -277,6 +263,7 @@ def test_the_launcher_says_each_line_the_first_process_did_not(tmp_path):
     assert unsaid_errors(tmp_path, 6)[0] == "process 1 of 6: bad input"
 
 
+@pytest.mark.slow
 def test_num_processes_is_refused_under_a_launcher(env, odd_scored, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     fails(["train", odd_scored, *config(env), "--num-processes", 2, "--out", tmp_path / "x"],
@@ -297,6 +284,7 @@ main()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [True, False], ids=["process-group", "one-process"])
 @pytest.mark.parametrize("args, code", [(["--help"], 0), (["merge", "missing.parquet"], 1)], ids=["done", "error"])
 def test_a_process_of_a_multi_process_run_ends_without_finalizing(tmp_path, group, args, code):
@@ -345,6 +333,7 @@ def sharded(env) -> dict[str, Path]:
     return {"dir": out, "pairs": out / "pairs.parquet", "scored": out / "scored.parquet"}
 
 
+@pytest.mark.slow
 def test_three_shards_merge_to_the_unsharded_rows(env, sharded):
     """Each chunk samples with its own seed and is scored on its own: the merged files hold exactly the rows
     (ids, token ids, texts, rewards, reference log-probs) of the unsharded run, in its order."""
@@ -368,6 +357,7 @@ def test_three_shards_merge_to_the_unsharded_rows(env, sharded):
     assert schema.read_metadata(sharded["pairs"])["shard_seconds"] == pytest.approx(sum(worker_seconds), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_finished_shard_is_not_redone(env, sharded):
     path = sharded["dir"] / "pairs.shards" / "00001-of-00003.parquet"
     before = path.stat().st_mtime_ns
@@ -376,6 +366,7 @@ def test_a_finished_shard_is_not_redone(env, sharded):
     assert "wrote shard 1/3" in output and path.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_more_shards_than_chunks_leave_empty_shards_that_merge(env, tmp_path):
     out = tmp_path / "pairs.parquet"
     for i in range(4):  # 3 chunks of 2 prompts: shard 3 has none
@@ -385,6 +376,7 @@ def test_more_shards_than_chunks_leave_empty_shards_that_merge(env, tmp_path):
     assert len({r["group_id"] for r in rows(out)}) == 6
 
 
+@pytest.mark.slow
 def test_shard_files_are_not_stage_inputs(env, sharded):
     shard = sharded["dir"] / "pairs.shards" / "00000-of-00003.parquet"
     fails(["score", shard, *config(env), "--out", sharded["dir"] / "x.parquet"],
@@ -395,9 +387,10 @@ def test_shard_files_are_not_stage_inputs(env, sharded):
 
 
 @pytest.mark.parametrize("text", ["3/3", "-1/3", "1", "a/b", "0/0"])
-def test_bad_shard_specs_are_refused(env, text, tmp_path):
-    fails(["generate", env / "prompts.jsonl", *config(env), "--shard", text, "--out", tmp_path / "p.parquet"],
-          "--shard must be I/N with 0 <= I < N")
+def test_bad_shard_specs_are_refused(faults_env, text, tmp_path):
+    """A prompts file and settings are all it needs: the fault suites' shared ones serve."""
+    fails(["generate", faults_env / "prompts.jsonl", *config(faults_env), "--shard", text, "--out",
+           tmp_path / "p.parquet"], "--shard must be I/N with 0 <= I < N")
 
 
 def _copy(files: list[Path], where: Path) -> Path:
@@ -407,6 +400,7 @@ def _copy(files: list[Path], where: Path) -> Path:
     return where
 
 
+@pytest.mark.slow
 def test_merge_refuses_missing_duplicate_and_mismatched_shards(env, sharded, tmp_path):
     pair_shards = sorted((sharded["dir"] / "pairs.shards").glob("*.parquet"))
     out = tmp_path / "merged.parquet"
@@ -453,6 +447,7 @@ def _run_config(run_dir: Path, tiny, prompts: Path, **run: object) -> None:
         sections.items()))
 
 
+@pytest.mark.slow
 def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
     """[run].shards = 2: the plain `run` opens generate and score and waits; two `run --shard I/2` workers
     compute the shards; the next `run` merges them and goes on. Every round's files equal an unsharded run's."""
@@ -520,6 +515,7 @@ def test_rounds_with_shard_workers_equal_rounds_without(tiny, tmp_path):
                                              "--allow-config-change"])
 
 
+@pytest.mark.slow
 def test_a_shard_the_machine_will_not_read_is_no_damaged_shard(env, sharded, monkeypatch):
     """Set aside as damaged, an unreadable shard (EACCES) would be recomputed, with the same permissions, on
     every firing; the machine's error goes on instead."""
@@ -538,6 +534,7 @@ def test_a_shard_the_machine_will_not_read_is_no_damaged_shard(env, sharded, mon
         shards.merge(files, sharded["dir"] / "never.parquet")
 
 
+@pytest.mark.slow
 def test_a_failed_shard_worker_is_reported_by_status(tiny, tmp_path):
     """A worker that failed used to leave only a missing shard: status and the coordinator said "waiting" with no
     hint why, while the error sat in some batch system's log. Its note names the shard, host and error, and goes

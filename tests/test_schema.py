@@ -456,6 +456,7 @@ def test_inspect_names_the_file_of_an_unknown_stage(tmp_path):
         assert result.exit_code == 1 and fragment in result.stderr and str(path) in result.stderr
 
 
+@pytest.mark.slow
 def test_a_file_damaged_on_disk_is_refused_not_read(tmp_path):
     """Same size, other bytes (a bad disk, a bad copy): without page CRCs, pyarrow read such a file without a
     word and train trained on the changed token ids. Every stage file now carries CRCs, checked on read."""

@@ -1,4 +1,4 @@
-"""Served reward models (issue 36): `http://` specs in modpo-pipe's JSON and `vllm+http://` specs in vLLM's, against
+"""Served reward models: `http://` specs in modpo-pipe's JSON and `vllm+http://` specs in vLLM's, against
 real HTTP servers started here (http.server in a thread; no mock of the HTTP layer). The servers score with the tiny
 reward model in-process, so a served reward must give what the local one gives."""
 
@@ -19,6 +19,7 @@ import torch
 from conftest import cli, fails, fork_cli, generate_settings, kill_when, ok
 
 from modpo_pipe import parts, schema
+from modpo_pipe.config import RunSettings, ScoreSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.reward_http import parse_spec
 from modpo_pipe.rewards import ModelReward, RewardInput
@@ -115,7 +116,7 @@ class RewardServer:
 def env(tiny, tmp_path_factory) -> Path:
     """pairs.parquet of 6 prompts x 4 responses, and a reward model without a chat template beside the tiny one."""
     work = tmp_path_factory.mktemp("served")
-    (work / "modpo.toml").write_text(generate_settings(tiny, 4, "\n[score]\nreward_batch_size = 4\n"))
+    (work / "modpo.toml").write_text(generate_settings(tiny, 4, score=ScoreSettings(reward_batch_size=4)))
     ok(["generate", tiny.prompts, "--out", "pairs.parquet"], work)
     plain = work / "plain-reward"
     shutil.copytree(tiny.reward, plain)
@@ -171,6 +172,7 @@ def test_vllm_text_input_is_the_local_model_without_a_chat_template(env, server,
                for _, payload, _ in server.requests)
 
 
+@pytest.mark.slow
 def test_a_server_that_fails_the_first_attempts_is_survived(env, local, server, tmp_path):
     server.fail_first = 2  # 503 twice, then answers
     served = score(env, tmp_path / "scored.parquet", f"{server.url}/score", "--http-concurrency", 1)
@@ -225,6 +227,7 @@ def test_a_refused_connection_is_one_line_naming_the_endpoint(env, tmp_path):
           f"reward 'rm' (served at {url}): cannot reach it: [Errno 111] Connection refused (2 attempts:", cwd=env)
 
 
+@pytest.mark.slow
 def test_score_resumes_after_a_kill_without_asking_for_finished_chunks(env, local, server, tmp_path):
     out = tmp_path / "scored.parquet"
     args = ["score", "pairs.parquet", "--out", out, "--shard-size", 2, "--reward", f"rm={server.url}/score"]
@@ -243,6 +246,7 @@ def test_score_resumes_after_a_kill_without_asking_for_finished_chunks(env, loca
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_fingerprint_is_the_endpoint_and_revision(env, server, tmp_path):
     def fingerprint(spec: str, *extra) -> str:
         out = tmp_path / "scored.parquet"
@@ -306,16 +310,10 @@ def test_rounds_redo_score_for_another_revision_only(env, server, tiny):
     run.mkdir()
 
     def settings(revision: str, timeout: float = 60.0) -> None:
-        (run / "modpo.toml").write_text((env / "modpo.toml").read_text() + f"""http_timeout = {timeout}
-
-[score.rewards]
-rm = "{server.url}/score#revision={revision}"
-
-[run]
-rounds = 1
-prompts = "{tiny.prompts}"
-prompts_per_round = 2
-""")
+        score = ScoreSettings(reward_batch_size=4, http_timeout=timeout,
+                              rewards={"rm": f"{server.url}/score#revision={revision}"})
+        (run / "modpo.toml").write_text(generate_settings(
+            tiny, 4, score=score, run=RunSettings(rounds=1, prompts=str(tiny.prompts), prompts_per_round=2)))
 
     settings("a")
     ok(["run", "--workdir", run, "--max-stages", 2])

@@ -142,6 +142,7 @@ def test_soup_refuses_what_cannot_be_interpolated(tiny, tmp_path):
     assert (tmp_path / "a-file").read_text() == "mine" and not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_both_fronts_through_eval_and_front(tiny, tmp_path):
     """Two single-objective MODPO policies, their soups, eval and front: each family its own line and
     hypervolume."""

@@ -1,4 +1,4 @@
-"""TRL reward functions, unchanged (issue 36): a `py:` callable written for TRL's GRPOTrainer is called as TRL
+"""TRL reward functions, unchanged: a `py:` callable written for TRL's GRPOTrainer is called as TRL
 calls it (strings or message lists, completion_ids, the prompt file's other columns as keyword arguments), and
 those columns travel from prompts.jsonl through pairs.parquet (the optional prompt_columns column)."""
 
@@ -15,6 +15,7 @@ import pytest
 from conftest import PROMPTS, fails, generate_settings, ok, write_unchecked
 
 from modpo_pipe import schema
+from modpo_pipe.config import RunSettings, ScoreSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.prompts import PromptFields, read_prompts
 from modpo_pipe.rewards import RewardInput, load_reward
@@ -285,15 +286,9 @@ def test_mixed_prompts_are_refused_for_trl_rewards_only(work, docs_dir, tmp_path
 def test_rounds_carry_the_columns_into_each_round(work, docs_dir, tiny):
     run = work / "run"
     run.mkdir()
-    (run / "modpo.toml").write_text((work / "modpo.toml").read_text() + f"""
-[score.rewards]
-exact = "py:{docs_dir / 'reference.py'}:reward_func"
-
-[run]
-rounds = 1
-prompts = "{work / 'plain.jsonl'}"
-prompts_per_round = 2
-""")
+    (run / "modpo.toml").write_text(generate_settings(
+        tiny, 2, score=ScoreSettings(rewards={"exact": f"py:{docs_dir / 'reference.py'}:reward_func"}),
+        run=RunSettings(rounds=1, prompts=str(work / "plain.jsonl"), prompts_per_round=2)))
     ok(["run", "--workdir", run, "--max-stages", 2])
     lines = [json.loads(line) for line in (run / "round-000" / "prompts.jsonl").read_text().splitlines()]
     assert lines == [{"id": "p0", "ground_truth": "0", "prompt": PROMPTS[0]},

@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REWARD_TEMPLATE, cli, config, llama_config, make_tokenizer, ok
+from conftest import REWARD_TEMPLATE, cli, config, llama_config, make_tokenizer, ok, settings_toml, tiny_generate
 
+from modpo_pipe.config import ModelSettings, ScoreSettings
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.rewards import ModelReward, RewardInput
 
@@ -110,22 +111,11 @@ def long_env(tiny, tmp_path_factory) -> Path:
         {"id": "b", "prompt": "Explain why the sky is blue in one sentence. " * 4},
         {"id": "c", "prompt": "Count from one to five."},
     ]))
-    (work / "modpo.toml").write_text(f"""
-[model]
-device = "cpu"
-dtype = "float32"
-
-[generate]
-policy = "{tiny.policy}"
-backend = "transformers"
-max_new_tokens = 8
-samples_per_prompt = 4
-max_prompt_tokens = 48
-long_prompts = "truncate"
-
-[score.rewards]
-rm = "{rm}"
-""")
+    (work / "modpo.toml").write_text(settings_toml(
+        model=ModelSettings(device="cpu", dtype="float32"),
+        generate=tiny_generate(tiny, max_new_tokens=8, samples_per_prompt=4, max_prompt_tokens=48,
+                               long_prompts="truncate"),
+        score=ScoreSettings(rewards={"rm": str(rm)})))
     ok(["generate", "prompts.jsonl", "--out", "pairs.parquet"], work)
     return work
 

@@ -13,7 +13,7 @@ import pytest
 
 from modpo_pipe.generate import vllm as backend
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]  # one engine start: ~30 s
 
 backend._set_cpu_env()  # before vLLM is imported: KV cache size and cache dir on CPU
 pytest.importorskip("vllm")

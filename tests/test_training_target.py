@@ -1,4 +1,4 @@
-"""One target per run (issue 14): the reward statistics that z-score the teacher margin hold still across files
+"""One target per run: the reward statistics that z-score the teacher margin hold still across files
 and rounds, rpo sees each pair in a random orientation every epoch, and the target is recorded.
 
 The end-to-end checks use a one-token bandit: a tiny causal LM over a 12-token vocabulary, one prompt, one-token
@@ -39,7 +39,7 @@ def tiny_spread(prompts, responses):
 '''
 PROMPT = "w0 w1"
 BETA = 0.25
-# Measured on this bandit (see the tests below); docs/experiments.md and the issue note quote the same numbers.
+# Measured on this bandit (see the tests below); docs/experiments.md quotes the same numbers.
 TV_TOLERANCE = 0.05
 
 
@@ -157,6 +157,7 @@ def train_bandit(scored: Path, out: Path, *flags: object) -> Path:
 # ------------------------------------------------------------------------------------- rounds: one target
 
 
+@pytest.mark.slow
 def test_rounds_hold_one_target_with_round_0_statistics(bandit):
     """Three rounds with a fixed reference, each warm-started from the last and sampling 192 fresh pairs: the
     policy stays as close to pi* (under round 0's statistics) after round 3 as after round 1. With each round's
@@ -197,6 +198,7 @@ def test_rounds_hold_one_target_with_round_0_statistics(bandit):
 # ---------------------------------------------------------------------------------------- rpo orientation
 
 
+@pytest.mark.slow
 def test_rpo_on_fixed_pairs_reaches_the_optimum_like_rpo_sym(bandit, bandit_scored, tmp_path):
     """20 epochs over the same 96 cached pairs. Without a fresh orientation per epoch rpo learns which response
     came first (measured on the old code, 48 pairs: TV to pi* 0.875 for rpo against 0.040 for rpo-sym; with
@@ -375,11 +377,12 @@ def test_metadata_without_a_key_is_named_as_corrupt(bandit_scored, tmp_path, key
     assert not out.exists()
 
 
-# ------------------------------------------------------------------------------------- groups: outcome 1
+# ---------------------------------------------------------------------------- groups against pairs, one target
 
 
+@pytest.mark.slow
 def test_groups_of_8_reach_the_optimum_in_fewer_steps_than_pairs(bandit, tmp_path):
-    """Issue 15, outcome 1: the same 2400 sampled responses as 1200 groups of 2 (disjoint: one pair each) and as
+    """Groups against pairs: the same 2400 sampled responses as 1200 groups of 2 (disjoint: one pair each) and as
     300 groups of 8 (all pairs: 28 each). Same lr and batch (16 groups). Measured: N = 8, 4 epochs: 72 steps,
     TV to pi* 0.0035 (5744 pairs after identical ones); N = 2, 2 epochs: 100 steps, TV 0.0038 (813 pairs). For
     the record, at equal epochs N = 2 takes 2.8x the steps of N = 8: 1 epoch 50 vs 18 steps (TV 0.025 vs 0.097),

@@ -1,4 +1,4 @@
-"""Groups (issue 15): N responses per prompt in one row, scored once each, paired at train time (all, disjoint,
+"""Groups: N responses per prompt in one row, scored once each, paired at train time (all, disjoint,
 max-min), every response forwarded once per step, a group's loss the mean over its pairs."""
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def test_max_min_trains_on_one_pair_per_group(groups_work):
     assert (data.teacher > 0).all()  # the selected pair: always the best above the worst
 
 
+@pytest.mark.slow
 def test_a_version_1_scored_file_trains_like_its_groups_of_2(groups_work, tmp_path):
     """A version-1 file (one row per pair) still trains: converted on read, it gives the same steps and losses
     as the same pairs written as version-2 groups of 2."""
