@@ -96,13 +96,14 @@ _GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tenso
 _SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size", "http_timeout",
                   "http_retries", "http_concurrency"}
 # Settings added after the legacy resume key: left out of its blob, which must stay the one that release wrote.
-_AFTER_LEGACY_KEY = {"http_timeout", "http_retries", "http_concurrency"}
+_AFTER_LEGACY_KEY = {"http_timeout", "http_retries", "http_concurrency", "micro_batch_tokens", "compile", "attention"}
 # As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
 _TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
 # Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
 # reused at any batch size (they record what they were sampled with), and a training state under any split of
 # the same global batch (train.run_fingerprint).
-_RESUME_FREE = {"generate.batch_size", "train.batch_size", "train.grad_accum"}
+_RESUME_FREE = {"generate.batch_size", "train.batch_size", "train.grad_accum", "train.micro_batch_tokens",
+                "train.compile"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -670,7 +671,8 @@ class Run:
                    "train": self.settings.train}[stage]
         fields = {k: v for k, v in dataclasses.asdict(section).items() if k not in _AFTER_LEGACY_KEY}
         return storage.json_fingerprint({"stage": stage, "round": k, "section": fields,
-                                         "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
+                                         "model": {k: v for k, v in dataclasses.asdict(self.settings.model).items()
+                                                   if k not in _AFTER_LEGACY_KEY}, "inputs": inputs,
                                          "settings": self.stage_settings(k, stage)})
 
     def attempt_key(self, k: int, stage: str, inputs: dict[str, Any] | None, recorded: str | None) -> str:

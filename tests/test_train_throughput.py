@@ -107,3 +107,17 @@ def test_two_processes_cut_by_tokens_train_like_one(env, tmp_path):
     for a, b in zip(*lines):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_a_state_resumes_under_another_token_budget_or_compile_setting():
+    """Neither changes what a step computes, so neither enters the resumable state's fingerprint (as batch_size
+    does not): a run killed for memory continues with a smaller budget."""
+    from types import SimpleNamespace
+
+    from modpo_pipe.config import TrainSettings
+    from modpo_pipe.train import run_fingerprint
+
+    data = SimpleNamespace(fingerprints=["scored"], stats=None)
+    base = run_fingerprint(data, TrainSettings(), "policy")
+    assert run_fingerprint(data, TrainSettings(micro_batch_tokens=4096, compile=True), "policy") == base
+    assert run_fingerprint(data, TrainSettings(beta=0.2), "policy") != base

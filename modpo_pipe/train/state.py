@@ -22,10 +22,12 @@ from modpo_pipe.train.data import TrainingGroups
 def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
-    micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
+    micro-batch size or token budget, compiled or not) as long as batch_size * grad_accum * processes stays the
+    same."""
     settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
                                                                            "merge", "policy", "batch_size",
-                                                                           "grad_accum", "report_to")
+                                                                           "grad_accum", "report_to",
+                                                                           "micro_batch_tokens", "compile")
                 and not as_before("train", k, v)}
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
     return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
