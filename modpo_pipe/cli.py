@@ -170,7 +170,7 @@ def shard_option(output: str) -> inspect.Parameter:
 
 def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
     _print_summary(f"wrote shard {shard[0]}/{shard[1]}: {report.out}", {
-        "groups": report.pairs, "seconds": report.seconds,
+        "groups": report.groups, "seconds": report.seconds,
         "next": f"once all {shard[1]} shards are written: modpo-pipe merge {Path(report.out).parent}",
     })
 
@@ -194,10 +194,10 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
         return _shard_summary(report, part)
     if report.up_to_date:
         _print_summary(f"nothing to do: {report.out} is already written from these prompts, this policy and these "
-                       "settings", {"prompts": report.prompts, "groups": report.pairs})
+                       "settings", {"prompts": report.prompts, "groups": report.groups})
         return
     _print_summary(f"wrote {report.out}", {
-        "prompts": report.prompts, "groups": report.pairs, "backend": report.backend,
+        "prompts": report.prompts, "groups": report.groups, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
         "long prompts truncated": report.long_prompts_truncated,
         "chunks (reused from a killed run)": f"{report.chunks} ({report.resumed_chunks})",
@@ -223,15 +223,15 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
         return _shard_summary(report, part)
     if report.up_to_date:
         _print_summary(f"nothing to do: {report.out} is already scored from these pairs, with these rewards, this "
-                       "reference and these settings", {"groups": report.pairs})
+                       "reference and these settings", {"groups": report.groups})
         return
     _print_summary(f"wrote {report.out}", {
-        "groups": report.pairs, "seconds": report.seconds,
+        "groups": report.groups, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
         "responses dropped (NaN/inf/None reward)": str(report.dropped_invalid_responses)
         + (f" ({', '.join(f'{n}: {k}' for n, k in report.invalid_by_reward.items() if k)})"
            if report.dropped_invalid_responses else ""),
-        "groups dropped (fewer than 2 responses left)": report.dropped_invalid_reward,
+        "groups dropped (fewer than 2 responses left)": report.dropped_invalid_groups,
         "parts reused from a killed run": report.resumed_parts,
         "reward inputs cut to fit (prompt start)": ", ".join(f"{n}: {k}" for n, k in report.truncated_by_reward.items())
         or "0",

@@ -85,14 +85,7 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
              samples_per_prompt: int = 1, progress: bool = True) -> list[PolicySummary]:
     """Sample, score and estimate KL for each policy (label -> path); the reference is evaluated too."""
     from modpo_pipe import reward_http
-    from modpo_pipe.generate import (
-        choose_backend,
-        context_length,
-        prompt_token_limit,
-        render_prompts,
-        require_prompts,
-        sample,
-    )
+    from modpo_pipe.generate import prepare_prompts, sample
     from modpo_pipe.logprobs import batched_sequence_logps
     from modpo_pipe.prompts import read_prompts
     from modpo_pipe.rewards import RewardInput, load_reward
@@ -106,14 +99,11 @@ def evaluate(settings: Settings, prompts_path: Path, policies: dict[str, str], r
         print("note: KL to the reference is estimated from samples, which assumes temperature 1 and top_p 1")
     tokenizer = models.load_tokenizer(ref, m.trust_remote_code, what="reference")
     records, _ = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
-    backend = choose_backend(g.backend)
-    context = context_length(ref, m.trust_remote_code)
-    limit = prompt_token_limit(settings, context, backend)
-    records, _, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit)
-    require_prompts(records, prompts_path, settings, limit, context)
-    if dropped or truncated:  # the means cover fewer or shorter prompts than the file holds: say so
-        print(f"note: {dropped} held-out prompts longer than {limit} tokens dropped, {truncated} truncated "
-              "([generate].long_prompts)")
+    prompts = prepare_prompts(records, tokenizer, settings, ref, prompts_path)
+    records, prompt_ids, backend = prompts.records, prompts.ids, prompts.backend
+    if prompts.dropped or prompts.truncated:  # the means cover fewer or shorter prompts than the file holds: say so
+        print(f"note: {prompts.dropped} held-out prompts longer than {prompts.limit} tokens dropped, "
+              f"{prompts.truncated} truncated ([generate].long_prompts)")
     all_policies = {"reference": ref, **{k: v for k, v in policies.items() if v != ref}}
 
     # Sample with each policy in turn (one model in memory at a time).

@@ -6,8 +6,10 @@ d = s - t;  rpo = -logsigmoid(d);  rpo-sym = -logsigmoid(d) - logsigmoid(-d);  r
 
 All three are minimised at d = 0 for every pair, i.e. at pi(y|x) ∝ pi_ref(y|x) exp(r_w(x, y) / beta).
 (For rpo that holds only in expectation over both orientations of each pair: its gradient sigma(d) - 1 is
-never zero, so train.py presents every pair in a fresh random orientation each epoch. rpo-sym and rebel
-are symmetric in y1 <-> y2 pair by pair, which is why rpo-sym is the lower-variance default.)
+never zero, so train presents every pair in a seeded random orientation in epoch 0 and flips it in every epoch
+after (train.plan.pair_orientation says why not a fresh coin per epoch): every two epochs each pair has been seen
+both ways. rpo-sym and rebel are symmetric in y1 <-> y2 pair by pair, which is why rpo-sym is the lower-variance
+default.)
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ def margin_stats(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, floa
 def kl_k2(log_ratio: torch.Tensor) -> float:
     """A KL estimate that is never negative: half the mean squared log-ratio, r = log pi(y) - log pi_ref(y) (Schulman's
     k2). On responses from pi_ref it equals KL(pi_ref || pi) to second order in r (both directions of the KL agree
-    there), and it stays bounded when later rounds sample another policy. The plain mean of r (the former
-    kl_proxy) estimates -KL(pi_ref || pi) <= 0; the unbiased k3 = e^r - 1 - r, on summed sequence log-ratios,
+    there), and it stays bounded when later rounds sample another policy. The plain mean of r estimates
+    -KL(pi_ref || pi) <= 0; the unbiased k3 = e^r - 1 - r, on summed sequence log-ratios,
     reached 10^4 on a tiny three-round run whose later rounds sample the trained policy."""
     r = log_ratio.detach().double()
     return 0.5 * (r * r).mean().item() if r.numel() else float("nan")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,8 +244,8 @@ def load_causal_lm(
 @contextlib.contextmanager
 def held_logs() -> Iterator[None]:
     """transformers' log records of the block held back: shown once the block has succeeded, dropped when it
-    raises. A load that is refused (a classifier given as the policy) printed transformers' multi-line LOAD
-    REPORT of missing and unexpected weights above the one line that says what is wrong."""
+    raises: a load that is refused (a classifier given as the policy) would otherwise print transformers'
+    multi-line LOAD REPORT of missing and unexpected weights above the one line that says what is wrong."""
     import logging
 
     root = logging.getLogger("transformers")
@@ -363,9 +362,3 @@ def load_reward_model(
         # Sequence classification pools at the last non-pad token, which it finds via pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device).eval(), tokenizer
-
-
-def set_threads() -> None:
-    """Respect an explicit OMP_NUM_THREADS; torch's default already uses all cores otherwise."""
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

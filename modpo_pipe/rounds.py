@@ -266,7 +266,7 @@ def _work_shard(run_dir: Path, settings: Settings, shard: tuple[int, int], *,
                                                    "finished": now()})
             raise
         shards.clear_failure(out, shard)
-        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.pairs} groups in "
+        log(f"{due.name}: shard {index}/{count}: done in {time.time() - started:.1f}s ({report.groups} groups in "
             f"{report.out})")
     return due.name
 
@@ -790,7 +790,7 @@ class Run:
             summary = merged_summary(out)
         else:
             report = run_generate(settings, prompts_path, out, round_index=k, progress=self.progress)
-            summary = {"rows": report.pairs, "prompts": report.prompts, "backend": report.backend,
+            summary = {"rows": report.groups, "prompts": report.prompts, "backend": report.backend,
                        "long_prompts_dropped": report.long_prompts_dropped,
                        "response_tokens": report.response_tokens}
         outputs = {"prompts.jsonl": storage.file_info(prompts_path),
@@ -806,7 +806,7 @@ class Run:
             summary = merged_summary(out)
         else:
             report = run_score(settings, pairs, out, progress=self.progress)
-            summary = {"rows": report.pairs, "dropped_invalid_reward": report.dropped_invalid_reward,
+            summary = {"rows": report.groups, "dropped_invalid_reward": report.dropped_invalid_groups,
                        "dropped_invalid_responses": report.dropped_invalid_responses,
                        "reward_mean": {n: s["mean"] for n, s in report.rewards.items()},
                        "reward_std": {n: s["std"] for n, s in report.rewards.items()}}

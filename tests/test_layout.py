@@ -99,3 +99,35 @@ def test_every_module_has_a_tier_and_imports_point_down():
     upward = [f"{a} ({TIERS[TIER[a]][0]}) imports {b} ({TIERS[TIER[b]][0]})"
               for a in sorted(graph) for b in sorted(graph[a]) if TIER[b] < TIER[a]]
     assert not upward, "imports pointing up: " + "; ".join(upward)
+
+
+def package_graph(package: Path) -> dict[str, set[str]]:
+    """The modules of one package (its face: __init__) and which of them each imports, anywhere in it."""
+    face = "modpo_pipe." + ".".join(package.relative_to(PACKAGE).parts)
+    graph: dict[str, set[str]] = {f.stem: set() for f in package.glob("*.py")}
+    for f in package.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == face:
+                    graph[f.stem].add("__init__")
+                elif name.startswith(face + ".") and name.removeprefix(face + ".").split(".")[0] in graph:
+                    graph[f.stem].add(name.removeprefix(face + ".").split(".")[0])
+            graph[f.stem].discard(f.stem)
+    return graph
+
+
+def test_no_import_cycle_inside_a_package_face_included():
+    """A package's face (__init__.py) imports its modules; a module that imports the face back is a circle that
+    only the order of imports keeps working (generate's samplers take Sample from generate/sampling.py)."""
+    packages = sorted({init.parent for init in PACKAGE.rglob("__init__.py")} - {PACKAGE})
+    assert {p.name for p in packages} >= {"generate", "train"}
+    for package in packages:
+        graph = package_graph(package)
+        assert find_cycle(graph) is None, f"{package.name}: import circle: {' -> '.join(find_cycle(graph))}"
+    assert "sampling" in package_graph(PACKAGE / "generate")["hf"]  # the graph sees imports of a sibling

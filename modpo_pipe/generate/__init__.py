@@ -6,6 +6,7 @@ Token ids are stored as sampled; every later stage scores exactly those ids, nev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -17,20 +18,14 @@ import pyarrow as pa
 from modpo_pipe import schema, storage
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError, out_of_memory
-
-
-@dataclass
-class Sample:
-    ids: list[int]  # response token ids, the EOS included when the model emitted it; nothing after it
-    finish_reason: str  # "stop" | "length"
-    logp: float | None  # the sampler's summed raw log-prob of ids (None when it cannot tell)
+from modpo_pipe.generate.sampling import Sample, batch_seed
 
 
 @dataclass
 class GenerateReport:
     out: str
     prompts: int
-    pairs: int
+    groups: int  # rows written: one group of samples_per_prompt responses per prompt
     skipped_invalid: int
     long_prompts_dropped: int
     long_prompts_truncated: int
@@ -42,19 +37,6 @@ class GenerateReport:
     up_to_date: bool = False  # OUT was already written from these prompts, policy and settings: nothing sampled
 
 
-def batch_seed(seed: int, batch_index: int) -> int:
-    """A per-batch seed: reruns over the same prompts and batch size draw the same samples."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{batch_index}".encode()).digest()[:4], "little")
-
-
-def split_response(generated: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
-    """Cut a generated row after its first stop token (kept); what follows is padding."""
-    for pos, token in enumerate(generated):
-        if token in stop_ids:
-            return generated[: pos + 1], "stop"
-    return generated, "length"
-
-
 def choose_backend(name: str) -> str:
     if name != "auto":
         return name
@@ -63,6 +45,34 @@ def choose_backend(name: str) -> str:
     from modpo_pipe.generate.vllm import vllm_available
 
     return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
+
+
+@dataclass
+class PreparedPrompts:
+    """Prompts as a model sees them: rendered, tokenised, and cut to the longest it can take with a reply."""
+
+    records: list  # the prompts kept (prompts.PromptRecord), shortened where long_prompts = "truncate"
+    texts: list[str]
+    ids: list[list[int]]
+    dropped: int  # longer than `limit`, dropped
+    truncated: int  # longer than `limit`, shortened
+    backend: str  # the sampling backend chosen
+    limit: int  # the most prompt tokens kept (prompt_token_limit)
+
+
+def prepare_prompts(records: list, tokenizer, settings: Settings, model_path: str, prompts_path: Path,
+                    stats=None) -> PreparedPrompts:
+    """The prompts of `prompts_path` as the model at `model_path` will be sampled from (generate's policy, eval's
+    reference and the policies sharing its tokenizer): one line of error when none is left."""
+    from modpo_pipe import models
+
+    backend = choose_backend(settings.generate.backend)
+    context = models.context_length(model_path, settings.model.trust_remote_code)
+    limit = prompt_token_limit(settings, context, backend)
+    records, texts, ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit, stats)
+    require_prompts(records, prompts_path, settings, limit, context)
+    return PreparedPrompts(records=records, texts=texts, ids=ids, dropped=dropped, truncated=truncated,
+                           backend=backend, limit=limit)
 
 
 def require_prompts(records: list, prompts_path: Path, settings: Settings, limit: int, context: int) -> None:
@@ -181,14 +191,6 @@ def raw_messages(record) -> list[dict[str, str]]:
     return record.messages if record.messages is not None else [{"role": "user", "content": record.prompt}]
 
 
-def context_length(policy: str, trust_remote_code: bool = False) -> int | None:
-    """models.context_length, imported when asked for (eval reaches it through generate; generate imports no
-    torch at import time)."""
-    from modpo_pipe import models
-
-    return models.context_length(policy, trust_remote_code)
-
-
 def prompt_token_limit(settings: Settings, context: int | None, backend: str = "transformers") -> int:
     """Longest prompt kept as is: max_prompt_tokens, and never more than the context leaves for a response."""
     g = settings.generate
@@ -240,8 +242,6 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     samples with seed batch_seed(seed, c), so a rerun after a kill writes exactly the rows an uninterrupted
     run would, with no group_id missing or twice.
     """
-    from tqdm.auto import tqdm
-
     from modpo_pipe import models, parts, shards
     from modpo_pipe.config import prompt_fields
     from modpo_pipe.prompts import read_prompts
@@ -253,83 +253,44 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     started = time.time()
     records, prompt_stats = read_prompts(prompts_path, skip_invalid=g.skip_invalid, fields=prompt_fields(g))
     tokenizer = models.load_tokenizer(g.policy, m.trust_remote_code, what="[generate].policy")
-    backend = choose_backend(g.backend)
-    context = models.context_length(g.policy, m.trust_remote_code)
-    limit = prompt_token_limit(settings, context, backend)
-    records, prompt_texts, prompt_ids, dropped, truncated = render_prompts(records, tokenizer, settings, limit,
-                                                                           prompt_stats)
-    require_prompts(records, prompts_path, settings, limit, context)
-    n = g.samples_per_prompt
-    columns = column_names(records)
-    sampling = {"backend": backend, "temperature": g.temperature, "top_p": g.top_p,
-                "max_new_tokens": g.max_new_tokens, "samples_per_prompt": n,
+    prompts = prepare_prompts(records, tokenizer, settings, g.policy, prompts_path, prompt_stats)
+    columns = column_names(prompts.records)
+    sampling = {"backend": prompts.backend, "temperature": g.temperature, "top_p": g.top_p,
+                "max_new_tokens": g.max_new_tokens, "samples_per_prompt": g.samples_per_prompt,
                 "chat_template": g.chat_template, "max_prompt_tokens": g.max_prompt_tokens,
-                "prompt_token_limit": limit, "dtype": m.dtype}
+                "prompt_token_limit": prompts.limit, "dtype": m.dtype}
     policy = models.identity(g.policy)
     tokenizer_fingerprint = models.tokenizer_fingerprint(tokenizer)
-    chunks = parts.chunk_ranges(len(records), g.shard_size)
+    chunks = parts.chunk_ranges(len(prompts.records), g.shard_size)
     # What a part must have been made with to be reused. Batch sizes are left out on purpose: lowering one
     # after an out-of-memory kill must not throw the finished chunks away.
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {
-        "stage": "pairs", "prompts": prompts_fingerprint(records, prompt_ids), "policy": policy["fingerprint"],
-        "tokenizer": tokenizer_fingerprint, "sampling": sampling, "seed": g.seed, "round": round_index,
-        "shard_size": g.shard_size,
+        "stage": "pairs", "prompts": prompts_fingerprint(prompts.records, prompts.ids),
+        "policy": policy["fingerprint"], "tokenizer": tokenizer_fingerprint, "sampling": sampling, "seed": g.seed,
+        "round": round_index, "shard_size": g.shard_size,
         "dtype": str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))),
     }).open()
     selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's
+    report = functools.partial(
+        GenerateReport, out=str(out_file), prompts=len(prompts.records), skipped_invalid=prompt_stats.skipped_invalid,
+        long_prompts_dropped=prompts.dropped, long_prompts_truncated=prompts.truncated, backend=prompts.backend)
     if shard and (meta := shards.finished(out_file, work.key)):  # a rerun of a finished shard: nothing to do
-        return GenerateReport(str(out_file), len(records), sum(meta[shards.SHARD_KEY]["chunk_rows"]),
-                              prompt_stats.skipped_invalid, dropped, truncated, backend, time.time() - started, 0,
-                              len(selected), len(selected))
-    if not shard and (found := parts.finished_output(out, "pairs", work.key)) and found[1] == len(records):
-        return GenerateReport(str(out), len(records), found[1], prompt_stats.skipped_invalid, dropped, truncated,
-                              backend, time.time() - started, 0, len(chunks), 0, up_to_date=True)
-    names = [f"part-{c:05d}" for c in range(len(chunks))]
-    tables: dict[int, pa.Table] = {}
-    for c in selected:
-        table = work.read(names[c], len(chunks[c]))
-        if table is not None:
-            tables[c] = table
-    todo = [c for c in selected if c not in tables]
-    if tables:
-        parts.warn(f"resuming: {len(tables)} of {len(selected)} chunks already done in {work.dir}")
-    response_tokens = 0
-    if todo:
-        model = load_policy(settings, g.policy, "[generate].policy") if backend != "vllm" else None
-        # One vLLM engine length for every chunk: sized by each chunk's own prompts, a chunk with a longer prompt
-        # than the ones before restarted the engine (minutes, with a real model on a GPU).
-        engine_len = max(len(ids) for ids in prompt_ids) + g.max_new_tokens
-        prompts_here = sum(len(chunks[c]) for c in selected)
-        with tqdm(total=prompts_here, initial=prompts_here - sum(len(chunks[c]) for c in todo),
-                  desc="generate", unit="prompt", disable=not progress) as bar:
-            for c in todo:
-                rows = slice(chunks[c].start, chunks[c].stop)
-                samples = sample(settings, g.policy, tokenizer, prompt_ids[rows], n, backend, progress=False,
-                                 seed=batch_seed(g.seed, c), model=model, engine_len=engine_len)
-                table = groups_table(records[rows], prompt_texts[rows], prompt_ids[rows], samples, tokenizer,
-                                     round_index, columns)
-                tables[c] = work.write(names[c], table)
-                response_tokens += sum(len(s.ids) for per_prompt in samples for s in per_prompt)
-                bar.update(len(chunks[c]))
-        if backend == "vllm":
-            from modpo_pipe.generate.vllm import shutdown_vllm
-
-            shutdown_vllm()  # free the engine (and its GPU memory) before this process scores or trains
+        return report(groups=sum(meta[shards.SHARD_KEY]["chunk_rows"]), seconds=time.time() - started,
+                      response_tokens=0, chunks=len(selected), resumed_chunks=len(selected))
+    if not shard and (found := parts.finished_output(out, "pairs", work.key)) and found[1] == len(prompts.records):
+        return report(groups=found[1], seconds=time.time() - started, response_tokens=0, chunks=len(chunks),
+                      resumed_chunks=0, up_to_date=True)
+    tables, todo, response_tokens = sample_chunks(settings, prompts, tokenizer, work, chunks, selected,
+                                                  round_index, columns, progress)
     # Every chunk of this invocation is here (a shard's: `modpo-pipe merge` joins the shards).
     table = pa.concat_tables([tables[c] for c in selected]) if selected \
         else schema.pairs_schema(bool(columns)).empty_table()
     metadata = schema.make_metadata(
-        "pairs",
-        policy=policy,
-        tokenizer_fingerprint=tokenizer_fingerprint,
-        sampling=sampling,
-        seed=g.seed,
-        round=round_index,
-        prompts_file=str(prompts_path),
-        prompt_format=prompt_format(records),
-        counts={"prompts": len(records), "skipped_invalid": prompt_stats.skipped_invalid,
-                "long_prompts_dropped": dropped, "long_prompts_truncated": truncated,
+        "pairs", policy=policy, tokenizer_fingerprint=tokenizer_fingerprint, sampling=sampling, seed=g.seed,
+        round=round_index, prompts_file=str(prompts_path), prompt_format=prompt_format(prompts.records),
+        counts={"prompts": len(prompts.records), "skipped_invalid": prompt_stats.skipped_invalid,
+                "long_prompts_dropped": prompts.dropped, "long_prompts_truncated": prompts.truncated,
                 "chunks": len(chunks), "resumed_chunks": len(selected) - len(todo)},
     )
     if shard:
@@ -339,9 +300,53 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     else:
         metadata[parts.RUN_KEY] = work.key
     work.write_output(table, metadata)
-    return GenerateReport(str(out_file), len(records), table.num_rows, prompt_stats.skipped_invalid, dropped,
-                          truncated, backend, time.time() - started, response_tokens, len(selected),
-                          len(selected) - len(todo))
+    return report(groups=table.num_rows, seconds=time.time() - started, response_tokens=response_tokens,
+                  chunks=len(selected), resumed_chunks=len(selected) - len(todo))
+
+
+def sample_chunks(settings: Settings, prompts: PreparedPrompts, tokenizer, work, chunks: list[range],
+                  selected: list[int], round_index: int, columns: list[str], progress: bool,
+                  ) -> tuple[dict[int, pa.Table], list[int], int]:
+    """Every selected chunk's rows: read from its finished part, or sampled now and written as one. Returns the
+    tables by chunk, the chunks sampled now, and the response tokens sampled."""
+    from tqdm.auto import tqdm
+
+    from modpo_pipe import parts
+
+    g = settings.generate
+    names = [f"part-{c:05d}" for c in range(len(chunks))]
+    tables: dict[int, pa.Table] = {}
+    for c in selected:
+        table = work.read(names[c], len(chunks[c]))
+        if table is not None:
+            tables[c] = table
+    todo = [c for c in selected if c not in tables]
+    if tables:
+        parts.warn(f"resuming: {len(tables)} of {len(selected)} chunks already done in {work.dir}")
+    if not todo:
+        return tables, todo, 0
+    response_tokens = 0
+    model = load_policy(settings, g.policy, "[generate].policy") if prompts.backend != "vllm" else None
+    # One vLLM engine length for every chunk: sized by each chunk's own prompts, a chunk with a longer prompt
+    # than the ones before would restart the engine (minutes, with a real model on a GPU).
+    engine_len = max(len(ids) for ids in prompts.ids) + g.max_new_tokens
+    prompts_here = sum(len(chunks[c]) for c in selected)
+    with tqdm(total=prompts_here, initial=prompts_here - sum(len(chunks[c]) for c in todo),
+              desc="generate", unit="prompt", disable=not progress) as bar:
+        for c in todo:
+            rows = slice(chunks[c].start, chunks[c].stop)
+            samples = sample(settings, g.policy, tokenizer, prompts.ids[rows], g.samples_per_prompt, prompts.backend,
+                             progress=False, seed=batch_seed(g.seed, c), model=model, engine_len=engine_len)
+            table = groups_table(prompts.records[rows], prompts.texts[rows], prompts.ids[rows], samples, tokenizer,
+                                 round_index, columns)
+            tables[c] = work.write(names[c], table)
+            response_tokens += sum(len(s.ids) for per_prompt in samples for s in per_prompt)
+            bar.update(len(chunks[c]))
+    if prompts.backend == "vllm":
+        from modpo_pipe.generate.vllm import shutdown_vllm
+
+        shutdown_vllm()  # free the engine (and its GPU memory) before this process scores or trains
+    return tables, todo, response_tokens
 
 
 def groups_table(records, prompt_texts, prompt_ids, samples, tokenizer, round_index: int,

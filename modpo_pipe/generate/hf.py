@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from modpo_pipe.generate import Sample, batch_seed, split_response
+from modpo_pipe.generate.sampling import Sample, batch_seed, split_response
 from modpo_pipe.logprobs import build_batch, length_batches
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from modpo_pipe.generate import Sample
+from modpo_pipe.generate.sampling import Sample
 
 __all__ = ["sample_vllm", "vllm_available", "shutdown_vllm", "prompt_seed"]
 
@@ -246,13 +246,7 @@ def sample_vllm(
     auto_len = max_model_len is None or max_model_len <= 0
     if auto_len:
         max_model_len = max((len(p) for p in prompts), default=0) + max_new_tokens
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if len(p) >= max_model_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; max_model_len={max_model_len} leaves no room to generate"
-            )
+    _check_prompts(prompts, max_model_len)
     if not prompts:
         return []
 
@@ -265,9 +259,66 @@ def sample_vllm(
         raise RuntimeError("vLLM is not importable here; install it (see .ci/install-vllm.sh) or use HF sampling")
     _set_cpu_env()
 
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    key, engine_kwargs = _engine_config(base_path, tokenizer_path, dtype, gpu_memory_utilization,
+                                        tensor_parallel_size, enforce_eager, trust_remote_code)
+    lora_rank = _lora_rank(lora_path) if lora_path else None
+
+    with _LOCK:
+        engine = _get_engine(key, engine_kwargs, int(max_model_len), auto_len, lora_rank)
+        lora_request = None
+        if lora_path:
+            from vllm.lora.request import LoRARequest
+
+            # A fresh id per call: vLLM caches adapters by id, and the adapter may have been rewritten.
+            lora_request = LoRARequest(f"adapter-{engine.next_lora_id}", engine.next_lora_id,
+                                       os.path.abspath(lora_path))
+            engine.next_lora_id += 1
+
+        outputs = engine.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts],
+            _sampling_params(len(prompts), n, temperature, top_p, max_new_tokens, seed),
+            use_tqdm=False,
+            lora_request=lora_request,
+        )
+
+    return _samples_of(outputs, n, len(prompts))
+
+
+def _sampling_params(prompts: int, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                     seed: int) -> list[Any]:
+    """Prompt i's: n samples seeded prompt_seed(seed, i), whatever the batch it is in."""
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            n=n,
+            temperature=float(temperature),
+            top_p=float(top_p),
+            max_tokens=int(max_new_tokens),
+            seed=prompt_seed(seed, i),
+            logprobs=0,  # just the sampled token's log-prob
+            detokenize=False,  # ids only; random-init byte-level models decode to junk anyway
+        )
+        for i in range(prompts)
+    ]
+
+
+def _check_prompts(prompts: list[list[int]], max_model_len: int) -> None:
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if len(p) >= max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; max_model_len={max_model_len} leaves no room to generate"
+            )
+
+
+def _engine_config(base_path: str, tokenizer_path: str | None, dtype: str, gpu_memory_utilization: float,
+                   tensor_parallel_size: int, enforce_eager: bool, trust_remote_code: bool,
+                   ) -> tuple[tuple, dict[str, Any]]:
+    """The key an engine is reused by (the model's files included), and the arguments that start one."""
     def _norm(path: str | None) -> str | None:
         return os.path.abspath(path) if path and os.path.exists(path) else path
 
@@ -295,38 +346,11 @@ def sample_vllm(
     )
     if tokenizer_path is not None:
         engine_kwargs["tokenizer"] = tokenizer_path
-    lora_rank = _lora_rank(lora_path) if lora_path else None
+    return key, engine_kwargs
 
-    with _LOCK:
-        engine = _get_engine(key, engine_kwargs, int(max_model_len), auto_len, lora_rank)
-        lora_request = None
-        if lora_path:
-            from vllm.lora.request import LoRARequest
 
-            # A fresh id per call: vLLM caches adapters by id, and the adapter may have been rewritten.
-            lora_request = LoRARequest(f"adapter-{engine.next_lora_id}", engine.next_lora_id,
-                                       os.path.abspath(lora_path))
-            engine.next_lora_id += 1
-
-        params = [
-            SamplingParams(
-                n=n,
-                temperature=float(temperature),
-                top_p=float(top_p),
-                max_tokens=int(max_new_tokens),
-                seed=prompt_seed(seed, i),
-                logprobs=0,  # just the sampled token's log-prob
-                detokenize=False,  # ids only; random-init byte-level models decode to junk anyway
-            )
-            for i in range(len(prompts))
-        ]
-        outputs = engine.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts],
-            params,
-            use_tqdm=False,
-            lora_request=lora_request,
-        )
-
+def _samples_of(outputs: Any, n: int, n_prompts: int) -> list[list[Sample]]:
+    """vLLM's outputs as n Samples per prompt, each checked: a finish reason we know, n of them, every prompt."""
     results: list[list[Sample]] = []
     for i, out in enumerate(outputs):
         samples = []
@@ -339,8 +363,8 @@ def sample_vllm(
         if len(samples) != n:
             raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {n}")
         results.append(samples)
-    if len(results) != len(prompts):
-        raise RuntimeError(f"vLLM returned {len(results)} outputs for {len(prompts)} prompts")
+    if len(results) != n_prompts:
+        raise RuntimeError(f"vLLM returned {len(results)} outputs for {n_prompts} prompts")
     return results
 
 
