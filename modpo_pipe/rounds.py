@@ -65,8 +65,9 @@ from pathlib import Path
 from typing import Any
 
 from modpo_pipe import runstate, storage
-from modpo_pipe.config import Settings, as_before
+from modpo_pipe.config import Settings, validate_section
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.roles import legacy_key_settings, recorded_settings, resume_free_names, work_settings
 from modpo_pipe.runstate import (
     STAGES,
     Manifest,
@@ -87,22 +88,6 @@ EXIT_FAILURE = 1  # a stage failed, or the settings/inputs are wrong; the messag
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another invocation holds the run's lock; nothing was touched
 EXIT_CONFIG_CHANGED = 78  # EX_CONFIG: the settings changed in a way that would redo finished stages
 
-REFERENCES = ("fixed", "previous")
-
-# Settings that cannot change a stage's result, so changing them never invalidates a finished stage.
-_GENERATE_IGNORED = {"out", "policy", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
-                     "vllm_enforce_eager", "vllm_max_model_len",
-                     "split", "prompt_field", "messages_field", "id_field"}  # these act through the prompts' hash
-_SCORE_IGNORED = {"out", "ref", "rewards", "batch_tokens", "reward_batch_size", "shard_size", "http_timeout",
-                  "http_retries", "http_concurrency"}
-# Settings added after the legacy resume key: left out of its blob, which must stay the one that release wrote.
-_AFTER_LEGACY_KEY = {"http_timeout", "http_retries", "http_concurrency"}
-# As train.run_fingerprint; reward_stats is set by the run itself (Run.stats_file).
-_TRAIN_IGNORED = {"out", "policy", "merge", "log_every", "save_every", "reward_stats", "report_to"}
-# Settings a finished stage is compared on that a killed one may still resume under: generate's parts are
-# reused at any batch size (they record what they were sampled with), and a training state under any split of
-# the same global batch (train.run_fingerprint).
-_RESUME_FREE = {"generate.batch_size", "train.batch_size", "train.grad_accum"}
 # The stages shard workers compute ([run].shards > 1), and the stem of their shard directories.
 SHARDED_OUTPUTS = {"generate": "pairs", "score": "scored"}
 # What each stage writes in its round directory; a work directory NAME.parts/ (resumable generate and score)
@@ -390,18 +375,7 @@ def filesystem_errors(run_dir: Path) -> Iterator[None]:
 
 def check_run_settings(settings: Settings) -> None:
     r = settings.run
-    if r.rounds < 1:
-        raise ModpoError(f"[run].rounds must be >= 1; got {r.rounds}")
-    if r.prompts_per_round < 0:
-        raise ModpoError(f"[run].prompts_per_round must be >= 0; got {r.prompts_per_round}")
-    if r.reference not in REFERENCES:
-        raise ModpoError(f"[run].reference must be one of {', '.join(REFERENCES)}; got {r.reference!r}")
-    if r.shards < 1:
-        raise ModpoError(f"[run].shards must be >= 1; got {r.shards}")
-    if r.max_failures < 0:
-        raise ModpoError(f"[run].max_failures must be >= 0 (0: retry forever); got {r.max_failures}")
-    if r.replay < -1:
-        raise ModpoError(f"[run].replay must be -1 (all), 0 (none) or N > 0; got {r.replay}")
+    validate_section(r, "run")
     if r.replay and r.reference == "previous":
         raise ModpoError("[run].replay needs [run].reference = \"fixed\": earlier rounds' cached reference "
                          "log-probs were computed against other references")
@@ -487,11 +461,10 @@ class Run:
     def stage_settings(self, k: int, stage: str) -> dict[str, Any]:
         """Everything outside the run directory that a stage's result depends on, keyed for messages."""
         s = self.settings
-        out: dict[str, Any] = {"model.dtype": s.model.dtype}
+        out = {f"model.{key}": value for key, value in recorded_settings(s.model, by_run=True).items()}
+        out.update({f"{stage}.{key}": value
+                    for key, value in recorded_settings(getattr(s, stage), by_run=True).items()})
         if stage == "generate":
-            for f in dataclasses.fields(s.generate):
-                if f.name not in _GENERATE_IGNORED:
-                    out[f"generate.{f.name}"] = getattr(s.generate, f.name)
             # (the other columns only where there are some: runs of prompts without them keep their fingerprints)
             prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages,
                         **({"columns": r.columns} if r.columns else {})} for r in self.prompt_slice(k)]
@@ -499,9 +472,6 @@ class Run:
             if k == 0:
                 out["generate.policy (initial policy)"] = self._identity("model", s.generate.policy)
         elif stage == "score":
-            for f in dataclasses.fields(s.score):
-                if f.name not in _SCORE_IGNORED:
-                    out[f"score.{f.name}"] = getattr(s.score, f.name)
             out["score.rewards"] = {name: {"spec": spec, "fingerprint": self._identity("reward", spec)}
                                     for name, spec in s.score.rewards.items()}
             if s.run.reference == "fixed" or k == 0:
@@ -510,9 +480,6 @@ class Run:
             else:
                 out["run.reference"] = f"previous ({round_name(k - 1)} policy)"
         else:
-            for f in dataclasses.fields(s.train):
-                if f.name not in _TRAIN_IGNORED and not as_before("train", f.name, getattr(s.train, f.name)):
-                    out[f"train.{f.name}"] = getattr(s.train, f.name)
             out["run.replay (rounds replayed)"] = self.replay_rounds(k)
             if s.train.normalize == "zscore":
                 out["run.reward_stats (z-score statistics)"] = f"{round_name(0)} samples, fixed for the run"
@@ -654,21 +621,21 @@ class Run:
         a batch size after an out-of-memory kill, or saving more often, must not throw finished work away."""
         from modpo_pipe import models  # here: this module stays light (no torch) for run's lock and --help
 
-        s = self.settings
-        settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in _RESUME_FREE}
-        dtype = str(models.resolve_dtype(s.model.dtype, models.resolve_device(s.model.device)))
-        work = {"generate": {"chunk_size": s.generate.shard_size, "dtype": dtype,
-                             "vllm_max_model_len": s.generate.vllm_max_model_len},
-                "score": {"chunk_size": s.score.shard_size, "dtype": dtype},
-                "train": {"global_batch": s.train.batch_size * s.train.grad_accum}}[stage]
+        s, section = self.settings, getattr(self.settings, stage)
+        free = {f"{stage}.{name}" for name in resume_free_names(section)}
+        settings = {key: value for key, value in self.stage_settings(k, stage).items() if key not in free}
+        if stage == "train":
+            work = {"global_batch": s.train.batch_size * s.train.grad_accum}
+        else:  # what the work directory records: the chunk size, and the dtype this host's device resolves to
+            work = {**work_settings(section),
+                    "dtype": str(models.resolve_dtype(s.model.dtype, models.resolve_device(s.model.device)))}
         return storage.json_fingerprint({"stage": stage, "round": k, "inputs": inputs, "settings": settings,
                                          "work": work})
 
     def legacy_resume_key(self, k: int, stage: str, inputs: dict[str, Any] | None) -> str:
-        """The key of modpo-pipe before 2026-12-04 (every setting of the section and [model])."""
-        section = {"generate": self.settings.generate, "score": self.settings.score,
-                   "train": self.settings.train}[stage]
-        fields = {k: v for k, v in dataclasses.asdict(section).items() if k not in _AFTER_LEGACY_KEY}
+        """The key runs recorded before resume keys left batch sizes out: every setting of the section and
+        [model] (roles.Role.in_legacy_key), and the stage's recorded settings."""
+        fields = legacy_key_settings(getattr(self.settings, stage))
         return storage.json_fingerprint({"stage": stage, "round": k, "section": fields,
                                          "model": dataclasses.asdict(self.settings.model), "inputs": inputs,
                                          "settings": self.stage_settings(k, stage)})

@@ -38,7 +38,7 @@ from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from modpo_pipe import modelcard, models, reward_stats, schema, storage, tracking
-from modpo_pipe.config import Settings, TrainSettings, as_before
+from modpo_pipe.config import Settings, TrainSettings, choices
 from modpo_pipe.errors import ModpoError, out_of_memory
 from modpo_pipe.logprobs import build_batch, sequence_logps
 from modpo_pipe.losses import (
@@ -49,6 +49,7 @@ from modpo_pipe.losses import (
     zscore,
 )
 from modpo_pipe.prompts import is_hub_id
+from modpo_pipe.roles import recorded_settings
 
 # Policy log-probs on the first batch must equal the cached ref_logp when the policy is the reference; a
 # larger gap means tokenisation, precision or model drift between score and train. The tolerance is per compute
@@ -134,7 +135,7 @@ class TrainingGroups:
 
 
 TOKEN_COLUMNS = ("prompt_ids", "response_ids")
-PAIRINGS = ("all", "disjoint", "max-min")
+PAIRINGS = choices("train", "pairs")
 
 
 def group_pairs(ids: list[list[int]], scores: list[float], pairing: str) -> tuple[list[tuple[int, int]], int]:
@@ -481,10 +482,7 @@ def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: 
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
     micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
-    settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
-                                                                           "merge", "policy", "batch_size",
-                                                                           "grad_accum", "report_to")
-                and not as_before("train", k, v)}
+    settings = recorded_settings(t, for_resume=True)
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
     return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
                                      "reward_stats": data.stats.as_record() if data.stats else None})
