@@ -603,7 +603,7 @@ def inspect_command(
             typer.echo(f"{key}: {json.dumps(value, indent=2) if isinstance(value, (dict, list)) else value}")
 
 
-# --- iterative rounds: `run` (modpo_pipe/rounds.py) and `status` (modpo_pipe/status.py) ---
+# --- iterative rounds: `run` (modpo_pipe/rounds/) and `status` (modpo_pipe/status.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
 _RUN_MANAGED = frozenset().union(*(fields_where(cfg.SECTIONS[s], s, run_sets=True) for s in cfg.SECTIONS))
@@ -612,8 +612,10 @@ _RUN_MANAGED = frozenset().union(*(fields_where(cfg.SECTIONS[s], s, run_sets=Tru
 def _run_setting_parameters() -> list[inspect.Parameter]:
     """[run] and [model] flags as in every command; [generate], [score] and [train] flags prefixed with their
     section (--generate-seed, --score-reward, --train-beta), since those sections share field names."""
-    return _setting_parameters(["run", "model"]) + _setting_parameters(["generate", "score", "train"],
-                                                                       prefixed=True, skip=_RUN_MANAGED)
+    from modpo_pipe.rounds import STAGE_TABLE  # light: no torch
+
+    sections = [stage.section for stage in STAGE_TABLE.values()]
+    return _setting_parameters(["run", "model"]) + _setting_parameters(sections, prefixed=True, skip=_RUN_MANAGED)
 
 
 _WORKDIR_PARAM = inspect.Parameter(
@@ -701,7 +703,7 @@ def _register_run_commands() -> None:
                               "batch system; the plain `run` merges them."))),
         *_run_setting_parameters(),
     ]
-    run_help = (f"Advance the run directory by what is due: generate, score, train for round k, then round k+1, "
+    run_help = (f"Advance the run directory by what is due: {', '.join(rounds.STAGES)} for round k, then round k+1, "
                 f"until the configured number of rounds (--rounds). Safe to start from cron. "
                 f"Exit {rounds.EXIT_OK}: advanced or nothing to do; "
                 f"{rounds.EXIT_LOCKED}: another invocation holds the lock (nothing touched); "
