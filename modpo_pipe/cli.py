@@ -367,7 +367,7 @@ def merge_command(
         extra_option("vectors", Optional[list[str]], None, "--vector",
                      "A weight vector NAME=W,NAME=W (repeatable); overrides --grid."),
     ),
-    skip=frozenset({("train", "weights")}),  # the sweep sets each policy's weights: --weights was ignored
+    skip=frozenset({("train", "weights")}),  # the sweep sets each policy's weights: a --weights would be ignored
 )
 def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors: list[str] | None) -> None:
     import pyarrow.parquet as pq

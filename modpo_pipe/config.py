@@ -91,6 +91,7 @@ class GenerateSettings:
                             result="content")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
+    # Compared for a finished stage; a killed one resumes under any batch size: its finished chunks stand as sampled.
     batch_size: int = setting(16, "Prompts per generation batch (transformers backend).", bounds=POSITIVE,
                               resume_free=True)
     chunk_size: int = setting(

@@ -39,10 +39,10 @@ class Run(RoundLayout):
 
     def stage_settings(self, k: int, stage: str) -> dict[str, Any]:
         """Everything outside the run directory that a stage's result depends on, keyed for messages."""
-        s = self.settings
+        s, section = self.settings, STAGE_TABLE[stage].section
         out = {f"model.{key}": value for key, value in recorded_settings(s.model, by_run=True).items()}
-        out.update({f"{stage}.{key}": value
-                    for key, value in recorded_settings(getattr(s, STAGE_TABLE[stage].section), by_run=True).items()})
+        out.update({f"{section}.{key}": value
+                    for key, value in recorded_settings(getattr(s, section), by_run=True).items()})
         if stage == "generate":
             # (the other columns only where there are some: runs of prompts without them keep their fingerprints)
             prompts = [{"id": r.id, "prompt": r.prompt, "messages": r.messages,
@@ -74,13 +74,15 @@ class Run(RoundLayout):
             return info["sha256"] if "sha256" in info else info["fingerprint"]
 
         policy_input = {} if k == 0 else {f"{round_name(k - 1)}/policy": output(k - 1, "train", "policy")}
-        if stage == "generate":
+        reads = STAGE_TABLE[stage].reads
+        if reads is None:
             return policy_input
+        upstream = STAGES[STAGES.index(stage) - 1]
         if stage == "score":
-            inputs = {f"{round_name(k)}/pairs.parquet": output(k, "generate", "pairs.parquet")}
+            inputs = {f"{round_name(k)}/{reads}": output(k, upstream, reads)}
             return {**inputs, **(policy_input if self.settings.run.reference == "previous" else {})}
         statistics = [0] if self.settings.train.normalize == "zscore" else []  # Run.stats_file
-        scored = {f"{round_name(j)}/scored.parquet": output(j, "score", "scored.parquet")
+        scored = {f"{round_name(j)}/{reads}": output(j, upstream, reads)
                   for j in [k, *self.replay_rounds(k), *statistics]}
         return {**scored, **policy_input}
 
