@@ -21,7 +21,7 @@ from typing import Any
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.prompts import PromptFields, is_hub_id
 from modpo_pipe.reward_http import is_served, parse_spec
-from modpo_pipe.roles import Role, problem, role
+from modpo_pipe.roles import Role, described, problem, role
 from modpo_pipe.tracking import CHOICES as TRACKER_CHOICES
 from modpo_pipe.values import coerce, toml_value
 
@@ -34,6 +34,7 @@ else:  # pragma: no cover
 
 DEFAULT_CONFIG_NAME = "modpo.toml"
 POSITIVE, NON_NEGATIVE = (("> 0", ""),), ((">= 0", ""),)
+GLOBAL_BATCH = "batch_size x grad_accum x processes stays"
 # A group's responses are sampled side by side (batch_size prompts x N replies a batch), scored and trained together
 # (a group is train's smallest micro-batch, all N(N-1)/2 of its pairs by default): a typo of 10^9 planned that many
 # replies before the first was sampled. 1024 is 523,776 pairs a prompt.
@@ -175,8 +176,9 @@ class TrainSettings:
         choices=("all", "disjoint", "max-min"))
     # A resumed state must share the global batch, batch_size * grad_accum * processes (train.run_fingerprint).
     batch_size: int = setting(8, "Groups (prompts) per micro-batch; every response of a group is forwarded once.",
-                              bounds=POSITIVE, resume_free=True)
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.", bounds=POSITIVE, resume_free=True)
+                              bounds=POSITIVE, resume_free=True, resume_if=GLOBAL_BATCH)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", bounds=POSITIVE, resume_free=True,
+                              resume_if=GLOBAL_BATCH)
     warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.",
                                   bounds=(("[0, 1)", ""),))
     lr_schedule: str = setting(
@@ -214,14 +216,15 @@ class RunSettings:
     """[run]: iterative rounds in a run directory (`modpo-pipe run`); see modpo_pipe/rounds.py."""
 
     rounds: int = setting(3, "Rounds of generate -> score -> train; round k+1 samples with round k's trained policy.",
-                          bounds=((">= 1", ""),))
+                          bounds=((">= 1", ""),), result="none")
     # An input, but resolved like an output: always against the TOML's directory, so a typo is reported with
     # the full path it looked at.
     prompts: str = setting("", "Prompts every round samples from (JSONL, Parquet, a datasets dir, or a Hub dataset id "
-                           "read with [generate].split and the [generate] *_field settings).", path="prompts")
+                           "read with [generate].split and the [generate] *_field settings).", path="prompts",
+                           result="content")
     prompts_per_round: int = setting(
         0, "0: every round uses all prompts; N: round k uses the next N prompts (a slice rotating through the file).",
-        bounds=NON_NEGATIVE)
+        bounds=NON_NEGATIVE, result="content")
     reference: str = setting(
         "fixed", "fixed: score every round against the initial policy ([score].ref when set, else "
         "[generate].policy); previous: against the policy that sampled the round.", choices=("fixed", "previous"))
@@ -230,16 +233,15 @@ class RunSettings:
         "(needs reference = fixed).", bounds=((">= -1", "-1: all, 0: none, N > 0: the last N"),))
     keep_train_state: bool = setting(
         False, "Keep each finished round's resumable training state (optimizer moments; several times the "
-        "model's size) instead of deleting it once the round's policy is written."
-    )
+        "model's size) instead of deleting it once the round's policy is written.", result="none")
     shards: int = setting(
         1, "N > 1: each round's generate and score are split into N shards, computed by `modpo-pipe run --shard "
         "I/N` workers (any batch system, hosts sharing the run directory); the plain `run` opens those stages, "
-        "merges the shards and trains. The result does not depend on N.", bounds=((">= 1", ""),))
+        "merges the shards and trains. The result does not depend on N.", bounds=((">= 1", ""),), result="none")
     max_failures: int = setting(
         3, "A stage that failed or died (killed, or ended from inside) this many times in a row is not tried "
         "again: every `run` exits 1 naming it and its log (RUN/round-NNN/STAGE.log) until `run --retry`. 0: retry "
-        "forever.", bounds=((">= 0", "0: retry forever"),))
+        "forever.", bounds=((">= 0", "0: retry forever"),), result="none")
 
 
 SECTIONS: dict[str, type] = {
@@ -518,16 +520,22 @@ def reference_markdown() -> str:
         "comma-separated, and replace the file's table whole (a warning names the entries left out); a",
         "boolean's flag also has a `--no-` form (`--no-chat-template`).",
         "",
+        "*Changes results* says what a change of the setting does to finished work: yes (a `run` redoes the",
+        "finished stages it changes, after asking for `--allow-config-change`), by content (the content of the",
+        "model or prompts it names is compared, not the name), or no (never redone); and which settings a",
+        "killed generate, score or train may resume under when they change.",
+        "",
     ]
     for name, cls in SECTIONS.items():
         doc = (cls.__doc__ or "").strip()
         lines += [f"## [{name}]", ""]
         if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
             lines += [doc, ""]
-        lines += ["| key | default | flag | what it does |", "|---|---|---|---|"]
+        lines += ["| key | default | flag | changes results | what it does |", "|---|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             value = "{}" if default == {} else toml_value(default)
-            lines.append(f"| `{f.name}` | `{value}` | `{flag_name(f)}` | {_markdown_cell(f.metadata['help'])} |")
+            lines.append(f"| `{f.name}` | `{value}` | `{flag_name(f)}` | {described(role(f))} | "
+                         f"{_markdown_cell(f.metadata['help'])} |")
         lines.append("")
     return "\n".join(lines)

@@ -31,6 +31,7 @@ class Role:
     # It may change while a killed stage resumes: the work it left does not depend on it (a batch size
     # lowered after an out-of-memory kill; train records the global batch instead).
     resume_free: bool = False
+    resume_if: str = ""  # the condition a resume under another value still needs, said in the docs
     # The stage's work directory (OUT.parts/) records it: a killed attempt resumes only under the same value.
     work: bool = False
     run_sets: bool = False  # `run` sets it for each round itself: no flag there, not compared between rounds
@@ -51,6 +52,18 @@ class Role:
 
     def recorded(self, value: Any) -> bool:
         return self.result == "value" and not (self.unrecorded_at is not _UNSET and value == self.unrecorded_at)
+
+
+def described(r: Role) -> str:
+    """The role in words (docs/configuration.md)."""
+    words = {"value": "yes", "content": "by content", "none": "no"}[r.result]
+    if r.resume_free:
+        words += "; a killed run resumes under another" + (f" while {r.resume_if}" if r.resume_if else "")
+    if r.work:
+        words += "; a killed run resumes only under the same"
+    if r.run_sets:
+        words += "; `run` sets it"
+    return words
 
 
 def role(f: dataclasses.Field) -> Role:

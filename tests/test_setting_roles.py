@@ -119,3 +119,15 @@ def test_the_old_chunk_flag_sets_chunk_size(tmp_path, monkeypatch):
     monkeypatch.setattr(cfg, "load_settings", load)
     result = CliRunner().invoke(app, ["generate", str(tmp_path / "p.jsonl"), "--shard-size", "3"])
     assert result.exit_code == 1 and seen["chunk_size"] == 3
+
+
+def test_the_configuration_reference_says_each_settings_role():
+    """docs/configuration.md's 'changes results' column is the declaration in words."""
+    fields = cfg.SECTION_FIELDS
+    assert roles.described(roles.role(fields["train"]["out"])) == "no; `run` sets it"
+    assert roles.described(roles.role(fields["generate"]["policy"])) == "by content"
+    assert "resumes under another while batch_size x grad_accum" in roles.described(
+        roles.role(fields["train"]["grad_accum"]))
+    assert roles.described(roles.role(fields["score"]["chunk_size"])) == "no; a killed run resumes only under the same"
+    row = next(line for line in cfg.reference_markdown().splitlines() if line.startswith("| `lr_schedule` |"))
+    assert "| yes |" in row
