@@ -22,6 +22,7 @@ import typer
 
 from modpo_pipe import config as cfg
 from modpo_pipe.errors import ModpoError, environment_error
+from modpo_pipe.roles import fields_where
 
 app = typer.Typer(
     add_completion=False,
@@ -80,8 +81,9 @@ def _setting_parameters(sections: list[str], prefixed: bool = False,
             if (section, f.name) in skip:
                 continue
             flag, tp = cfg.flag_name(f), types[f.name]
+            aliases = cfg.flag_aliases(f)
             if prefixed:
-                flag = f"--{section}-{flag[2:]}"
+                flag, aliases = f"--{section}-{flag[2:]}", tuple(f"--{section}-{a[2:]}" for a in aliases)
             if flag in seen:  # a command spanning sections exposes a shared name (out) once, for the first
                 continue
             seen.add(flag)
@@ -94,7 +96,7 @@ def _setting_parameters(sections: list[str], prefixed: bool = False,
                                       show_default=False)
                 annotation = Optional[list[str]]
             else:
-                option = typer.Option(None, flag, help=help_text, show_default=False)
+                option = typer.Option(None, flag, *aliases, help=help_text, show_default=False)
                 annotation = Optional[tp]
             params.append(inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
                                             default=option, annotation=annotation))
@@ -365,7 +367,7 @@ def merge_command(
         extra_option("vectors", Optional[list[str]], None, "--vector",
                      "A weight vector NAME=W,NAME=W (repeatable); overrides --grid."),
     ),
-    skip=frozenset({("train", "weights")}),  # the sweep sets each policy's weights: --weights was ignored
+    skip=frozenset({("train", "weights")}),  # the sweep sets each policy's weights: a --weights would be ignored
 )
 def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors: list[str] | None) -> None:
     import pyarrow.parquet as pq
@@ -413,8 +415,7 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
     ),
     # eval's own --samples-per-prompt and --out (its summary) above; and no flags for settings of the stage
     # files eval does not write (a flag it would ignore is worse than none); eval refuses invalid rewards.
-    skip=frozenset({("generate", "samples_per_prompt"), ("generate", "out"), ("generate", "shard_size"),
-                    ("score", "out"), ("score", "shard_size"), ("score", "on_invalid_reward")}),
+    skip=frozenset().union(*(fields_where(cfg.SECTIONS[s], s, eval_flag=False) for s in ("generate", "score"))),
 )
 def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | None, samples_per_prompt: int,
                  summary_out: Path) -> None:
@@ -602,18 +603,19 @@ def inspect_command(
             typer.echo(f"{key}: {json.dumps(value, indent=2) if isinstance(value, (dict, list)) else value}")
 
 
-# --- iterative rounds: `run` (modpo_pipe/rounds.py) and `status` (modpo_pipe/status.py) ---
+# --- iterative rounds: `run` (modpo_pipe/rounds/) and `status` (modpo_pipe/status.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
-_RUN_MANAGED = frozenset({("generate", "out"), ("score", "out"), ("train", "out"), ("train", "policy"),
-                          ("train", "reward_stats")})
+_RUN_MANAGED = frozenset().union(*(fields_where(cfg.SECTIONS[s], s, run_sets=True) for s in cfg.SECTIONS))
 
 
 def _run_setting_parameters() -> list[inspect.Parameter]:
     """[run] and [model] flags as in every command; [generate], [score] and [train] flags prefixed with their
     section (--generate-seed, --score-reward, --train-beta), since those sections share field names."""
-    return _setting_parameters(["run", "model"]) + _setting_parameters(["generate", "score", "train"],
-                                                                       prefixed=True, skip=_RUN_MANAGED)
+    from modpo_pipe.rounds import STAGE_TABLE  # light: no torch
+
+    sections = [stage.section for stage in STAGE_TABLE.values()]
+    return _setting_parameters(["run", "model"]) + _setting_parameters(sections, prefixed=True, skip=_RUN_MANAGED)
 
 
 _WORKDIR_PARAM = inspect.Parameter(
@@ -701,7 +703,7 @@ def _register_run_commands() -> None:
                               "batch system; the plain `run` merges them."))),
         *_run_setting_parameters(),
     ]
-    run_help = (f"Advance the run directory by what is due: generate, score, train for round k, then round k+1, "
+    run_help = (f"Advance the run directory by what is due: {', '.join(rounds.STAGES)} for round k, then round k+1, "
                 f"until the configured number of rounds (--rounds). Safe to start from cron. "
                 f"Exit {rounds.EXIT_OK}: advanced or nothing to do; "
                 f"{rounds.EXIT_LOCKED}: another invocation holds the lock (nothing touched); "
@@ -728,7 +730,8 @@ def _register_run_commands() -> None:
     status_command.__signature__ = inspect.Signature(status_params)  # type: ignore[attr-defined]
     status_command.__annotations__ = {p.name: p.annotation for p in status_params}
     app.command("status", help="Per round and stage: done / pending / failed, rows, wall time, mean rewards, "
-                "loss and KL proxy. Read-only; give it the flags `run` gets.")(status_command)
+                "loss and kl_k2 (the last epoch's mean KL(pi_ref || pi) estimate). Read-only; give it the flags `run` "
+                "gets.")(status_command)
 
 
 _register_run_commands()

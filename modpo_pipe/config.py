@@ -10,10 +10,8 @@ current directory. Model paths that do not exist locally are left alone (they ma
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +21,11 @@ from typing import Any
 from modpo_pipe.errors import ModpoError
 from modpo_pipe.prompts import PromptFields, is_hub_id
 from modpo_pipe.reward_http import is_served, parse_spec
+from modpo_pipe.roles import Role, described, problem, role
 from modpo_pipe.tracking import CHOICES as TRACKER_CHOICES
+from modpo_pipe.values import coerce, toml_value
+
+_toml_value = toml_value  # the name the tests import
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -31,12 +33,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_CONFIG_NAME = "modpo.toml"
+POSITIVE, NON_NEGATIVE = (("> 0", ""),), ((">= 0", ""),)
+GLOBAL_BATCH = "batch_size x grad_accum x processes stays"
+# A group's responses are sampled side by side (batch_size prompts x N replies a batch), scored and trained together
+# (a group is train's smallest micro-batch, all N(N-1)/2 of its pairs by default): a typo of 10^9 planned that many
+# replies before the first was sampled. 1024 is 523,776 pairs a prompt.
+MAX_SAMPLES_PER_PROMPT = 1024
 
 
-def setting(default: Any, help: str, *, path: str | None = None, flag: str | None = None) -> Any:
+def setting(default: Any, help: str, *, path: str | None = None, flag: str | None = None, **declared: Any) -> Any:
     """A config field. `path` is "model" (a local dir or a hub id), "output", or "prompts" (a local path, else a
-    Hub dataset id); `flag` renames the CLI flag."""
-    meta = {"help": help, "path": path, "flag": flag}
+    Hub dataset id); `flag` renames the CLI flag; `declared` is what the setting means to the pipeline (roles.Role:
+    allowed values, whether it changes results, may change on resume, is set by `run`)."""
+    meta = {"help": help, "path": path, "flag": flag, "role": Role(**declared)}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -45,48 +54,64 @@ def setting(default: Any, help: str, *, path: str | None = None, flag: str | Non
 @dataclass
 class ModelSettings:
     dtype: str = setting("auto", "Compute dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
-                                       "float16. train keeps float32 master weights and refuses float16.")
-    device: str = setting("auto", "Device for generate/score/train: auto (cuda if available), cpu, cuda, cuda:1 ...")
+                                       "float16. train keeps float32 master weights and refuses float16.",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = setting("auto", "Device for generate/score/train: auto (cuda if available), cpu, cuda, cuda:1 ...",
+                          result="none")
     trust_remote_code: bool = setting(
-        False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load."
-    )
+        False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load.",
+        result="none")
     attention: str = setting(
         "auto", "Attention kernel of score and train: auto (flex attention on CUDA, whose block masks skip what the "
-        "packed rows' mask hides; SDPA elsewhere), flex (CUDA only), sdpa or eager.")
+        "packed rows' mask hides; SDPA elsewhere), flex (CUDA only), sdpa or eager.",
+        choices=("auto", "flex", "sdpa", "eager"), result="none", in_legacy_key=False)
 
 
 @dataclass
 class GenerateSettings:
-    policy: str = setting("", "Policy that samples the pairs: a local directory or a hub id.", path="model")
-    backend: str = setting("auto", "Sampler: auto (vllm when it imports and a GPU is present), transformers, vllm.")
+    policy: str = setting("", "Policy that samples the pairs: a local directory or a hub id.", path="model",
+                          result="content")
+    backend: str = setting("auto", "Sampler: auto (vllm when it imports and a GPU is present), transformers, vllm.",
+                           choices=("auto", "transformers", "vllm"))
     samples_per_prompt: int = setting(
         2, "N, 2 to 1024: responses sampled per prompt, stored together as one group; train forms pairs within a "
-        "group ([train].pairs). Replaces pairs_per_prompt = P, which is read as N = 2P.")
-    temperature: float = setting(1.0, "Sampling temperature (> 0).")
-    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].")
-    max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.")
-    max_prompt_tokens: int = setting(1024, "Longest rendered prompt in tokens; see long_prompts.")
+        "group ([train].pairs). Replaces pairs_per_prompt = P, which is read as N = 2P.", eval_flag=False,
+        bounds=((">= 2", "a pair needs two responses"), (f"<= {MAX_SAMPLES_PER_PROMPT}", "a group's responses are "
+                "sampled side by side and trained in one forward pass")))
+    temperature: float = setting(1.0, "Sampling temperature (> 0).", bounds=POSITIVE)
+    top_p: float = setting(1.0, "Nucleus sampling mass in (0, 1].", bounds=(("(0, 1]", ""),))
+    max_new_tokens: int = setting(256, "Maximum tokens per response; longer ones end with finish_reason 'length'.",
+                                  bounds=POSITIVE)
+    max_prompt_tokens: int = setting(1024, "Longest rendered prompt in tokens; see long_prompts.", bounds=POSITIVE)
     long_prompts: str = setting("drop", "What to do with longer prompts: drop or truncate (cut from the start of "
-                                        "the text), both counted.")
+                                        "the text), both counted.", choices=("drop", "truncate"))
     skip_invalid: bool = setting(False, "Skip (and count) malformed prompt rows instead of stopping at the first.")
-    split: str = setting("", "With a dataset (Hub id or folder of data files): the split to read (empty: its only).")
-    prompt_field: str = setting("prompt", "The column or JSON field holding a plain prompt.")
+    split: str = setting("", "With a dataset (Hub id or folder of data files): the split to read (empty: its only).",
+                         result="content")
+    prompt_field: str = setting("prompt", "The column or JSON field holding a plain prompt.", result="content")
     messages_field: str = setting(
         "messages", "The column or JSON field holding a chat ({role, content} list); trailing assistant turns "
-        "(a dataset's reference reply) are dropped.")
-    id_field: str = setting("id", "The column or JSON field holding a prompt's id (absent: row-NNNNNN).")
+        "(a dataset's reference reply) are dropped.", result="content")
+    id_field: str = setting("id", "The column or JSON field holding a prompt's id (absent: row-NNNNNN).",
+                            result="content")
     chat_template: bool = setting(True, "Render plain prompts with the tokenizer's chat template when it has one.")
     seed: int = setting(0, "Sampling seed; each chunk derives its own seed from it, so reruns are reproducible.")
-    batch_size: int = setting(16, "Prompts per generation batch (transformers backend).")
-    shard_size: int = setting(
-        256, "Prompts per resumable chunk: finished chunks wait in OUT.parts/ until all are done, so a killed "
-        "run loses at most one chunk. Each chunk's seed derives from its index: a resumed run writes the same rows."
-    )
-    out: str = setting("pairs.parquet", "Output file.", path="output")
-    vllm_max_model_len: int = setting(0, "vLLM max_model_len (0: prompt + response limit).")
-    vllm_gpu_memory_utilization: float = setting(0.9, "vLLM gpu_memory_utilization.")
-    vllm_tensor_parallel_size: int = setting(1, "vLLM tensor_parallel_size (GPUs per engine).")
-    vllm_enforce_eager: bool = setting(False, "vLLM enforce_eager (no CUDA graphs).")
+    # Compared for a finished stage; a killed one resumes under any batch size: its finished chunks stand as sampled.
+    batch_size: int = setting(16, "Prompts per generation batch (transformers backend).", bounds=POSITIVE,
+                              resume_free=True)
+    chunk_size: int = setting(
+        256, "Prompts per resumable chunk (also read as shard_size): finished chunks wait in OUT.parts/ until all "
+        "are done, so a killed run loses at most one chunk. Each chunk's seed derives from its index: a resumed run "
+        "writes the same rows.", bounds=POSITIVE, work=True, eval_flag=False, recorded_as="shard_size")
+    out: str = setting("pairs.parquet", "Output file.", path="output", result="none", run_sets=True, eval_flag=False)
+    # The engine's length decides which prompts fit (the prompt token limit the work directory records).
+    vllm_max_model_len: int = setting(0, "vLLM max_model_len (0: prompt + response limit).", result="none",
+                                      bounds=NON_NEGATIVE, work=True)
+    vllm_gpu_memory_utilization: float = setting(0.9, "vLLM gpu_memory_utilization.", result="none",
+                                                 bounds=(("(0, 1]", ""),))
+    vllm_tensor_parallel_size: int = setting(1, "vLLM tensor_parallel_size (GPUs per engine).", result="none",
+                                             bounds=POSITIVE)
+    vllm_enforce_eager: bool = setting(False, "vLLM enforce_eager (no CUDA graphs).", result="none")
 
 
 @dataclass
@@ -98,125 +123,141 @@ class ScoreSettings:
         "function), or a served model: http://HOST:PORT/PATH#revision=R (modpo-pipe's JSON) or "
         "vllm+http://HOST:PORT/classify#revision=R (vllm serve). A py: callable is code you chose to run: "
         "modpo-pipe imports and calls it like any script of yours.",
-        flag="reward",
+        flag="reward", result="content",
     )
-    ref: str = setting("", "Reference model for ref_logps; empty: the policy that generated the pairs.", path="model")
-    batch_tokens: int = setting(8192, "Token budget of one reference forward batch (sequences sorted by length).")
-    reward_batch_size: int = setting(16, "Texts per reward-model batch.")
-    shard_size: int = setting(
-        1024, "Pairs per resumable chunk: finished chunks (per reward and for the reference) wait in OUT.parts/ "
-        "until all are done, so a killed run recomputes at most one chunk."
-    )
+    ref: str = setting("", "Reference model for ref_logps; empty: the policy that generated the pairs.", path="model",
+                       result="content")
+    batch_tokens: int = setting(8192, "Token budget of one reference forward batch (sequences sorted by length).",
+                                result="none", bounds=POSITIVE)
+    reward_batch_size: int = setting(16, "Texts per reward-model batch.", result="none", bounds=POSITIVE)
+    chunk_size: int = setting(
+        1024, "Pairs per resumable chunk (also read as shard_size): finished chunks (per reward and for the "
+        "reference) wait in OUT.parts/ until all are done, so a killed run recomputes at most one chunk.",
+        result="none", bounds=POSITIVE, work=True, eval_flag=False, recorded_as="shard_size")
     on_invalid_reward: str = setting(
         "error", "A reward that is NaN, inf or None: error (stop, naming the group and response) or drop (drop the "
         "response, counted; a group left with fewer than 2 responses is dropped whole). A reward that raises or "
-        "returns the wrong number of scores is always an error."
-    )
-    http_timeout: float = setting(60.0, "Served rewards (http:// specs): seconds to wait for one answer.")
+        "returns the wrong number of scores is always an error.", choices=("error", "drop"), eval_flag=False)
+    # A served reward's answers do not depend on how long or how often it is asked.
+    http_timeout: float = setting(60.0, "Served rewards (http:// specs): seconds to wait for one answer.",
+                                  result="none", bounds=POSITIVE, in_legacy_key=False)
     http_retries: int = setting(
         4, "Served rewards: retries of a request answered with a 5xx, timed out or whose connection failed, after "
-        "0.5 s, 1 s, 2 s ... (at most 30 s); then score stops, naming the endpoint."
-    )
+        "0.5 s, 1 s, 2 s ... (at most 30 s); then score stops, naming the endpoint.",
+        result="none", bounds=NON_NEGATIVE, in_legacy_key=False)
     http_concurrency: int = setting(
         4, "Served rewards: requests in flight at once (each of reward_batch_size responses; of one conversation for "
-        "vllm+ chat endpoints)."
-    )
-    out: str = setting("scored.parquet", "Output file.", path="output")
+        "vllm+ chat endpoints).", result="none", bounds=POSITIVE, in_legacy_key=False)
+    out: str = setting("scored.parquet", "Output file.", path="output", result="none", run_sets=True,
+                       eval_flag=False)
 
 
 @dataclass
 class TrainSettings:
-    policy: str = setting("", "Policy to train; empty: the reference the file was scored with.", path="model")
+    policy: str = setting("", "Policy to train; empty: the reference the file was scored with.", path="model",
+                          result="content", run_sets=True)
     weights: dict[str, float] = setting(
-        {}, "Weight per reward name, e.g. helpful=0.7,harmless=0.3; normalised to sum 1. Empty: equal weights."
-    )
-    loss: str = setting("rpo-sym", "rpo-sym (symmetric, lower variance), rpo (paper Eq. 19) or rebel (squared).")
-    beta: float = setting(0.1, "KL strength: the optimum is pi_ref * exp(r_w / beta).")
+        {}, "Weight per reward name, e.g. helpful=0.7,harmless=0.3; normalised to sum 1. Empty: equal weights.",
+        bounds=NON_NEGATIVE)
+    loss: str = setting("rpo-sym", "rpo-sym (symmetric, lower variance), rpo (paper Eq. 19) or rebel (squared).",
+                        choices=("rpo-sym", "rpo", "rebel"))
+    beta: float = setting(0.1, "KL strength: the optimum is pi_ref * exp(r_w / beta).", bounds=POSITIVE)
     normalize: str = setting(
         "zscore", "zscore: standardise every reward with one stored mean/std (see reward_stats), so that weights mean "
-        "the same thing whatever each reward's scale; none: raw rewards."
-    )
+        "the same thing whatever each reward's scale; none: raw rewards.", choices=("zscore", "none"))
     reward_stats: str = setting(
         "", "The scored file whose stored reward mean/std z-score every input file (one target for all of them). "
-        "Empty: the first input file's. `run` sets it to round-000/scored.parquet.", path="output"
-    )
-    lr: float = setting(1e-5, "Peak learning rate (AdamW). LoRA usually wants ~1e-4.")
-    weight_decay: float = setting(0.0, "AdamW weight decay.")
-    epochs: int = setting(1, "Passes over the groups.")
+        "Empty: the first input file's. `run` sets it to round-000/scored.parquet.", path="output",
+        run_sets=True)
+    lr: float = setting(1e-5, "Peak learning rate (AdamW). LoRA usually wants ~1e-4.", bounds=POSITIVE)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", bounds=NON_NEGATIVE)
+    epochs: int = setting(1, "Passes over the groups.", bounds=POSITIVE)
     pairs: str = setting(
         "all", "How a group's responses are paired: all (every i < j), disjoint ((1,2), (3,4), ...: each response in "
         "one pair), max-min (the highest vs the lowest weighted reward, as RLHFlow builds DPO data; it biases the "
         "target away from pi*: the pair kept is selected by its reward gap, so its teacher margins are larger than "
-        "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.")
+        "those of pairs drawn from the policy). Equal for N = 2. Responses with identical ids give no pair.",
+        choices=("all", "disjoint", "max-min"))
+    # A resumed state must share the global batch, batch_size * grad_accum * processes (train.run_fingerprint).
     batch_size: int = setting(
         8, "Groups (prompts) per micro-batch, unless micro_batch_tokens cuts by tokens (on a GPU by default); times "
         "grad_accum (and the processes), the groups of one optimizer step. Each response of a group is forwarded "
-        "once.")
+        "once.", bounds=POSITIVE, resume_free=True, resume_if=GLOBAL_BATCH)
+    # How a step is cut into forwards, never what it computes (the same groups, normalisation and gradient).
     micro_batch_tokens: int = setting(
         0, "Token budget of one forward (prompt once, every response): a step's groups, in order, are cut into "
         "micro-batches of whole groups within it. The step (batch_size * grad_accum groups) and its gradient stay "
-        "the same. 0: on a GPU, sized from free memory; on a CPU, batch_size groups per micro-batch.")
-    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.")
+        "the same. 0: on a GPU, sized from free memory; on a CPU, batch_size groups per micro-batch.",
+        bounds=NON_NEGATIVE, result="none", resume_free=True, in_legacy_key=False)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", bounds=POSITIVE, resume_free=True,
+                              resume_if=GLOBAL_BATCH)
+    warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.",
+                                  bounds=(("[0, 1)", ""),))
     lr_schedule: str = setting(
         "cosine", "After warmup: cosine (decay to 0 at the last step) or constant (the peak lr to the end). A `run` "
-        "trains each round as its own job, so either schedule starts again every round.")
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: off).")
+        "trains each round as its own job, so either schedule starts again every round.",
+        # cosine is what training did before the setting existed: recorded only when it is another
+        choices=("cosine", "constant"), unrecorded_at="cosine")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: off).", bounds=NON_NEGATIVE)
     seed: int = setting(0, "Seed for data order and initialisation of adapters.")
-    lora_r: int = setting(0, "LoRA rank; 0 trains all weights.")
-    lora_alpha: int = setting(16, "LoRA alpha.")
-    lora_dropout: float = setting(0.0, "LoRA dropout (train turns every dropout off: set for the record only).")
+    lora_r: int = setting(0, "LoRA rank; 0 trains all weights.", bounds=NON_NEGATIVE)
+    # 0 would train an adapter that is exactly nothing (its update is scaled by alpha / r), and say so nowhere.
+    lora_alpha: int = setting(16, "LoRA alpha.", bounds=POSITIVE)
+    lora_dropout: float = setting(0.0, "LoRA dropout (train turns every dropout off: set for the record only).",
+                                  bounds=(("[0, 1)", ""),))
     lora_targets: list[str] = setting(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names LoRA adapts.")
     lora_layers: int = setting(
-        0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.")
-    merge: bool = setting(False, "With LoRA, also write merged full weights to OUT/merged.")
+        0, "With LoRA, adapt only the last N transformer layers (0: all); backprop then stops below them.",
+        bounds=NON_NEGATIVE)
+    merge: bool = setting(False, "With LoRA, also write merged full weights to OUT/merged.", result="none")
     gradient_checkpointing: bool = setting(False, "Trade compute for activation memory.")
     compile: bool = setting(
         False, "Compile the policy with torch.compile: faster steps on a GPU once compiled (the first steps, and each "
-        "new micro-batch shape, wait for the compiler). Same losses within float rounding.")
-    log_every: int = setting(1, "Optimizer steps between metrics lines (the first and last step always).")
-    save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).")
+        "new micro-batch shape, wait for the compiler). Same losses within float rounding.",
+        result="none", resume_free=True, in_legacy_key=False)
+    log_every: int = setting(1, "Optimizer steps between metrics lines (the first and last step always).",
+                             result="none", bounds=POSITIVE)
+    save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).",
+                              result="none", bounds=NON_NEGATIVE)
     report_to: str = setting(
         "none", "Experiment trackers that also get every metrics line and the settings: none, tensorboard "
         "(OUT/runs/), wandb, mlflow, trackio, all (those installed); comma-separated for several. metrics.jsonl "
-        "is written either way.")
-    out: str = setting("checkpoints", "Output directory (final/, state/, metrics.jsonl).", path="output")
+        "is written either way.", result="none")
+    out: str = setting("checkpoints", "Output directory (final/, state/, metrics.jsonl).", path="output",
+                       result="none", run_sets=True)
 
 
 @dataclass
 class RunSettings:
     """[run]: iterative rounds in a run directory (`modpo-pipe run`); see modpo_pipe/rounds.py."""
 
-    rounds: int = setting(3, "Rounds of generate -> score -> train; round k+1 samples with round k's trained policy.")
+    rounds: int = setting(3, "Rounds of generate -> score -> train; round k+1 samples with round k's trained policy.",
+                          bounds=((">= 1", ""),), result="none")
     # An input, but resolved like an output: always against the TOML's directory, so a typo is reported with
     # the full path it looked at.
     prompts: str = setting("", "Prompts every round samples from (JSONL, Parquet, a datasets dir, or a Hub dataset id "
-                           "read with [generate].split and the [generate] *_field settings).", path="prompts")
+                           "read with [generate].split and the [generate] *_field settings).", path="prompts",
+                           result="content")
     prompts_per_round: int = setting(
-        0, "0: every round uses all prompts; N: round k uses the next N prompts (a slice rotating through the file)."
-    )
+        0, "0: every round uses all prompts; N: round k uses the next N prompts (a slice rotating through the file).",
+        bounds=NON_NEGATIVE, result="content")
     reference: str = setting(
         "fixed", "fixed: score every round against the initial policy ([score].ref when set, else "
-        "[generate].policy); previous: against the policy that sampled the round."
-    )
+        "[generate].policy); previous: against the policy that sampled the round.", choices=("fixed", "previous"))
     replay: int = setting(
         0, "Earlier rounds whose scored pairs round k also trains on: 0 none, N the last N, -1 all "
-        "(needs reference = fixed)."
-    )
+        "(needs reference = fixed).", bounds=((">= -1", "-1: all, 0: none, N > 0: the last N"),))
     keep_train_state: bool = setting(
         False, "Keep each finished round's resumable training state (optimizer moments; several times the "
-        "model's size) instead of deleting it once the round's policy is written."
-    )
+        "model's size) instead of deleting it once the round's policy is written.", result="none")
     shards: int = setting(
         1, "N > 1: each round's generate and score are split into N shards, computed by `modpo-pipe run --shard "
         "I/N` workers (any batch system, hosts sharing the run directory); the plain `run` opens those stages, "
-        "merges the shards and trains. The result does not depend on N."
-    )
+        "merges the shards and trains. The result does not depend on N.", bounds=((">= 1", ""),), result="none")
     max_failures: int = setting(
         3, "A stage that failed or died (killed, or ended from inside) this many times in a row is not tried "
         "again: every `run` exits 1 naming it and its log (RUN/round-NNN/STAGE.log) until `run --retry`. 0: retry "
-        "forever."
-    )
+        "forever.", bounds=((">= 0", "0: retry forever"),), result="none")
 
 
 SECTIONS: dict[str, type] = {
@@ -226,6 +267,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainSettings,
     "run": RunSettings,
 }
+SECTION_FIELDS: dict[str, dict[str, dataclasses.Field]] = {
+    name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 
 
 @dataclass
@@ -246,76 +289,14 @@ def flag_name(f: dataclasses.Field) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
 
 
+def flag_aliases(f: dataclasses.Field) -> tuple[str, ...]:
+    """Other flags of the same setting: the name fingerprints record it as (roles.Role.recorded_as)."""
+    other = role(f).recorded_as
+    return ("--" + other.replace("_", "-"),) if other else ()
+
+
 def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is not None:  # list[str].__name__ is just "list"
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert one TOML or flag value to the field's type; `where` names the key for the error."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is not None:
-            if not math.isfinite(number):
-                raise ModpoError(f"{where} must be a finite number, got {value!r}")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            # repeated flags arrive as a list, each item possibly comma-separated
-            return [part.strip() for item in value for part in item.split(",") if part.strip()]
-    elif origin is dict:
-        value_type = typing.get_args(tp)[1]
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            value = _parse_pairs(value, where)
-        if isinstance(value, dict):
-            return {str(k): coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
-    raise ModpoError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _parse_pairs(value: str | list[str], where: str) -> dict[str, str]:
-    """`a=1,b=2` or a list of `a=x` items (repeated flags) into a dict."""
-    items = value if isinstance(value, list) else [value]
-    pairs: dict[str, str] = {}
-    for item in items:
-        for part in (p.strip() for p in item.split(",")):
-            if not part:
-                continue
-            name, sep, val = part.partition("=")
-            if not sep or not name.strip():
-                raise ModpoError(f"{where}: expected NAME=VALUE, got {part!r}")
-            if name.strip() in pairs:
-                raise ModpoError(f"{where}: {name.strip()!r} given twice")
-            pairs[name.strip()] = val.strip()
-    return pairs
 
 
 def _resolve_path(value: str, kind: str | None, base: Path) -> str:
@@ -347,7 +328,7 @@ def _section_from_mapping(name: str, raw: dict[str, Any], source: str, base: Pat
     types = field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
-    raw = _legacy_keys(name, raw, source)
+    raw = _recorded_names(name, _legacy_keys(name, raw, source), source)
     for key, value in raw.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
@@ -361,6 +342,19 @@ def _section_from_mapping(name: str, raw: dict[str, Any], source: str, base: Pat
             value = {k: _resolve_reward_spec(v, base) for k, v in value.items()}
         out[key] = value
     return out
+
+
+def _recorded_names(section: str, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """A setting given under the name fingerprints record it as (roles.Role.recorded_as) is that setting."""
+    raw = dict(raw)
+    for key, f in SECTION_FIELDS[section].items():
+        other = role(f).recorded_as
+        if other is None or other not in raw:
+            continue
+        if key in raw:
+            raise ModpoError(f"{source}: [{section}].{key} and {other} (the same setting) are both set; keep {key}")
+        raw[key] = raw.pop(other)
+    return raw
 
 
 def _legacy_keys(section: str, raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -426,59 +420,28 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
     return settings
 
 
-# Settings added after runs and checkpoints were recorded, with the value that behaves as before they existed.
-# Recorded settings and fingerprints leave a setting out at that value, so what was recorded before still matches.
-ADDED_LATER: dict[tuple[str, str], Any] = {("train", "lr_schedule"): "cosine", ("train", "compile"): False,
-                                           ("train", "micro_batch_tokens"): 0}
-
-
-def as_before(section: str, key: str, value: Any) -> bool:
-    """Whether this setting is one added later and holds the value that behaves as before it existed."""
-    return (section, key) in ADDED_LATER and ADDED_LATER[(section, key)] == value
-
-
-_CHOICES = {
-    ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
-    ("model", "attention"): ("auto", "flex", "sdpa", "eager"),
-    ("generate", "backend"): ("auto", "transformers", "vllm"),
-    ("generate", "long_prompts"): ("drop", "truncate"),
-    ("score", "on_invalid_reward"): ("error", "drop"),
-    ("train", "loss"): ("rpo-sym", "rpo", "rebel"),
-    ("train", "normalize"): ("zscore", "none"),
-    ("train", "pairs"): ("all", "disjoint", "max-min"),
-    ("train", "lr_schedule"): ("cosine", "constant"),
-}
-
-
-# A group's responses are sampled side by side (batch_size prompts x N replies a batch), scored and trained together
-# (a group is train's smallest micro-batch, all N(N-1)/2 of its pairs by default): a typo of 10^9 planned that many
-# replies before the first was sampled. 1024 is 523,776 pairs a prompt.
-MAX_SAMPLES_PER_PROMPT = 1024
 FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # the smallest normal and the largest
 
 
+def choices(section: str, key: str) -> tuple[str, ...]:
+    """The values a setting allows, as its declaration says."""
+    return role(SECTION_FIELDS[section][key]).choices
+
+
+def validate_section(values: Any, section: str) -> None:
+    """Each setting of one section against its declared choices and bounds."""
+    for f in dataclasses.fields(values):
+        error = problem(f, getattr(values, f.name), f"[{section}].{f.name}")
+        if error:
+            raise ModpoError(error)
+
+
 def validate(s: Settings) -> None:
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(s, section), key)
-        if value not in choices:
-            raise ModpoError(f"[{section}].{key} must be one of {', '.join(choices)}; got {value!r}")
-    g, t = s.generate, s.train
-    positive = [
-        ("generate", "max_new_tokens", g.max_new_tokens),
-        ("generate", "max_prompt_tokens", g.max_prompt_tokens), ("generate", "batch_size", g.batch_size),
-        ("generate", "temperature", g.temperature), ("score", "batch_tokens", s.score.batch_tokens),
-        ("score", "reward_batch_size", s.score.reward_batch_size), ("train", "beta", t.beta),
-        ("generate", "shard_size", g.shard_size), ("score", "shard_size", s.score.shard_size),
-        ("train", "lr", t.lr), ("train", "epochs", t.epochs), ("train", "batch_size", t.batch_size),
-        ("train", "grad_accum", t.grad_accum), ("train", "log_every", t.log_every),
-        # 0 would train an adapter that is exactly nothing (its update is scaled by alpha / r), and say so nowhere.
-        ("train", "lora_alpha", t.lora_alpha),
-        ("generate", "vllm_tensor_parallel_size", g.vllm_tensor_parallel_size),
-        ("score", "http_timeout", s.score.http_timeout), ("score", "http_concurrency", s.score.http_concurrency),
-    ]
-    for section, key, value in positive:
-        if value <= 0:
-            raise ModpoError(f"[{section}].{key} must be > 0; got {value}")
+    """Every section a stage reads ([run] is checked when a run starts: rounds.check_run_settings), and what no
+    single declaration says."""
+    for section in ("model", "generate", "score", "train"):
+        validate_section(getattr(s, section), section)
+    t = s.train
     for name, spec in s.score.rewards.items():
         if not spec.strip():  # it was looked for as a model directory named "" (the working directory)
             raise ModpoError(f"[score.rewards].{name} is empty: give a model directory, a Hub id or "
@@ -488,50 +451,10 @@ def validate(s: Settings) -> None:
     if not FLOAT32_TINY <= t.beta <= FLOAT32_MAX:  # the loss runs in float32: 1e-300 became 0 and trained nothing
         raise ModpoError(f"[train].beta must be a float32 number, {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}; "
                          f"got {t.beta}")
-    non_negative = [
-        ("train", "lora_r", t.lora_r), ("train", "lora_layers", t.lora_layers), ("train", "save_every", t.save_every),
-        ("train", "micro_batch_tokens", t.micro_batch_tokens),
-        ("train", "max_grad_norm", t.max_grad_norm), ("train", "weight_decay", t.weight_decay),
-        ("generate", "vllm_max_model_len", g.vllm_max_model_len), ("score", "http_retries", s.score.http_retries),
-    ]
-    for section, key, value in non_negative:
-        if value < 0:
-            raise ModpoError(f"[{section}].{key} must be >= 0; got {value}")
-    if not 0 <= t.lora_dropout < 1:
-        raise ModpoError(f"[train].lora_dropout must be in [0, 1); got {t.lora_dropout}")
-    if not 0 < g.vllm_gpu_memory_utilization <= 1:
-        raise ModpoError(f"[generate].vllm_gpu_memory_utilization must be in (0, 1]; got "
-                         f"{g.vllm_gpu_memory_utilization}")
-    if g.samples_per_prompt < 2:
-        raise ModpoError(f"[generate].samples_per_prompt must be >= 2 (a pair needs two responses); got "
-                         f"{g.samples_per_prompt}")
-    if g.samples_per_prompt > MAX_SAMPLES_PER_PROMPT:
-        raise ModpoError(f"[generate].samples_per_prompt must be at most {MAX_SAMPLES_PER_PROMPT}: a group's "
-                         "responses are sampled side by side and trained in one forward pass; got "
-                         f"{g.samples_per_prompt}")
-    if not 0 < g.top_p <= 1:
-        raise ModpoError(f"[generate].top_p must be in (0, 1]; got {g.top_p}")
-    if not 0 <= t.warmup_ratio < 1:
-        raise ModpoError(f"[train].warmup_ratio must be in [0, 1); got {t.warmup_ratio}")
     for part in t.report_to.split(","):
         if part.strip() not in TRACKER_CHOICES:
             raise ModpoError(f"[train].report_to must be one of {', '.join(TRACKER_CHOICES)} (or several, "
                              f"comma-separated); got {t.report_to!r}")
-    for name, w in t.weights.items():
-        if w < 0:
-            raise ModpoError(f"[train].weights.{name} must be >= 0; got {w}")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    return repr(value)
 
 
 def render_settings(settings: Settings, sections: tuple[str, ...] = tuple(SECTIONS)) -> str:
@@ -541,7 +464,7 @@ def render_settings(settings: Settings, sections: tuple[str, ...] = tuple(SECTIO
     for name in sections:
         values = dataclasses.asdict(getattr(settings, name))
         lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -565,7 +488,7 @@ def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> 
                 tables.append(f.name)
                 continue
             lines.append(f"# {f.metadata['help']}")
-            lines.append(f"{f.name} = {_toml_value(default)}")
+            lines.append(f"{f.name} = {toml_value(default)}")
         lines.append("")
         for table in tables:
             f = next(f for f in dataclasses.fields(cls) if f.name == table)
@@ -573,7 +496,7 @@ def render_template(policy: str = "", rewards: dict[str, str] | None = None) -> 
             lines.append(f"[{name}.{table}]")
             if table == "rewards":
                 for rname, spec in rewards.items():
-                    lines.append(f"{rname} = {_toml_value(spec)}")
+                    lines.append(f"{rname} = {toml_value(spec)}")
                 if not rewards:
                     lines.append('# helpful = "path/to/reward-model"')
                     lines.append('# concise = "py:modpo_pipe.builtin_rewards:concision"')
@@ -613,16 +536,22 @@ def reference_markdown() -> str:
         "comma-separated, and replace the file's table whole (a warning names the entries left out); a",
         "boolean's flag also has a `--no-` form (`--no-chat-template`).",
         "",
+        "*Changes results* says what a change of the setting does to finished work: yes (a `run` redoes the",
+        "finished stages it changes, after asking for `--allow-config-change`), by content (the content of the",
+        "model or prompts it names is compared, not the name), or no (never redone); and which settings a",
+        "killed generate, score or train may resume under when they change.",
+        "",
     ]
     for name, cls in SECTIONS.items():
         doc = (cls.__doc__ or "").strip()
         lines += [f"## [{name}]", ""]
         if doc and not doc.startswith(f"{cls.__name__}("):  # dataclasses invent a signature docstring
             lines += [doc, ""]
-        lines += ["| key | default | flag | what it does |", "|---|---|---|---|"]
+        lines += ["| key | default | flag | changes results | what it does |", "|---|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            value = "{}" if default == {} else _toml_value(default)
-            lines.append(f"| `{f.name}` | `{value}` | `{flag_name(f)}` | {_markdown_cell(f.metadata['help'])} |")
+            value = "{}" if default == {} else toml_value(default)
+            lines.append(f"| `{f.name}` | `{value}` | `{flag_name(f)}` | {described(role(f))} | "
+                         f"{_markdown_cell(f.metadata['help'])} |")
         lines.append("")
     return "\n".join(lines)

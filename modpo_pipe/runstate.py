@@ -6,7 +6,7 @@ what its stages read from outside it.
     RUN/state.json     the manifest: per round and stage, a record of status, inputs, outputs (content
                        fingerprints, storage.py), settings and timestamps; replaced atomically at every transition
 
-rounds.py decides from these records what is due; status.py shows them. No torch at import time: an invocation
+rounds/ decides from these records what is due; status.py shows them. No torch at import time: an invocation
 that finds the lock held exits in well under a second.
 """
 
@@ -31,7 +31,6 @@ from typing import Any
 from modpo_pipe import storage
 from modpo_pipe.errors import ModpoError
 
-STAGES = ("generate", "score", "train")
 MANIFEST_NAME = "state.json"
 LOCK_NAME = ".lock"
 MANIFEST_VERSION = 1
@@ -240,9 +239,6 @@ class Manifest:
 
     def accepts_settings(self, name: str, settings: dict[str, Any]) -> bool:
         return self.data.get("accepted_settings", {}).get(name) == storage.json_fingerprint(settings)
-
-    def recorded_rounds(self) -> list[int]:
-        return sorted(int(k) for k in self.data["rounds"])
 
     def save(self) -> None:
         self.data["updated"] = now()

@@ -93,7 +93,7 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
     """Score every pair and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of
     OUT.shards/ (see shards.py; `modpo-pipe merge` joins them).
 
-    Resumable: the pairs are cut into chunks of [score].shard_size; every reward and the reference write
+    Resumable: the pairs are cut into chunks of [score].chunk_size; every reward and the reference write
     one part per chunk into OUT.parts/ (see parts.py), each model is loaded only while it has chunks left,
     and the parts are merged into `out` once all exist. A rerun after a kill recomputes no finished part.
     """
@@ -111,10 +111,10 @@ def run_score(settings: Settings, pairs_path: Path, out: Path, progress: bool = 
                     else models.fingerprint(spec)} for name, spec in s.rewards.items()}
     ref_identity = {**models.identity(ref.path), "dtype": str(ref.dtype).removeprefix("torch.")}
     check_sampling_policy(settings, pairs_path, pairs_meta, ref_identity)
-    chunks = parts.chunk_ranges(table.num_rows, s.shard_size)
+    chunks = parts.chunk_ranges(table.num_rows, s.chunk_size)
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {"stage": "scored", "pairs": storage.sha256_file(pairs_path)[:32],
-                                  "rewards": specs, "ref": ref_identity, "shard_size": s.shard_size})
+                                  "rewards": specs, "ref": ref_identity, "shard_size": s.chunk_size})
     # What decides the rows: the parts, and which responses the merge drops.
     run_key = storage.json_fingerprint({"parts": work.key, "on_invalid_reward": s.on_invalid_reward})
     if not shard and (found := parts.finished_output(out, "scored", run_key)):  # a rerun: nothing to do

@@ -5,7 +5,7 @@ output: the rows an unsharded run writes, in the same order.
     generate prompts.jsonl --shard 1/3   ->  pairs.shards/00001-of-00003.parquet
     modpo-pipe merge pairs.shards        ->  pairs.parquet
 
-Shard I takes chunks I, I+N, I+2N, ... of parts.chunk_ranges (the chunks of [generate|score].shard_size that
+Shard I takes chunks I, I+N, I+2N, ... of parts.chunk_ranges (the chunks of [generate|score].chunk_size that
 make a run resumable), so shards need no coordination: any batch system can run them side by side, and each
 is resumable on its own (its parts wait in a work directory beside its file). Chunk c's randomness depends on
 c alone, so the rows do not depend on N. Indices are 0-based, like Slurm array and Kubernetes indexed-job

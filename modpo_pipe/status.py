@@ -8,7 +8,7 @@ from typing import Any
 
 from modpo_pipe.config import Settings
 from modpo_pipe.errors import ModpoError
-from modpo_pipe.rounds import Run, headline, shards_note
+from modpo_pipe.rounds import STAGE_TABLE, Run
 from modpo_pipe.runstate import MANIFEST_NAME, Manifest, lock_is_held, recorded_seconds, round_name
 
 
@@ -51,10 +51,8 @@ def format_status(report: dict[str, Any]) -> str:
         rows = str(row["rows"]) if row["rows"] is not None else "-"
         if row["status"] != "done":
             text = row["reason"] + _failures_note(row, report["max_failures"])
-        elif row["stage"] == "generate":  # the rows column counts its groups already
-            text = f"{row['summary'].get('prompts')} prompts" + shards_note(row["summary"])
         else:
-            text = headline(row["stage"], row["summary"])
+            text = STAGE_TABLE[row["stage"]].status_text(row["summary"]) if row["summary"] else ""
         lines.append(f"{round_name(row['round']):<10} {row['stage']:<9} {row['status']:<8} {rows:>6} {wall:>8}  "
                      f"{text}")
     if report["reward_mean_by_round"]:

@@ -15,7 +15,7 @@ TIERS = [
     ("commands", {"rounds", "status", "demo", "evaluate", "soup", "summary"}),
     ("stages", {"generate", "score", "train", "shards", "parts"}),
     ("ground", {"schema", "models", "storage", "runstate", "prompts", "rewards", "reward_http", "reward_stats",
-                "config", "tracking", "modelcard", "embedded", "builtin_rewards"}),
+                "config", "roles", "values", "tracking", "modelcard", "embedded", "builtin_rewards"}),
     ("math", {"losses", "logprobs", "errors", "__init__"}),
 ]
 TIER = {module: depth for depth, (_, modules) in enumerate(TIERS) for module in modules}

@@ -237,7 +237,7 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
     """Sample every prompt and write `out`; with `shard` (I, N), only chunks I, I+N, ... into shard file I of
     OUT.shards/ (see shards.py; `modpo-pipe merge` joins them).
 
-    Resumable: the prompts are cut into chunks of [generate].shard_size, each finished chunk is kept as a
+    Resumable: the prompts are cut into chunks of [generate].chunk_size, each finished chunk is kept as a
     part file in OUT.parts/ (see parts.py), and the parts are merged into `out` once all exist. Chunk c
     samples with seed batch_seed(seed, c), so a rerun after a kill writes exactly the rows an uninterrupted
     run would, with no group_id missing or twice.
@@ -261,14 +261,14 @@ def run_generate(settings: Settings, prompts_path: Path, out: Path, round_index:
                 "prompt_token_limit": prompts.limit, "dtype": m.dtype}
     policy = models.identity(g.policy)
     tokenizer_fingerprint = models.tokenizer_fingerprint(tokenizer)
-    chunks = parts.chunk_ranges(len(prompts.records), g.shard_size)
+    chunks = parts.chunk_ranges(len(prompts.records), g.chunk_size)
     # What a part must have been made with to be reused. Batch sizes are left out on purpose: lowering one
     # after an out-of-memory kill must not throw the finished chunks away.
     out_file = shards.shard_path(out, shard) if shard else out
     work = parts.Parts(out_file, {
         "stage": "pairs", "prompts": prompts_fingerprint(prompts.records, prompts.ids),
         "policy": policy["fingerprint"], "tokenizer": tokenizer_fingerprint, "sampling": sampling, "seed": g.seed,
-        "round": round_index, "shard_size": g.shard_size,
+        "round": round_index, "shard_size": g.chunk_size,
         "dtype": str(models.resolve_dtype(m.dtype, models.resolve_device(m.device))),
     }).open()
     selected = parts.select_chunks(len(chunks), shard)  # this invocation's chunks: all, or its shard's

@@ -14,10 +14,11 @@ import pyarrow as pa
 import torch
 
 from modpo_pipe import reward_stats
+from modpo_pipe.config import choices
 from modpo_pipe.errors import ModpoError
 
 TOKEN_COLUMNS = ("prompt_ids", "response_ids")
-PAIRINGS = ("all", "disjoint", "max-min")
+PAIRINGS = choices("train", "pairs")
 
 
 class TokenLists(Sequence):

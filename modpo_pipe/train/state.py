@@ -3,7 +3,6 @@ write goes to a temporary name, then a rename."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -14,21 +13,17 @@ from typing import Any
 import torch
 
 from modpo_pipe import modelcard, storage
-from modpo_pipe.config import TrainSettings, as_before
+from modpo_pipe.config import TrainSettings
 from modpo_pipe.errors import ModpoError
+from modpo_pipe.roles import recorded_settings
 from modpo_pipe.train.data import TrainingGroups
 
 
 def run_fingerprint(data: TrainingGroups, t: TrainSettings, policy_fingerprint: str, processes: int = 1) -> str:
     """What a resumable state must match: data, policy and every setting that changes the result. The batch
     enters as the global batch only, so a state resumes under another number of processes (or another
-    micro-batch size or token budget, compiled or not) as long as batch_size * grad_accum * processes stays the
-    same."""
-    settings = {k: v for k, v in dataclasses.asdict(t).items() if k not in ("out", "log_every", "save_every",
-                                                                           "merge", "policy", "batch_size",
-                                                                           "grad_accum", "report_to",
-                                                                           "micro_batch_tokens", "compile")
-                and not as_before("train", k, v)}
+    micro-batch size) as long as batch_size * grad_accum * processes stays the same."""
+    settings = recorded_settings(t, for_resume=True)
     settings["global_batch"] = t.batch_size * t.grad_accum * processes
     return storage.json_fingerprint({"data": data.fingerprints, "settings": settings, "policy": policy_fingerprint,
                                      "reward_stats": data.stats.as_record() if data.stats else None})
