@@ -188,7 +188,7 @@ class TrainSettings:
         0, "Token budget of one forward (prompt once, every response): a step's groups, in order, are cut into "
         "micro-batches of whole groups within it. The step (batch_size * grad_accum groups) and its gradient stay "
         "the same. 0: on a GPU, sized from free memory; on a CPU, batch_size groups per micro-batch.",
-        bounds=NON_NEGATIVE, result="none", resume_free=True, in_legacy_key=False)
+        bounds=NON_NEGATIVE, result="none", in_legacy_key=False)
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", bounds=POSITIVE, resume_free=True,
                               resume_if=GLOBAL_BATCH)
     warmup_ratio: float = setting(0.1, "Fraction of optimizer steps of linear warmup before the schedule.",
@@ -214,7 +214,7 @@ class TrainSettings:
     compile: bool = setting(
         False, "Compile the policy with torch.compile: faster steps on a GPU once compiled (the first steps, and each "
         "new micro-batch shape, wait for the compiler). Same losses within float rounding.",
-        result="none", resume_free=True, in_legacy_key=False)
+        result="none", in_legacy_key=False)
     log_every: int = setting(1, "Optimizer steps between metrics lines (the first and last step always).",
                              result="none", bounds=POSITIVE)
     save_every: int = setting(50, "Optimizer steps between resumable state saves (0: only at the end).",
