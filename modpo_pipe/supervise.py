@@ -11,8 +11,8 @@ The child has a session of its own, as `train --num-processes`' launcher has: a 
 reaches it once, passed on by the parent whether it was sent to the parent alone or to the terminal's process
 group; a Ctrl-Z stops both and a `fg` continues both. The child dies with the parent (Linux's parent-death
 signal): a `kill -9` of the pid the user sees stops the work as it did before there were two processes.
-Elsewhere, and under a launcher (whose workers it starts and signals itself), the command runs in the one
-process as before.
+Elsewhere, under a launcher (whose workers it starts and signals itself), and in a process that already runs
+threads (a fork would copy their locks held), the command runs in the one process as before.
 """
 
 from __future__ import annotations
@@ -28,8 +28,19 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def supervised() -> bool:
-    """Whether `main` should fork: on Linux (the parent-death signal), outside a launcher's workers."""
-    return sys.platform.startswith("linux") and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ
+    """Whether `main` should fork: on Linux (the parent-death signal), outside a launcher's workers, and only while
+    this process has one thread. A fork copies the calling thread alone: a lock another thread held (gloo's,
+    OpenMP's, a tokenizer's) stays held in the child forever, so a process that already started threads (main()
+    called from Python after `import torch` or a process group) runs the command itself, unwatched."""
+    return (sys.platform.startswith("linux") and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ
+            and _threads() == 1)
+
+
+def _threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # no /proc: assume the worst
+        return 2
 
 
 def fork() -> None:
