@@ -94,8 +94,8 @@ def score(pairs: PathLike, out: PathLike | None = None, *, settings: Settings | 
 
 def train(scored: PathLike | Sequence[PathLike], out: PathLike | None = None, *, settings: Settings | None = None,
           config: PathLike | None = None, **keywords: Any) -> TrainReport:
-    """Train the policy on one or more scored files -> OUT/final, as `modpo-pipe train` (in this process: for
-    several GPUs, `accelerate launch` a script that calls this, or use `train --num-processes N`)."""
+    """Train the policy on one or more scored files -> OUT/final, as `modpo-pipe train`, in this process (several
+    processes: `modpo-pipe train --num-processes N`)."""
     from modpo_pipe.train import train as train_stage
 
     files = [Path(scored)] if isinstance(scored, (str, os.PathLike)) else [Path(f) for f in scored]

@@ -167,6 +167,15 @@ def test_run_advances_a_run_directory_as_the_command(tiny, tmp_path):
                    generate={"policy": tiny.policy, "backend": "transformers", "max_new_tokens": 4,
                              "samples_per_prompt": 2},
                    score={"rewards": {"length": tiny.reward_fn}}).ran == []  # all done: nothing to do
+    # Continued by the command once its modpo.toml holds the same settings (docs/python-api.md): nothing to redo.
+    from modpo_pipe.config import render_settings
+
+    same = api.settings(model={"device": "cpu"}, run={"rounds": 1, "prompts": tmp_path / "api" / "run.prompts.jsonl"},
+                        generate={"policy": tiny.policy, "backend": "transformers", "max_new_tokens": 4,
+                                  "samples_per_prompt": 2},
+                        score={"rewards": {"length": tiny.reward_fn}})
+    (tmp_path / "api" / "modpo.toml").write_text(render_settings(same))
+    assert "all 1 rounds done; nothing to do" in ok(["run", "--workdir", tmp_path / "api"])
 
 
 @pytest.mark.parametrize("call, fragment", [
