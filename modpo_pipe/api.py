@@ -116,9 +116,13 @@ def run(workdir: PathLike, *, settings: Settings | None = None, config: PathLike
     from modpo_pipe import rounds
 
     directory = _run_dir(workdir)
-    if prompts is not None:
-        keywords["prompts"] = prompts_path(prompts, directory / "run")
+    in_python = prompts is not None and not isinstance(prompts, (str, os.PathLike))
+    if not in_python:  # a path, read as [run].prompts is (a Hub dataset id too)
+        keywords = {**keywords, "prompts": prompts}
     chosen = _run_settings(directory, settings, config, keywords, generate, score, train)
+    if in_python:  # written once the settings are known to be good
+        written = prompts_path(prompts, directory / "run").absolute()
+        chosen = dataclasses.replace(chosen, run=dataclasses.replace(chosen.run, prompts=str(written)))
     return rounds.advance(directory, chosen, max_stages=max_stages, until=until,
                           allow_config_change=allow_config_change, retry=retry)
 

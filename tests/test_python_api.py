@@ -204,6 +204,14 @@ def test_a_bad_keyword_or_value_is_one_line_naming_it(call, fragment, tmp_path, 
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def test_refused_settings_leave_no_prompts_file_behind(tmp_path):
+    with pytest.raises(ModpoError, match="unknown keyword 'betta'"):
+        api.generate([{"prompt": "hi"}], tmp_path / "pairs.parquet", policy="p", betta=0.2)
+    with pytest.raises(ModpoError, match="unknown keyword 'beta'"):
+        api.run(tmp_path / "run", prompts=[{"prompt": "hi"}], beta=0.2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_dataset_dict_is_refused_naming_its_splits(tmp_path):
     import datasets
 
