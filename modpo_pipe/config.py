@@ -379,13 +379,11 @@ def find_config(config: Path | None) -> Path | None:
 
 def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None, *,
                   base: Settings | None = None, source: str = "command line") -> Settings:
-    """Read the TOML (explicit path, else ./modpo.toml if present), or start from `base` (the Python API's
+    """Read the TOML (explicit path, else ./modpo.toml if present) or start from `base` (the Python API's
     settings=), then apply the overrides (flags, or the API's keywords: `source` names them in errors)."""
     path = find_config(config) if base is None else base.config_path
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if base is not None:
-        values = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
-    elif path is not None:
+    values = {name: dataclasses.asdict(getattr(base, name)) if base else {} for name in SECTIONS}
+    if base is None and path is not None:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is no error
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
