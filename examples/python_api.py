@@ -41,7 +41,7 @@ def main() -> None:
     # [generate] and [model] for generate, [score] and [model] for score, [train] and [model] for train.
     pairs = api.generate(prompts, args.out / "pairs.parquet", policy=args.policy, samples_per_prompt=2,
                          max_new_tokens=args.max_new_tokens)
-    print(f"generate: {pairs.pairs} groups from {pairs.prompts} prompts -> {pairs.out}")
+    print(f"generate: {pairs.groups} groups from {pairs.prompts} prompts -> {pairs.out}")
 
     rewards = {"length": f"py:{HERE}:reward_len", "concise": "py:modpo_pipe.builtin_rewards:concision"}
     scored = api.score(pairs.out, args.out / "scored.parquet", rewards=rewards)

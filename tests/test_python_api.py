@@ -102,7 +102,7 @@ def test_a_settings_object_a_config_file_and_keywords_score_as_the_command(examp
                             reward_batch_size=5)
     assert chosen.score.reward_batch_size == 3  # the object given is left as it was
     for report in (from_keywords, from_file, from_object):
-        assert not report.up_to_date and report.pairs == 5
+        assert not report.up_to_date and report.groups == 5
         same_files(Path(report.out), cli / "scored.parquet")
 
 
@@ -134,7 +134,7 @@ def test_prompts_in_python_give_the_pairs_of_a_prompts_file(tiny, tmp_path, as_d
     columns = {key: [row.get(key) for row in PROMPT_ROWS] for key in ("id", "prompt", "messages", "answer")}
     prompts = datasets.Dataset.from_dict(columns) if as_dataset else PROMPT_ROWS
     report = api.generate(prompts, tmp_path / "api.parquet", policy=tiny.policy, max_new_tokens=MAX_NEW_TOKENS)
-    assert (report.prompts, report.pairs) == (3, 3)
+    assert (report.prompts, report.groups) == (3, 3)
     same_rows(tmp_path / "api.parquet", tmp_path / "cli.parquet")
     rows = rows_of(tmp_path / "api.parquet")
     assert [r["prompt_id"] for r in rows] == ["capital", "row-000001", "chat"]
