@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import typer
 
+from modpo_pipe import api
 from modpo_pipe import config as cfg
 from modpo_pipe.errors import ModpoError, environment_error
 from modpo_pipe.roles import fields_where
@@ -147,15 +148,6 @@ def _print_summary(title: str, fields: dict[str, Any]) -> None:
         typer.echo(f"  {key}: {value}", err=True)
 
 
-def output_path(setting: str, kind: str) -> Path:
-    """An `out` setting as a path, refused now if the command could never write it there (after its minutes)."""
-    from modpo_pipe.storage import refuse_unwritable_output
-
-    path = Path(setting).resolve()
-    refuse_unwritable_output(path, kind)
-    return path
-
-
 def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str,
                  aliases: tuple[str, ...] = ()) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
@@ -186,12 +178,10 @@ def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
     extra=(shard_option("pairs"),),
 )
 def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -> None:
-    from modpo_pipe.generate import run_generate
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_generate(settings, prompts, output_path(settings.generate.out, "file"),
-                          **({"shard": part} if part else {}))
+    report = api.generate(prompts, settings=settings, shard=part)
     if part:
         return _shard_summary(report, part)
     if report.up_to_date:
@@ -216,11 +206,10 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     extra=(shard_option("scored"),),
 )
 def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> None:
-    from modpo_pipe.score import run_score
     from modpo_pipe.shards import parse_shard
 
     part = parse_shard(shard) if shard else None
-    report = run_score(settings, pairs, output_path(settings.score.out, "file"), **({"shard": part} if part else {}))
+    report = api.score(pairs, settings=settings, shard=part)
     if part:
         return _shard_summary(report, part)
     if report.up_to_date:
@@ -260,12 +249,10 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
            inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)),
 )
 def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int, ctx: typer.Context) -> None:
-    from modpo_pipe.train import train
-
     if num_processes != 1:
         launch_train(num_processes, given_arguments(ctx, drop={"num_processes"}))
         return
-    report = train(settings, list(scored), output_path(settings.train.out, "directory"))
+    report = api.train(list(scored), settings=settings)
     if not report.main_process:
         return
     if report.up_to_date:
@@ -383,7 +370,7 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
                          "two or more (one reward: modpo-pipe train)")
     grid_vectors = ([cfg.coerce(v, dict[str, float], "--vector") for v in vectors] if vectors
                     else weight_grid(names, grid))
-    root = output_path(settings.train.out, "directory")
+    root = api.output_path(settings.train.out, "directory")
     labels: dict[str, dict[str, float]] = {}
     for weights in grid_vectors:
         label = "w-" + "-".join(f"{k}{v:.2f}" for k, v in weights.items())
@@ -606,7 +593,7 @@ def inspect_command(
 # --- iterative rounds: `run` (modpo_pipe/rounds/) and `status` (modpo_pipe/status.py) ---
 
 # Settings `run` sets per round itself, so they get no flag there.
-_RUN_MANAGED = frozenset().union(*(fields_where(cfg.SECTIONS[s], s, run_sets=True) for s in cfg.SECTIONS))
+_RUN_MANAGED = api.RUN_MANAGED
 
 
 def _run_setting_parameters() -> list[inspect.Parameter]:
@@ -673,13 +660,11 @@ def _register_run_commands() -> None:
         with _run_exit_codes():
             settings = _run_settings(workdir, config, kwargs)
             if shard:
-                from modpo_pipe.shards import parse_shard
-
                 own = config is None and all(value is None for value in kwargs.values())
-                rounds.work_shard(workdir, settings, parse_shard(shard), own_settings=own)
+                api.run_shard(workdir, shard, settings=settings, own_settings=own)
                 return
-            rounds.advance(workdir, settings, max_stages=max_stages, until=until, allow_config_change=allow,
-                           retry=retry)
+            api.run(workdir, settings=settings, max_stages=max_stages, until=until, allow_config_change=allow,
+                    retry=retry)
 
     run_params = [
         _WORKDIR_PARAM, _RUN_CONFIG_PARAM,

@@ -384,11 +384,13 @@ def find_config(config: Path | None) -> Path | None:
     return default if default.is_file() else None
 
 
-def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
-    """Read the TOML (explicit path, else ./modpo.toml if present), then apply flag overrides."""
-    path = find_config(config)
-    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if path is not None:
+def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None, *,
+                  base: Settings | None = None, source: str = "command line") -> Settings:
+    """Read the TOML (explicit path, else ./modpo.toml if present) or start from `base` (the Python API's
+    settings=), then apply the overrides (flags, or the API's keywords: `source` names them in errors)."""
+    path = find_config(config) if base is None else base.config_path
+    values = {name: dataclasses.asdict(getattr(base, name)) if base else {} for name in SECTIONS}
+    if base is None and path is not None:
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is no error
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -407,12 +409,12 @@ def load_settings(config: Path | None = None, overrides: dict[str, dict[str, Any
             values[name].update(_section_from_mapping(name, table, str(path), path.parent.resolve()))
     for name, given in (overrides or {}).items():
         given = {k: v for k, v in given.items() if v is not None}
-        from_flags = _section_from_mapping(name, given, "command line", Path.cwd())
+        from_flags = _section_from_mapping(name, given, source, Path.cwd())
         for key, table in from_flags.items():
             dropped = [k for k in values[name].get(key, {}) if k not in table] if isinstance(table, dict) else []
             if dropped:  # replacing is how a flag picks a subset, but a user adding one entry loses the others
-                print(f"WARNING: {path}: [{name}].{key} from the command line replaces the file's table; not used: "
-                      f"{', '.join(dropped)}", file=sys.stderr)
+                print(f"WARNING: {path or 'settings'}: [{name}].{key} from the {source} replaces the file's table; "
+                      f"not used: {', '.join(dropped)}", file=sys.stderr)
         values[name].update(from_flags)
     sections = {name: cls(**values[name]) for name, cls in SECTIONS.items()}
     settings = Settings(**sections, config_path=path)

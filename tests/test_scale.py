@@ -39,8 +39,8 @@ def env(tiny, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("scale")
     (work / "modpo.toml").write_text(settings_toml(
         model=ModelSettings(device="cpu", dtype="float32"),
-        generate=tiny_generate(tiny, max_new_tokens=8, samples_per_prompt=6, shard_size=1),
-        score=ScoreSettings(shard_size=1, rewards={"rm": str(tiny.reward), "length": tiny.reward_fn}),
+        generate=tiny_generate(tiny, max_new_tokens=8, samples_per_prompt=6, chunk_size=1),
+        score=ScoreSettings(chunk_size=1, rewards={"rm": str(tiny.reward), "length": tiny.reward_fn}),
         train=TrainSettings(lr=0.0005, epochs=2, save_every=2)))
     return generate_and_score(work, tiny.prompts)
 
