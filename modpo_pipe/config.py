@@ -62,8 +62,8 @@ class ModelSettings:
         False, "Run modelling code shipped inside model repositories. Off: only built-in architectures load.",
         result="none")
     attention: str = setting(
-        "auto", "Attention kernel of score and train: auto (flex attention on CUDA, whose block masks skip what the "
-        "packed rows' mask hides; SDPA elsewhere), flex (CUDA only), sdpa or eager.",
+        "auto", "Attention kernel of score and train: auto (SDPA, until flex attention has been measured on a GPU), "
+        "flex (CUDA only: block masks skip what the packed rows' mask hides), sdpa or eager.",
         choices=("auto", "flex", "sdpa", "eager"), result="none", in_legacy_key=False)
 
 

@@ -298,11 +298,12 @@ def merge_lora(model: Any) -> torch.nn.Module:
 
 
 def attention_implementation(setting: str, device: torch.device) -> str | None:
-    """[model].attention as transformers' attn_implementation. auto: flex attention on CUDA, where packed rows
-    then skip the blocks their mask hides (logprobs.PackedBatch.block_mask), and the library's default (SDPA)
-    elsewhere. flex is refused off CUDA: torch 2.13 has no backward for it on a CPU."""
+    """[model].attention as transformers' attn_implementation. auto: the library's default (SDPA) on every device;
+    flex attention, where packed rows skip the blocks their mask hides (logprobs.PackedBatch.block_mask), is
+    asked for by name until `./dev.sh gpu-check` has measured it on a GPU (its values are tested on a CPU, its
+    gradients nowhere yet). flex is refused off CUDA: torch 2.13 has no backward for it on a CPU."""
     if setting == "auto":
-        return "flex_attention" if device.type == "cuda" else None
+        return None
     if setting == "flex":
         if device.type != "cuda":
             raise ModpoError(f"[model].attention = flex needs a CUDA device (torch runs flex attention's backward "
