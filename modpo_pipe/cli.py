@@ -12,7 +12,6 @@ import inspect
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,21 @@ import typer
 
 from modpo_pipe import api
 from modpo_pipe import config as cfg
-from modpo_pipe.errors import ModpoError, environment_error
+from modpo_pipe.cli_options import (
+    CONFIG_PARAM,
+    EXIT_FAILURE,
+    environment_exit,
+    error_line,
+    extra_option,
+    policy_specs,
+    print_summary,
+    setting_parameters,
+    shard_option,
+    shard_summary,
+    user_errors,
+)
+from modpo_pipe.errors import ModpoError
+from modpo_pipe.launcher import given_arguments, launch_train
 from modpo_pipe.roles import fields_where
 
 app = typer.Typer(
@@ -31,84 +44,6 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts name keys as [section].key, which rich markup would swallow
     help="Align one policy to several reward models (MODPO, reward-model-only form): generate -> score -> train.",
 )
-
-EXIT_FAILURE = 1
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """A ModpoError is the user's to fix: one line on stderr, no traceback."""
-    try:
-        yield
-    except ModpoError as e:
-        _error_line(e)
-        raise typer.Exit(EXIT_FAILURE) from None
-    except OSError as e:
-        _environment_exit(e)
-
-
-def _error_line(error: Exception) -> None:
-    """The one `error:` line; in a multi-process run, from the first process only (every process meets the same
-    bad input, and N copies of one line read like N problems), and the launcher adds the lines it did not meet."""
-    from modpo_pipe.launcher import record_error
-
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    several = rank.isdigit() and world.isdigit() and int(world) > 1
-    if several:  # the launcher prints what this process met and the first did not (modpo_pipe/launcher.py)
-        record_error(int(rank), str(error))
-    if not (several and int(rank) > 0):
-        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
-
-
-def _environment_exit(e: OSError) -> None:
-    """A full disk, a read-only or forbidden path: one line and exit 1. Any other OSError goes on (a bug)."""
-    error = environment_error(e)
-    if error is None:
-        raise e
-    _error_line(error)
-    raise typer.Exit(EXIT_FAILURE) from None
-
-
-def _setting_parameters(sections: list[str], prefixed: bool = False,
-                        skip: frozenset[tuple[str, str]] = frozenset()) -> list[inspect.Parameter]:
-    """One flag per setting of `sections`; `prefixed` names them --SECTION-KEY (for commands spanning
-    sections that share key names), `skip` leaves (section, key) pairs out."""
-    params = []
-    seen: set[str] = set()
-    for section in sections:
-        cls = cfg.SECTIONS[section]
-        types = cfg.field_types(cls)
-        for f in dataclasses.fields(cls):
-            if (section, f.name) in skip:
-                continue
-            flag, tp = cfg.flag_name(f), types[f.name]
-            aliases = cfg.flag_aliases(f)
-            if prefixed:
-                flag, aliases = f"--{section}-{flag[2:]}", tuple(f"--{section}-{a[2:]}" for a in aliases)
-            if flag in seen:  # a command spanning sections exposes a shared name (out) once, for the first
-                continue
-            seen.add(flag)
-            help_text = f"[{section}].{f.name}: {f.metadata['help']}"
-            if tp is bool:
-                option = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-                annotation: Any = Optional[bool]
-            elif typing.get_origin(tp) in (list, dict):
-                option = typer.Option(None, flag, help=help_text + " (repeatable or comma-separated)",
-                                      show_default=False)
-                annotation = Optional[list[str]]
-            else:
-                option = typer.Option(None, flag, *aliases, help=help_text, show_default=False)
-                annotation = Optional[tp]
-            params.append(inspect.Parameter(f"{section}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
-                                            default=option, annotation=annotation))
-    return params
-
-
-CONFIG_PARAM = inspect.Parameter(
-    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-    default=typer.Option(None, "--config", "-c", help="Settings file (default: ./modpo.toml when present)."),
-)
-
 
 def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, help: str,
                   extra: tuple[inspect.Parameter, ...] = (),
@@ -130,7 +65,7 @@ def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, hel
                 settings = cfg.load_settings(config_path, overrides)
                 run(settings, given, **extras)
 
-        params = [inputs, CONFIG_PARAM, *extra, *_setting_parameters(sections, skip=skip)]
+        params = [inputs, CONFIG_PARAM, *extra, *setting_parameters(sections, skip=skip)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         command.__doc__ = help
@@ -138,35 +73,6 @@ def stage_command(name: str, sections: list[str], inputs: inspect.Parameter, hel
         return run
 
     return register
-
-
-def _print_summary(title: str, fields: dict[str, Any]) -> None:
-    typer.secho(title, fg=typer.colors.GREEN, err=True)
-    for key, value in fields.items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        typer.echo(f"  {key}: {value}", err=True)
-
-
-def extra_option(name: str, annotation: Any, default: Any, flag: str, help: str,
-                 aliases: tuple[str, ...] = ()) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                             default=typer.Option(default, flag, *aliases, help=help))
-
-
-def shard_option(output: str) -> inspect.Parameter:
-    return extra_option(
-        "shard", Optional[str], None, "--shard",
-        f"I/N: compute only shard I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/N) into "
-        f"{output}.shards/IIIII-of-NNNNN.parquet (zero-padded); "
-        f"run all N (anywhere, side by side), then join them with `modpo-pipe merge {output}.shards`.")
-
-
-def _shard_summary(report: Any, shard: tuple[int, int]) -> None:
-    _print_summary(f"wrote shard {shard[0]}/{shard[1]}: {report.out}", {
-        "groups": report.groups, "seconds": report.seconds,
-        "next": f"once all {shard[1]} shards are written: modpo-pipe merge {Path(report.out).parent}",
-    })
 
 
 @stage_command(
@@ -183,12 +89,12 @@ def generate_command(settings: cfg.Settings, prompts: Path, shard: str | None) -
     part = parse_shard(shard) if shard else None
     report = api.generate(prompts, settings=settings, shard=part)
     if part:
-        return _shard_summary(report, part)
+        return shard_summary(report, part)
     if report.up_to_date:
-        _print_summary(f"nothing to do: {report.out} is already written from these prompts, this policy and these "
+        print_summary(f"nothing to do: {report.out} is already written from these prompts, this policy and these "
                        "settings", {"prompts": report.prompts, "groups": report.groups})
         return
-    _print_summary(f"wrote {report.out}", {
+    print_summary(f"wrote {report.out}", {
         "prompts": report.prompts, "groups": report.groups, "backend": report.backend,
         "skipped invalid prompts": report.skipped_invalid, "long prompts dropped": report.long_prompts_dropped,
         "long prompts truncated": report.long_prompts_truncated,
@@ -211,12 +117,12 @@ def score_command(settings: cfg.Settings, pairs: Path, shard: str | None) -> Non
     part = parse_shard(shard) if shard else None
     report = api.score(pairs, settings=settings, shard=part)
     if part:
-        return _shard_summary(report, part)
+        return shard_summary(report, part)
     if report.up_to_date:
-        _print_summary(f"nothing to do: {report.out} is already scored from these pairs, with these rewards, this "
+        print_summary(f"nothing to do: {report.out} is already scored from these pairs, with these rewards, this "
                        "reference and these settings", {"groups": report.groups})
         return
-    _print_summary(f"wrote {report.out}", {
+    print_summary(f"wrote {report.out}", {
         "groups": report.groups, "seconds": report.seconds,
         **{f"reward {n}": f"mean {s['mean']:.4g}, std {s['std']:.4g}" for n, s in report.rewards.items()},
         "responses dropped (NaN/inf/None reward)": str(report.dropped_invalid_responses)
@@ -256,10 +162,10 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
     if not report.main_process:
         return
     if report.up_to_date:
-        _print_summary(f"nothing to do: {report.out}/final is already trained from these files, this policy and "
+        print_summary(f"nothing to do: {report.out}/final is already trained from these files, this policy and "
                        "these settings", {"groups": report.groups, "pairs": report.pairs, "steps": report.steps})
         return
-    _print_summary(f"wrote {report.out}/final", {
+    print_summary(f"wrote {report.out}/final", {
         "groups": report.groups, "pairs": report.pairs,
         "pairs dropped (identical responses)": report.dropped_identical,
         "optimizer steps": report.steps, "resumed from step": report.resumed_from,
@@ -267,66 +173,6 @@ def train_command(settings: cfg.Settings, scored: list[Path], num_processes: int
         "first-batch |policy - ref| log-prob gap": report.first_batch_ref_gap, "seconds": report.seconds,
         **({"processes": report.processes} if report.processes > 1 else {}),
     })
-
-
-def launch_train(num_processes: int, arguments: list[str]) -> None:
-    """`train --num-processes N`: this very command line, without the flag, on N processes started by
-    accelerate's own launcher (torchrun underneath; modpo_pipe.launcher); its exit status is ours."""
-    import contextlib
-    import signal
-    import socket
-    import subprocess
-
-    from modpo_pipe.launcher import exit_code
-
-    if num_processes < 1:
-        raise ModpoError(f"--num-processes must be >= 1; got {num_processes}")
-    if os.environ.get("LOCAL_RANK") is not None:
-        raise ModpoError("--num-processes starts `accelerate launch` itself; under a launcher, leave it out")
-    with socket.socket() as probe:  # a free port for the processes' rendezvous, so runs side by side never clash
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "modpo_pipe.launcher", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
-    typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
-    # The launcher and its workers in a process group of their own, and a Ctrl-C, SIGTERM or hangup (a dropped
-    # ssh session) sent to this process passed on to all of them: subprocess.call left them running (and
-    # writing OUT/final) after a kill.
-    launcher = subprocess.Popen(command, start_new_session=True)
-
-    def forward(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signum)
-
-    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
-                                                               signal.SIGQUIT)}
-    try:
-        code = launcher.wait()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    if code:
-        raise typer.Exit(exit_code(code))
-
-
-def given_arguments(ctx: typer.Context, drop: set[str]) -> list[str]:
-    """The arguments and flags this invocation was given (not their defaults), as a command line."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        source = ctx.get_parameter_source(param.name)
-        if param.name in drop or source is None or source.name == "DEFAULT":
-            continue
-        value = ctx.params[param.name]
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if param.param_type_name == "argument":
-            args += [str(v) for v in values]
-        elif param.is_flag:
-            args.append(param.opts[0] if value else param.secondary_opts[0])
-        else:
-            for v in values:
-                args += [param.opts[0], str(v)]
-    return args
 
 
 @app.command("merge")
@@ -341,7 +187,7 @@ def merge_command(
 
     with user_errors():
         report = merge(list(shards), out or default_output(list(shards)))
-    _print_summary(f"wrote {report.out}", {"stage": report.stage, "shards": report.shards, "groups": report.rows})
+    print_summary(f"wrote {report.out}", {"stage": report.stage, "shards": report.shards, "groups": report.rows})
 
 
 @stage_command(
@@ -383,7 +229,7 @@ def sweep_command(settings: cfg.Settings, scored: list[Path], grid: int, vectors
         train_settings = dataclasses.replace(settings.train, weights=weights, out=str(root / label))
         report = train(dataclasses.replace(settings, train=train_settings), list(scored), root / label)
         if report.main_process:  # under `accelerate launch`, one summary
-            _print_summary(f"{'nothing to do: already trained' if report.up_to_date else 'wrote'} {report.out}/final",
+            print_summary(f"{'nothing to do: already trained' if report.up_to_date else 'wrote'} {report.out}/final",
                            {"weights": weights, "last loss": report.last_loss})
 
 
@@ -426,28 +272,6 @@ def eval_command(settings: cfg.Settings, prompts: Path, policies: list[str] | No
     if len(entries[0]["rewards"]) > 1 and len(entries) > 1:
         typer.echo(format_hypervolumes(entries))
     typer.echo(f"wrote {summary_out}")
-
-
-def policy_specs(items: list[str]) -> dict[str, str]:
-    """`--policies` values -> label: path. PATH must be a directory here (its name is the label); a hub id
-    needs LABEL=ID. Checked before anything loads: a bare name would otherwise be looked up on the hub."""
-    labelled: dict[str, str] = {}
-    for item in items:
-        label, sep, path = item.partition("=")
-        if not sep:
-            if not Path(item).is_dir():
-                raise ModpoError(f"--policies {item!r}: no such directory; give PATH (a model directory) or "
-                                 "LABEL=PATH (a directory or a hub id)")
-            label, path = Path(item).resolve().name, item
-        label, path = label.strip(), path.strip()
-        if not label or not path:
-            raise ModpoError(f"--policies {item!r}: expected PATH or LABEL=PATH, with neither part empty")
-        if label == "reference":
-            raise ModpoError(f"--policies {item!r}: the label 'reference' is the reference's own; choose another")
-        if label in labelled:
-            raise ModpoError(f"--policies: label {label!r} is given twice; name them LABEL=PATH")
-        labelled[label] = str(Path(path).resolve()) if Path(path).exists() else path
-    return labelled
 
 
 @app.command("front")
@@ -602,7 +426,7 @@ def _run_setting_parameters() -> list[inspect.Parameter]:
     from modpo_pipe.rounds import STAGE_TABLE  # light: no torch
 
     sections = [stage.section for stage in STAGE_TABLE.values()]
-    return _setting_parameters(["run", "model"]) + _setting_parameters(sections, prefixed=True, skip=_RUN_MANAGED)
+    return setting_parameters(["run", "model"]) + setting_parameters(sections, prefixed=True, skip=_RUN_MANAGED)
 
 
 _WORKDIR_PARAM = inspect.Parameter(
@@ -640,13 +464,13 @@ def _run_exit_codes() -> Iterator[None]:
         typer.secho(f"locked: {e}", err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(rounds.EXIT_LOCKED) from None
     except rounds.ConfigChanged as e:
-        _error_line(e)
+        error_line(e)
         raise typer.Exit(rounds.EXIT_CONFIG_CHANGED) from None
     except ModpoError as e:
-        _error_line(e)
+        error_line(e)
         raise typer.Exit(EXIT_FAILURE) from None
     except OSError as e:
-        _environment_exit(e)
+        environment_exit(e)
 
 
 def _register_run_commands() -> None:

@@ -8,7 +8,8 @@ problems), so a failure that another process meets alone (out of memory on its o
 Every process also leaves its line in a directory the launcher gives them (ERROR_DIR); the launcher prints the
 lines the first process did not, naming the processes.
 
-Run as `python -m modpo_pipe.launcher ACCELERATE-LAUNCH-ARGS...`; cli.launch_train builds the command line."""
+Run as `python -m modpo_pipe.launcher ACCELERATE-LAUNCH-ARGS...`; launch_train (below, what `train
+--num-processes` calls) builds the command line."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import typer
+
+from modpo_pipe.errors import ModpoError
 
 ERROR_DIR = "MODPO_PIPE_ERROR_DIR"
 
@@ -73,3 +79,63 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def launch_train(num_processes: int, arguments: list[str]) -> None:
+    """`train --num-processes N`: this very command line, without the flag, on N processes started by
+    accelerate's own launcher (torchrun underneath; modpo_pipe.launcher); its exit status is ours."""
+    import contextlib
+    import signal
+    import socket
+    import subprocess
+
+    from modpo_pipe.launcher import exit_code
+
+    if num_processes < 1:
+        raise ModpoError(f"--num-processes must be >= 1; got {num_processes}")
+    if os.environ.get("LOCAL_RANK") is not None:
+        raise ModpoError("--num-processes starts `accelerate launch` itself; under a launcher, leave it out")
+    with socket.socket() as probe:  # a free port for the processes' rendezvous, so runs side by side never clash
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "modpo_pipe.launcher", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "modpo_pipe", "train", *arguments]
+    typer.secho(f"launching {num_processes} processes: {' '.join(command[1:])}", err=True)
+    # The launcher and its workers in a process group of their own, and a Ctrl-C, SIGTERM or hangup (a dropped
+    # ssh session) sent to this process passed on to all of them: subprocess.call left them running (and
+    # writing OUT/final) after a kill.
+    launcher = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signum)
+
+    handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                                               signal.SIGQUIT)}
+    try:
+        code = launcher.wait()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if code:
+        raise typer.Exit(exit_code(code))
+
+
+def given_arguments(ctx: typer.Context, drop: set[str]) -> list[str]:
+    """The arguments and flags this invocation was given (not their defaults), as a command line."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in drop or source is None or source.name == "DEFAULT":
+            continue
+        value = ctx.params[param.name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            args += [str(v) for v in values]
+        elif param.is_flag:
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for v in values:
+                args += [param.opts[0], str(v)]
+    return args

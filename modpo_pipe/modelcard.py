@@ -31,21 +31,7 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
     prompts = info.get("prompts")
     tags = ["modpo-pipe", "modpo", "multi-objective-alignment", "reward-model"] + (["lora"] if adapter else [])
 
-    front = {"library_name": "peft" if adapter else "transformers", "tags": tags}
-    if is_hub_id(policy.get("path")):
-        front["base_model"] = policy["path"]
-    if info.get("prompts_on_hub") and is_hub_id(prompts):
-        front["datasets"] = [prompts]
-    lines = ["---"]
-    for key in ("base_model", "library_name", "tags", "datasets"):
-        if key in front:
-            value = front[key]
-            if isinstance(value, list):
-                lines.append(f"{key}:")
-                lines += [f"- {json.dumps(v)}" for v in value]
-            else:
-                lines.append(f"{key}: {json.dumps(value)}")
-    lines += ["---", ""]
+    lines = front_matter(policy, prompts, info, tags, adapter)
 
     beta, loss = info.get("beta"), info.get("loss")
     trained = f"LoRA r = {info['lora_r']}" if info.get("lora_r") else "full fine-tuning"
@@ -73,6 +59,37 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
         "| reward | weight | spec | fingerprint | mean | std |",
         "|---|---|---|---|---|---|",
     ]
+    lines += rewards_table(info, weights, rewards)
+    lines += data_and_curve(info, prompts, metrics)
+
+    lines += ["", "## Reproduce", "", "```bash", reproduce_command(info), "```", ""]
+    return "\n".join(lines)
+
+
+def front_matter(policy: dict[str, Any], prompts: Any, info: dict[str, Any], tags: list[str],
+                 adapter: bool) -> list[str]:
+    """The Hub's YAML header: library, tags, and the base model and dataset when they are Hub ids."""
+    front = {"library_name": "peft" if adapter else "transformers", "tags": tags}
+    if is_hub_id(policy.get("path")):
+        front["base_model"] = policy["path"]
+    if info.get("prompts_on_hub") and is_hub_id(prompts):
+        front["datasets"] = [prompts]
+    lines = ["---"]
+    for key in ("base_model", "library_name", "tags", "datasets"):
+        if key in front:
+            value = front[key]
+            if isinstance(value, list):
+                lines.append(f"{key}:")
+                lines += [f"- {json.dumps(v)}" for v in value]
+            else:
+                lines.append(f"{key}: {json.dumps(value)}")
+    lines += ["---", ""]
+    return lines
+
+
+def rewards_table(info: dict[str, Any], weights: dict[str, float], rewards: dict[str, dict[str, Any]]) -> list[str]:
+    """Each reward's weight, spec, fingerprint and the statistics the target was built with."""
+    lines: list[str] = []
     # The statistics the target was built from (one set for every file: train.target_record), else the file's.
     target_stats = ((info.get("target") or {}).get("reward_stats") or {})
     for name in dict.fromkeys([*weights, *rewards]):
@@ -85,7 +102,12 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
                  + (f" (from `{target_stats['from']}`)." if target_stats.get("from") else "."))
     for name, why in (target_stats.get("constant") or {}).items():
         lines.append(f"- `{name}` contributed nothing: {why}")
+    return lines
 
+
+def data_and_curve(info: dict[str, Any], prompts: Any, metrics: list[dict[str, Any]]) -> list[str]:
+    """What the policy trained on, and its loss and diagnostics from the first logged step to the last."""
+    lines: list[str] = []
     files = info.get("scored_files") or []
     lines += ["", "## Data", ""]
     if prompts:
@@ -113,9 +135,7 @@ def model_card(info: dict[str, Any], metrics: list[dict[str, Any]], adapter: boo
                 lines.append(f"- {key}: {first[key]:.4g} → {last[key]:.4g}")
     else:
         lines.append("- no metrics lines were logged")
-
-    lines += ["", "## Reproduce", "", "```bash", reproduce_command(info), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def reproduce_command(info: dict[str, Any]) -> str:

@@ -15,6 +15,15 @@ if str(ROOT) not in sys.path:
 from benchmarks.run import cli, variants, workload  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def packing_restored(monkeypatch):
+    """The benchmark's variants set logprobs.PACK_SHARED_PROMPTS for the process they run in (a process of their
+    own, but this process under --no-isolate): the ablation without packing left it off for every later test."""
+    from modpo_pipe import logprobs
+
+    monkeypatch.setattr(logprobs, "PACK_SHARED_PROMPTS", logprobs.PACK_SHARED_PROMPTS)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench")

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "modpo_pipe"
 # Top to bottom. A module imports modules of its own tier or of lower ones, never of a higher one; a package
 # (generate/) is one module here.
 TIERS = [
-    ("entry", {"__main__", "cli", "launcher", "supervise", "api"}),
+    ("entry", {"__main__", "cli", "cli_options", "launcher", "supervise", "api"}),
     ("commands", {"rounds", "status", "demo", "evaluate", "soup", "summary"}),
     ("stages", {"generate", "score", "train", "shards", "parts"}),
     ("ground", {"schema", "models", "storage", "runstate", "prompts", "rewards", "reward_http", "reward_stats",
