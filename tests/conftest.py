@@ -196,6 +196,19 @@ def tiny_generate(tiny, **changes: object):
     return GenerateSettings(policy=str(tiny.policy), backend="transformers", **changes)
 
 
+def two_reward_run_settings():
+    """A two-round run's settings naming models by path only (nothing loads them): what fingerprint tests hash."""
+    from modpo_pipe import config as cfg
+
+    return cfg.Settings(
+        model=cfg.ModelSettings(dtype="float32", device="cpu"),
+        generate=cfg.GenerateSettings(policy="/models/policy", samples_per_prompt=2, max_new_tokens=8, seed=3),
+        score=cfg.ScoreSettings(rewards={"a": "/models/ra", "b": "/models/rb"}),
+        train=cfg.TrainSettings(weights={"a": 0.5, "b": 0.5}, seed=3),
+        run=cfg.RunSettings(rounds=2, prompts="prompts.jsonl", prompts_per_round=2),
+    )
+
+
 def scored_env(work: Path, tiny, reward_fns: str, max_new_tokens: int, epochs: int) -> Path:
     """`work` with reward_fns as rewards.py (its `length` the one reward), a modpo.toml of 4 responses per
     prompt and one group a training step saving every 2, and pairs.parquet and scored.parquet made from it."""

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import two_reward_run_settings
 
 from modpo_pipe import config as cfg
 from modpo_pipe import rounds, storage
@@ -21,13 +22,7 @@ from modpo_pipe.reward_stats import RewardStats
 
 def _settings(variant: str) -> cfg.Settings:
     """Three settings: the defaults, and two that move most settings that enter a fingerprint off them."""
-    settings = cfg.Settings(
-        model=cfg.ModelSettings(dtype="float32", device="cpu"),
-        generate=cfg.GenerateSettings(policy="/models/policy", samples_per_prompt=2, max_new_tokens=8, seed=3),
-        score=cfg.ScoreSettings(rewards={"a": "/models/ra", "b": "/models/rb"}),
-        train=cfg.TrainSettings(weights={"a": 0.5, "b": 0.5}, seed=3),
-        run=cfg.RunSettings(rounds=2, prompts="prompts.jsonl", prompts_per_round=2),
-    )
+    settings = two_reward_run_settings()
     if variant == "moved":
         settings = dataclasses.replace(
             settings,

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import two_reward_run_settings
 from typer.testing import CliRunner
 
 from modpo_pipe import rounds, runstate
@@ -423,17 +424,10 @@ def test_the_legacy_resume_key_is_the_one_runs_before_the_upgrade_recorded(tmp_p
     killed stage. The hashes below were computed by 08cb2d3's Run.resume_key on these very settings. It hashes
     every field of the stage's section and [model], so a new setting or a changed default breaks it: keep the
     old fields and defaults out of the blob then, rather than updating the hashes."""
-    from modpo_pipe import config as cfg
 
     monkeypatch.chdir(tmp_path)  # relative paths: the settings, and so the hashes, do not name tmp_path
     Path("prompts.jsonl").write_text('{"id": "p0", "prompt": "Hello"}\n{"id": "p1", "prompt": "Bye"}\n')
-    settings = cfg.Settings(
-        model=cfg.ModelSettings(dtype="float32", device="cpu"),
-        generate=cfg.GenerateSettings(policy="/models/policy", samples_per_prompt=2, max_new_tokens=8, seed=3),
-        score=cfg.ScoreSettings(rewards={"a": "/models/ra", "b": "/models/rb"}),
-        train=cfg.TrainSettings(weights={"a": 0.5, "b": 0.5}, seed=3),
-        run=cfg.RunSettings(rounds=2, prompts="prompts.jsonl", prompts_per_round=2),
-    )
+    settings = two_reward_run_settings()
     run = rounds.Run(Path("run"), settings)
     inputs = {"round-000/pairs.parquet": "x"}
     assert {stage: run.legacy_resume_key(0, stage, inputs) for stage in rounds.STAGES} == {
